@@ -1,0 +1,171 @@
+"""All-layer last-token capture through each backend vs plain Hugging Face, in the same run.
+
+Model: a GPT-2-small-sized random GPT-2 (12 layers, d_model 768, vocab 50257); batch 8 x 128 tokens.
+Baseline: ``model(input_ids, attention_mask, position_ids, output_hidden_states=True)`` then the
+last token of every block output (what a researcher would write). Each backend wraps its own copy of
+the same weights (the TransformerLens bridge modifies its model in place). Medians of ``--repeats``.
+
+Memory: capturing 2,000 prompts (in a subprocess each, peak RSS above the loaded model) through the
+torch adapter vs keeping HF's full hidden-state cache; the adapter's result is layers x prompts x
+d_model floats, the cache is layers x prompts x tokens x d_model.
+
+The last printed line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+N_LAYERS, D_MODEL, VOCAB = 12, 768, 50257
+
+
+def build(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=12, vocab_size=VOCAB, n_positions=1024)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tokenizer():
+    """A word-level tokenizer over the model's vocabulary, loaded from a directory (as TL needs)."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", eos_token="t0", pad_token="t0")
+    d = tempfile.mkdtemp()
+    tok.save_pretrained(d)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def prompts(n: int, length: int, seed: int = 0, ragged: bool = True) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=g) if ragged else torch.full((n,), length)
+    lengths[0] = length
+    return [" ".join(f"t{int(t)}" for t in torch.randint(1, VOCAB, (int(L),), generator=g)) for L in lengths]
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def speed(repeats: int, batch: int, length: int) -> dict:
+    from taskvec_interp.adapters import NNsightAdapter, TorchHooksAdapter, TransformerLensAdapter
+    from taskvec_interp.adapters.transformer_lens import bridge_from_hf
+
+    tok = tokenizer()
+    texts = prompts(batch, length)
+    hf = build()
+    adapters = {
+        "torch": TorchHooksAdapter(build(), tok),
+        "nnsight": NNsightAdapter(build(), tok),
+        "transformer_lens": TransformerLensAdapter(bridge_from_hf(build(), tok), tokenizer=tok),
+    }
+    inputs = adapters["torch"].tokenize(texts)  # the same left-padded batch for the baseline
+
+    def baseline():
+        with torch.no_grad():
+            hs = hf(**inputs.kwargs, output_hidden_states=True).hidden_states
+            return torch.stack([h[:, -1] for h in hs[1:]])
+
+    ref = baseline()
+    times = {"hf_output_hidden_states": median_time(baseline, repeats)}
+    max_diff = {}
+    for name, adapter in adapters.items():
+        got = adapter.capture(texts, batch_size=batch, progress=False)
+        # block outputs; HF's last entry is after the final norm, so compare the first L-1 layers
+        max_diff[name] = (got[:-1] - ref[:-1]).abs().max().item()
+        times[name] = median_time(lambda a=adapter: a.capture(texts, batch_size=batch, progress=False), repeats)
+    base = times["hf_output_hidden_states"]
+    return {
+        "seconds": {k: round(v, 4) for k, v in times.items()},
+        "ratio_to_hf": {k: round(v / base, 3) for k, v in times.items() if k != "hf_output_hidden_states"},
+        "max_abs_diff_vs_hf": max_diff,
+    }
+
+
+def memory_child(mode: str, n: int, length: int, batch: int) -> None:
+    """Run in a subprocess: print peak RSS (MiB) above the loaded model for one capture strategy."""
+    from taskvec_interp.adapters import TorchHooksAdapter
+
+    torch.set_num_threads(2)
+    tok = tokenizer()
+    model = build()
+    texts = prompts(n, length, ragged=False)
+    adapter = TorchHooksAdapter(model, tok)
+    adapter.capture(texts[:batch], batch_size=batch, progress=False)  # warm allocator
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "adapter":
+        out = adapter.capture(texts, batch_size=batch, progress=False)
+        result_mib = out.numel() * out.element_size() / 2**20
+    else:  # keep HF's full hidden-state cache for every prompt, as a naive script would
+        kept = []
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                inputs = adapter.tokenize(texts[start:start + batch])
+                kept.append(torch.stack(model(**inputs.kwargs, output_hidden_states=True).hidden_states[1:]))
+        result_mib = sum(k.numel() * k.element_size() for k in kept) / 2**20
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_increase_mib": round(after - before, 1), "result_mib": round(result_mib, 1)}))
+
+
+def memory(n: int, length: int, batch: int) -> dict:
+    out = {}
+    for mode in ("adapter", "full_cache"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--mem-prompts", str(n),
+                               "--mem-length", str(length), "--mem-batch", str(batch)],
+                              capture_output=True, text=True, check=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["expected_adapter_result_mib"] = round(N_LAYERS * n * D_MODEL * 4 / 2**20, 1)
+    out["prompts"], out["tokens_per_prompt"], out["batch_size"] = n, length, batch
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--mem-prompts", type=int, default=2000)
+    parser.add_argument("--mem-length", type=int, default=16)
+    parser.add_argument("--mem-batch", type=int, default=50)
+    parser.add_argument("--memory-child", choices=["adapter", "full_cache"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.mem_prompts, args.mem_length, args.mem_batch)
+        return
+    torch.set_num_threads(args.threads)
+    result = {
+        "benchmark": "capture_overhead",
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "model": f"random GPT-2 {N_LAYERS}L d{D_MODEL} vocab {VOCAB}",
+        "batch": [args.batch, args.length],
+        "repeats": args.repeats,
+        **speed(args.repeats, args.batch, args.length),
+        "memory_2000_prompts": memory(args.mem_prompts, args.mem_length, args.mem_batch),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The one interface every experiment talks to.
+
+An :class:`Adapter` hides the backend (TransformerLens bridge, nnsight, plain torch hooks) behind
+four things: tokenization with left padding, a forward pass with hooks, capture of every requested
+layer in that one pass, and greedy generation whose prefill is that pass. Backends implement two
+methods, ``_forward`` and ``_generate``; everything else (batching, sorting by length, padding,
+positions, progress bars, checks) lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..hooks import HookContext, HookFn, HookSpec, Position, Site, capture, normalize_hooks, resolve_layers
+
+LogitsMode = Literal["all", "last", "none"]
+
+
+@dataclass
+class ModelInputs:
+    """A left-padded batch: the keyword arguments for the model plus the padding of each row.
+
+    For text models ``kwargs`` holds ``input_ids``, ``attention_mask`` and (where the architecture
+    takes them) ``position_ids``; for custom models any tensors whose first dim is the batch
+    (``xs``/``ys`` for the synthetic regressor). ``pad[b]`` counts row ``b``'s left-padding tokens.
+    """
+
+    kwargs: dict[str, Tensor]
+    pad: Int[Tensor, " batch"]
+    length: int
+
+    @property
+    def batch(self) -> int:
+        return int(self.pad.shape[0])
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return ModelInputs({k: v.to(device) for k, v in self.kwargs.items()}, self.pad.to(device), self.length)
+
+    def rows(self, idx: Tensor) -> ModelInputs:
+        """A sub-batch; for padded text it is re-trimmed to its own longest row."""
+        kw = {k: v[idx] for k, v in self.kwargs.items()}
+        pad = self.pad[idx]
+        length = self.length
+        trim = int(pad.min()) if pad.numel() else 0
+        if trim and "attention_mask" in kw:
+            kw = {k: (v[:, trim:] if v.ndim >= 2 and v.shape[1] == self.length else v) for k, v in kw.items()}
+            pad = pad - trim
+            length -= trim
+        return ModelInputs(kw, pad, length)
+
+
+@dataclass
+class Generation:
+    """Greedy generations: decoded new text, new token ids (cut at EOS) and prefill activations."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    activations: Float[Tensor, "layer prompt d_model"] | None = None
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _CallState:
+    """Mutable per-call state that backends update while a call runs (read by hook contexts)."""
+
+    pad: Tensor
+    prompt_len: int
+    indices: Tensor
+    n_prompts: int
+    step: int = 0
+    offset: int = 0
+    calls: int = 0
+    seen: int = 0
+
+    def advance(self, chunk_len: int) -> None:
+        """Called once per model call of a cached generation: sets step and chunk offset."""
+        self.step = self.calls
+        self.offset = self.seen
+        self.calls += 1
+        self.seen += chunk_len
+
+    def context(self, site: Site) -> HookContext:
+        return HookContext(site=site, pad=self.pad, prompt_len=self.prompt_len, step=self.step, offset=self.offset,
+                           indices=self.indices, n_prompts=self.n_prompts)
+
+
+class Adapter(ABC):
+    """Backend-independent access to a model's residual stream.
+
+    Attributes: ``n_layers``, ``d_model``, ``tokenizer`` (or ``None`` for non-text models),
+    ``device``, ``n_ctx`` (context window, ``None`` if unbounded), ``components`` (site components
+    this backend exposes for this model), ``model`` (the wrapped object).
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self, *, model: object, n_layers: int, d_model: int, tokenizer: object | None, device: torch.device,
+        n_ctx: int | None, components: Sequence[str], position_ids: bool = True, add_special_tokens: bool = True,
+    ) -> None:
+        self.model = model
+        self.n_layers = int(n_layers)
+        self.d_model = int(d_model)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.n_ctx = n_ctx
+        self.components = tuple(components)
+        self.uses_position_ids = position_ids
+        self.add_special_tokens = add_special_tokens
+        self._context_hooks: list[tuple[Site, HookFn]] = []
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            # Same convention as nnsight and HF generate: pad with EOS (padded columns are masked).
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+                f"device={self.device})")
+
+    # ---------------------------------------------------------------- backend contract
+    @abstractmethod
+    def _forward(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                 logits: LogitsMode) -> Tensor | None:
+        """One forward pass with ``hooks`` attached (and always detached afterwards).
+
+        Returns logits ``[batch, seq, vocab]`` ("all"), ``[batch, vocab]`` ("last") or anything
+        ("none": the caller only wants hook side effects; the backend may stop early).
+        """
+
+    @abstractmethod
+    def _generate(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                  max_new_tokens: int) -> Int[Tensor, "batch new"]:
+        """Greedy generation with ``hooks``; returns the new token ids (EOS-padded after EOS)."""
+
+    # ---------------------------------------------------------------- tokenization
+    def _require_tokenizer(self) -> object:
+        if self.tokenizer is None:
+            raise ValueError(f"{self!r} has no tokenizer: pass ModelInputs instead of strings")
+        return self.tokenizer
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt (no padding), checked against the context window."""
+        tok = self._require_tokenizer()
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        if len(prompts) == 0:
+            raise ValueError("empty prompt list")
+        ids = tok(list(prompts), add_special_tokens=self.add_special_tokens)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) == 0:
+                raise ValueError(f"prompt {i} tokenizes to nothing")
+            if self.n_ctx is not None and len(row) > self.n_ctx:
+                raise ValueError(f"prompt {i} has {len(row)} tokens, longer than the context window of {self.n_ctx}")
+        return ids
+
+    def collate(self, token_ids: Sequence[Sequence[int]], extra: int = 0) -> ModelInputs:
+        """Left-pad token id lists into a batch with attention mask and position ids.
+
+        ``extra`` reserves room for generated tokens in the context-window check.
+        """
+        tok = self._require_tokenizer()
+        length = max(len(r) for r in token_ids)
+        if self.n_ctx is not None and length + extra > self.n_ctx:
+            raise ValueError(f"{length} prompt tokens + {extra} new tokens exceed the context window of {self.n_ctx}")
+        batch = len(token_ids)
+        ids = torch.full((batch, length), int(tok.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((batch, length), dtype=torch.long)
+        pad = torch.tensor([length - len(r) for r in token_ids], dtype=torch.long)
+        for b, row in enumerate(token_ids):  # a loop over rows of one batch to place ragged lists
+            ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[b, length - len(row):] = 1
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if self.uses_position_ids:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ModelInputs(kwargs, pad, length).to(self.device)
+
+    def tokenize(self, prompts: Sequence[str]) -> ModelInputs:
+        """Left-padded batch with attention mask and (where used) mask-derived position ids."""
+        return self.collate(self.encode(prompts))
+
+    # ---------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def hooks(self, hooks: HookSpec) -> Iterator[Adapter]:
+        """Attach ``hooks`` to every call made inside the block; they are gone on exit, even on error."""
+        checked = normalize_hooks(hooks, self.n_layers, self.components)
+        n_before = len(self._context_hooks)
+        self._context_hooks.extend(checked)
+        try:
+            yield self
+        finally:
+            del self._context_hooks[n_before:]
+
+    def _all_hooks(self, hooks: HookSpec) -> list[tuple[Site, HookFn]]:
+        checked = normalize_hooks(hooks, self.n_layers, self.components)
+        return sorted(self._context_hooks + checked, key=lambda p: p[0].order)
+
+    # ---------------------------------------------------------------- batching
+    def _batches(
+        self, prompts: Sequence[str] | ModelInputs, batch_size: int, extra: int = 0
+    ) -> tuple[int, list[tuple[Tensor, ModelInputs]]]:
+        """Split into batches, longest prompts first (less padding); yields original indices too."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(prompts, ModelInputs):
+            n = prompts.batch
+            if n == 0:
+                raise ValueError("empty batch of inputs")
+            order = torch.arange(n)
+            return n, [(idx, prompts.rows(idx.to(prompts.pad.device))) for idx in order.split(batch_size)]
+        ids = self.encode(prompts)
+        n = len(ids)
+        order = sorted(range(n), key=lambda i: -len(ids[i]))
+        out = []
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out.append((torch.tensor(idx, dtype=torch.long), self.collate([ids[i] for i in idx], extra=extra)))
+        return n, out
+
+    @staticmethod
+    def _state(inputs: ModelInputs, idx: Tensor, n: int) -> _CallState:
+        return _CallState(pad=inputs.pad, prompt_len=inputs.length, indices=idx.to(inputs.pad.device), n_prompts=n)
+
+    # ---------------------------------------------------------------- public API
+    def forward(
+        self, prompts: Sequence[str] | ModelInputs, hooks: HookSpec = (), logits: LogitsMode = "last",
+    ) -> Tensor:
+        """One forward pass over one left-padded batch with ``hooks``; returns logits.
+
+        ``logits="last"`` gives ``[batch, vocab]`` at the last prompt token; ``"all"`` gives
+        ``[batch, seq, vocab]`` in the left-padded layout (see ``tokenize``).
+        """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        inputs = prompts if isinstance(prompts, ModelInputs) else self.tokenize(prompts)
+        state = self._state(inputs, torch.arange(inputs.batch), inputs.batch)
+        with torch.no_grad():
+            return self._forward(inputs, self._all_hooks(hooks), state, logits)
+
+    run_with_hooks = forward
+
+    def capture(
+        self,
+        prompts: Sequence[str] | ModelInputs,
+        layers: str | int | Sequence[int] = "all",
+        position: Position = -1,
+        component: str = "resid_post",
+        hooks: HookSpec = (),
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> Float[Tensor, "layer prompt d_model"]:
+        """Activations of ``component`` at ``position`` for every requested layer, in ONE pass per batch.
+
+        Default: the residual stream after each block at the last prompt token (the token before the
+        answer). Returns ``[len(layers), n_prompts, d_model]`` on CPU in ``dtype``, rows in prompt
+        order. Extra ``hooks`` (e.g. an intervention) run in the same pass, before the capture at
+        each site.
+        """
+        if position is None:
+            raise ValueError("capture needs a position (int or one per prompt); use hooks.capture for whole sequences")
+        layer_list = resolve_layers(layers, self.n_layers)
+        sites = [Site(layer, component) for layer in layer_list]
+        user_hooks = self._all_hooks(hooks)
+        normalize_hooks([(s, capture({}, None)) for s in sites], self.n_layers, self.components)
+        n, batches = self._batches(prompts, batch_size)
+        out = torch.empty((len(sites), n, self.d_model), dtype=dtype)
+        bar = tqdm(batches, desc=f"capture {len(sites)} layers", disable=not progress, leave=False)
+        with torch.no_grad():
+            for idx, inputs in bar:
+                store: dict = {}
+                cap = [(s, capture(store, s.layer, position, dtype)) for s in sites]
+                all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
+                self._forward(inputs, all_hooks, self._state(inputs, idx, n), "none")
+                out[:, idx] = torch.stack([store[s.layer] for s in sites])
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        hooks: HookSpec = (),
+        capture_layers: str | int | Sequence[int] | None = None,
+        position: Position = -1,
+        component: str = "resid_post",
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> Generation:
+        """Greedy generation under ``hooks``; optionally capture layers in the prefill (no extra pass).
+
+        Rows are cut at the first EOS. ``capture_layers`` works as ``capture``'s ``layers`` and the
+        activations come back in ``Generation.activations``.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        tok = self._require_tokenizer()
+        layer_list = resolve_layers(capture_layers, self.n_layers) if capture_layers is not None else []
+        sites = [Site(layer, component) for layer in layer_list]
+        user_hooks = self._all_hooks(hooks)
+        normalize_hooks([(s, capture({}, None)) for s in sites], self.n_layers, self.components)
+        n, batches = self._batches(prompts, batch_size, extra=max_new_tokens)
+        acts = torch.empty((len(sites), n, self.d_model), dtype=dtype) if sites else None
+        new_tokens: list[list[int]] = [[] for _ in range(n)]
+        eos = getattr(tok, "eos_token_id", None)
+        bar = tqdm(batches, desc="generate", disable=not progress, leave=False)
+        with torch.no_grad():
+            for idx, inputs in bar:
+                store: dict = {}
+                cap = [(s, capture(store, s.layer, position, dtype)) for s in sites]
+                all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
+                gen = self._generate(inputs, all_hooks, self._state(inputs, idx, n), max_new_tokens).cpu()
+                for row, i in zip(gen.tolist(), idx.tolist(), strict=True):
+                    if eos is not None and eos in row:
+                        row = row[: row.index(eos)]
+                    new_tokens[i] = row
+                if acts is not None:
+                    acts[:, idx] = torch.stack([store[s.layer] for s in sites])
+        texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+        return Generation(texts=texts, tokens=new_tokens, activations=acts, layers=layer_list)

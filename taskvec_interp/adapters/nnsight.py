@@ -1,0 +1,133 @@
+"""nnsight 0.8 backend: the same hook functions, applied inside an nnsight trace.
+
+Inside ``model.trace(...)`` nnsight hands the with-block real tensors (it runs the block alongside
+the model), so a plain hook function can be called on ``envoy.output`` and its result written back.
+Sites are visited in forward order, as nnsight requires. Hugging Face causal LMs are wrapped in
+``nnsight.TransformersModel``; any other module in ``nnsight.NNsight``.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+from torch import Tensor, nn
+
+from ..hooks import HookFn, Site, checked_call
+from .arch import find_arch
+from .base import Adapter, LogitsMode, ModelInputs, _CallState
+from .torch_hooks import config_d_model, config_n_ctx, model_logits
+
+
+class NNsightAdapter(Adapter):
+    """Backend on nnsight (``TransformersModel`` for HF causal LMs, ``NNsight`` for other modules)."""
+
+    backend = "nnsight"
+
+    def __init__(
+        self, model: nn.Module | object, tokenizer: object | None = None, blocks: str | None = None,
+        d_model: int | None = None, n_ctx: int | None = None, add_special_tokens: bool = True,
+    ) -> None:
+        import nnsight
+
+        if isinstance(model, nnsight.NNsight):
+            self.nn = model
+            module = model._model
+            tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        elif isinstance(model, nn.Module):
+            module = model
+            is_lm = hasattr(model, "generate") and getattr(model, "config", None) is not None
+            if is_lm and tokenizer is not None:
+                self.nn = nnsight.TransformersModel(model, tokenizer=tokenizer)
+            else:
+                self.nn = nnsight.NNsight(model)
+        else:
+            raise TypeError(f"NNsightAdapter needs an nn.Module or nnsight model, got {type(model).__name__}")
+        self.module = module
+        self.arch = find_arch(module, blocks)
+        param = next(module.parameters(), None)
+        d = d_model or config_d_model(module)
+        if d is None:
+            raise ValueError("cannot infer d_model of this module: pass d_model=")
+        blocks_envoy = self.nn
+        for part in self.arch.blocks.split("."):
+            blocks_envoy = getattr(blocks_envoy, part)
+        self._blocks = blocks_envoy
+        super().__init__(
+            model=self.nn, n_layers=len(blocks_envoy), d_model=d, tokenizer=tokenizer,
+            device=param.device if param is not None else torch.device("cpu"),
+            n_ctx=n_ctx or config_n_ctx(module), components=self.arch.components,
+            position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
+        )
+        import inspect
+
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(module.forward).parameters
+
+    def _envoy(self, site: Site):
+        env = self._blocks[site.layer]
+        path = self.arch.sublayer(site.component)
+        if path is not None:
+            for part in path.split("."):
+                env = getattr(env, part)
+        return env
+
+    def _apply(self, hooks: list[tuple[Site, HookFn]], state: _CallState) -> None:
+        """Run the hooks on the live activations, in forward order (call inside a trace)."""
+        for site, group in groupby(hooks, key=lambda p: p[0]):
+            fns = [f for _, f in group]
+            env = self._envoy(site)
+            if site.component == "resid_pre":
+                act = env.input
+                new = _run(fns, act, site, state)
+                if new is not act:
+                    env.input = new
+                continue
+            out = env.output
+            act = out[0] if isinstance(out, tuple) else out
+            new = _run(fns, act, site, state)
+            if new is not act:
+                env.output = (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def _forward(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                 logits: LogitsMode) -> Tensor | None:
+        kwargs = dict(inputs.kwargs)
+        if logits != "all" and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if logits == "none" and hooks:
+            # only the hooks' side effects are wanted: stop the model after the last hooked site
+            with self.nn.trace(**kwargs) as tracer:
+                self._apply(hooks, state)
+                tracer.stop()
+            return None
+        with self.nn.trace(**kwargs):
+            self._apply(hooks, state)
+            out = self.nn.output.save()
+        lg = model_logits(out)
+        return lg[:, -1] if (logits == "last" and lg.ndim == 3) else lg
+
+    def _generate(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                  max_new_tokens: int) -> Tensor:
+        if not hasattr(self.nn, "generate") or not hasattr(self.module, "generate"):
+            raise TypeError(f"{type(self.module).__name__} has no .generate(): generation needs a causal LM")
+        tok = self.tokenizer
+        prompt_len = inputs.length
+        from transformers import GenerationConfig
+
+        # No EOS stop inside generate: every step runs, so the bounded step loop below always
+        # completes and the result can be read after it. Rows are cut at EOS by the caller.
+        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        with self.nn.generate(
+            input_ids=inputs.kwargs["input_ids"], attention_mask=inputs.kwargs["attention_mask"],
+            generation_config=gen_cfg,
+        ) as tracer:
+            for _ in tracer.iter[:max_new_tokens]:
+                state.advance(prompt_len if state.calls == 0 else 1)
+                self._apply(hooks, state)
+            ids = tracer.result.save()
+        return ids[:, prompt_len:]
+
+
+def _run(fns: list[HookFn], act: Tensor, site: Site, state: _CallState) -> Tensor:
+    for fn in fns:
+        act = checked_call(fn, act, state.context(site))
+    return act

@@ -1,0 +1,173 @@
+"""Plain PyTorch backend: ``register_forward_hook`` on the blocks of any ``nn.Module``.
+
+Works for Hugging Face causal LMs (blocks found through :mod:`.arch`) and for custom modules that
+have a ``ModuleList`` of blocks (pass ``blocks="path"`` or give the module a ``blocks_path``
+attribute, as the synthetic models do). This is the fastest path: no tracing, no wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from itertools import groupby
+
+import torch
+from torch import Tensor, nn
+
+from ..hooks import HookFn, Site, checked_call
+from .arch import find_arch, get_module
+from .base import Adapter, LogitsMode, ModelInputs, _CallState
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last needed block when only activations are wanted."""
+
+
+def _chain(fns: list[HookFn], site: Site, state: _CallState):
+    def run(act: Tensor) -> Tensor:
+        for fn in fns:
+            act = checked_call(fn, act, state.context(site))
+        return act
+
+    return run
+
+
+def model_logits(out: object) -> Tensor:
+    """Logits of a model output (``ModelOutput.logits``, a tuple's first item, or a tensor)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def config_d_model(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if cfg is not None and isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return getattr(model, "d_model", None)
+
+
+def config_n_ctx(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) in ("mamba", "mamba2"):
+        return None
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
+class TorchHooksAdapter(Adapter):
+    """Backend on plain ``torch.nn.Module`` forward hooks."""
+
+    backend = "torch"
+
+    def __init__(
+        self, model: nn.Module, tokenizer: object | None = None, blocks: str | None = None,
+        d_model: int | None = None, n_ctx: int | None = None, add_special_tokens: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TorchHooksAdapter needs an nn.Module, got {type(model).__name__}")
+        self.arch = find_arch(model, blocks)
+        self.blocks = get_module(model, self.arch.blocks)
+        d = d_model or config_d_model(model)
+        if d is None:
+            raise ValueError("cannot infer d_model of this module: pass d_model=")
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        super().__init__(
+            model=model, n_layers=len(self.blocks), d_model=d, tokenizer=tokenizer, device=device,
+            n_ctx=n_ctx or config_n_ctx(model), components=self.arch.components,
+            position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
+        )
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @contextlib.contextmanager
+    def _attached(self, hooks: list[tuple[Site, HookFn]], state: _CallState, stop_after: int | None) -> Iterator[None]:
+        handles = []
+        try:
+            for site, group in groupby(hooks, key=lambda p: p[0]):
+                run = _chain([fn for _, fn in group], site, state)
+                block = self.blocks[site.layer]
+                if site.component == "resid_pre":
+                    handles.append(block.register_forward_pre_hook(_pre_hook(run), with_kwargs=True))
+                else:
+                    path = self.arch.sublayer(site.component)
+                    module = block if path is None else get_module(block, path)
+                    handles.append(module.register_forward_hook(_post_hook(run)))
+            if stop_after is not None:
+                handles.append(self.blocks[stop_after].register_forward_hook(_raise_stop))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                 logits: LogitsMode) -> Tensor | None:
+        kwargs = dict(inputs.kwargs)
+        if logits != "all" and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        stop = max(s.layer for s, _ in hooks) if (logits == "none" and hooks) else None
+        try:
+            with self._attached(hooks, state, stop):
+                out = self.model(**kwargs)
+        except _StopForward:
+            return None
+        lg = model_logits(out)
+        return lg[:, -1] if (logits == "last" and lg.ndim == 3) else lg
+
+    def _generate(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
+                  max_new_tokens: int) -> Tensor:
+        if not hasattr(self.model, "generate"):
+            raise TypeError(f"{type(self.model).__name__} has no .generate(): generation needs a causal LM")
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+
+        def track(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            if x is None:
+                x = args[0]
+            state.advance(x.shape[1])
+
+        root = self.model.register_forward_pre_hook(track, with_kwargs=True)
+        try:
+            with self._attached(hooks, state, None):
+                out = self.model.generate(input_ids=inputs.kwargs["input_ids"],
+                                          attention_mask=inputs.kwargs["attention_mask"], generation_config=gen_cfg)
+        finally:
+            root.remove()
+        return out[:, inputs.length:]
+
+
+def _pre_hook(run):
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            return (run(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = run(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+def _post_hook(run):
+    def hook(module: nn.Module, args: tuple, output):
+        if isinstance(output, tuple):
+            new = run(output[0])
+            return output if new is output[0] else (new, *output[1:])
+        new = run(output)
+        return None if new is output else new
+
+    return hook
+
+
+def _raise_stop(module: nn.Module, args: tuple, output) -> None:
+    raise _StopForward

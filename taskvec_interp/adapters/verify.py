@@ -1,0 +1,102 @@
+"""``verify_adapter``: check that an adapter reads and writes the model it claims to (as nnterp does).
+
+Checks, each a row of the returned DataFrame; a check passes when
+``max_abs_diff <= atol + rtol * scale`` with ``scale`` the largest magnitude compared (real models
+carry residual entries in the hundreds, where fp32 batching noise is ~1e-6 relative):
+
+* ``padded_vs_single``: a left-padded batch gives the same activations as one prompt at a time;
+* ``resid_vs_model``: captured residuals equal the model's own ``output_hidden_states`` (layer ``l``'s
+  block output; the last layer through the model's final norm);
+* ``logits_vs_model``: last-token logits equal the model's own forward;
+* ``identity_hooks``: a hook returning a copy at every site leaves the logits unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from ..hooks import Site
+from .arch import ARCHS, get_module
+from .base import Adapter
+from .torch_hooks import model_logits
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "hot -> cold\nbig -> small\nup ->",
+    "1 2 3",
+    "Once upon a time, in a land far away, there lived a",
+)
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter's activations or logits disagree with the model's own forward."""
+
+
+def _plain_model(adapter: Adapter) -> torch.nn.Module | None:
+    if adapter.backend == "transformer_lens":
+        return getattr(adapter.bridge, "original_model", None)
+    if adapter.backend == "nnsight":
+        return adapter.module
+    return adapter.model
+
+
+def verify_adapter(
+    adapter: Adapter, prompts: Sequence[str] | None = None, atol: float = 1e-4, rtol: float = 1e-5,
+    raise_on_fail: bool = True,
+) -> pd.DataFrame:
+    """Run the checks above on ``prompts`` (defaults: a few sentences of different lengths).
+
+    Returns a tidy DataFrame (backend, check, max_abs_diff, scale, tol, ok); raises :class:`AdapterMismatchError`
+    on failure unless ``raise_on_fail=False``.
+    """
+    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    if len(prompts) < 2:
+        raise ValueError("verify_adapter needs at least 2 prompts (of different lengths) to test padding")
+    rows = []
+    batched = adapter.capture(prompts, batch_size=len(prompts), progress=False)
+    single = torch.cat([adapter.capture([p], progress=False) for p in prompts], dim=1)
+    rows.append(("padded_vs_single", (batched - single).abs().max().item(), single.abs().max().item()))
+
+    model = _plain_model(adapter)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model is not None and model_type in ARCHS:
+        spec = ARCHS[model_type]
+        ids = adapter.encode(prompts)
+        resid_diff, logit_diff, resid_scale, logit_scale = 0.0, 0.0, 0.0, 0.0
+        logits = adapter.forward(prompts)
+        device = adapter.device
+        with torch.no_grad():
+            norm = get_module(model, spec.final_norm)
+            for i, row in enumerate(ids):
+                out = model(input_ids=torch.tensor([row], device=device), output_hidden_states=True)
+                hs = out.hidden_states
+                first = 1 if spec.hidden_states_has_embeddings else 0
+                ref = torch.stack([hs[first + layer][0, -1] for layer in range(adapter.n_layers - 1)])
+                mine = batched[: adapter.n_layers - 1, i].to(ref.dtype)
+                last = norm(batched[-1, i].to(device=device, dtype=hs[-1].dtype)[None, None])[0, 0]
+                resid_diff = max(resid_diff, (mine - ref.cpu()).abs().max().item(),
+                                 (last - hs[-1][0, -1]).abs().max().item())
+                ref_logits = model_logits(out)[0, -1]
+                logit_diff = max(logit_diff, (logits[i] - ref_logits).abs().max().item())
+                resid_scale = max(resid_scale, ref.abs().max().item(), hs[-1][0, -1].abs().max().item())
+                logit_scale = max(logit_scale, ref_logits.abs().max().item())
+        rows.append(("resid_vs_model", resid_diff, resid_scale))
+        rows.append(("logits_vs_model", logit_diff, logit_scale))
+
+    base = adapter.forward(prompts)
+    identity = [(Site(layer, comp), lambda act, ctx: act.clone())
+                for layer in range(adapter.n_layers) for comp in adapter.components]
+    hooked = adapter.forward(prompts, hooks=identity)
+    rows.append(("identity_hooks", (hooked - base).abs().max().item(), base.abs().max().item()))
+
+    df = pd.DataFrame(rows, columns=["check", "max_abs_diff", "scale"])
+    df["tol"] = atol + rtol * df["scale"]
+    df["ok"] = df["max_abs_diff"] <= df["tol"]
+    df.insert(0, "backend", adapter.backend)
+    if raise_on_fail and not bool(df["ok"].all()):
+        bad = df[~df["ok"]]
+        raise AdapterMismatchError(f"{adapter!r} failed verification:\n{bad.to_string(index=False)}")
+    return df

@@ -1,0 +1,92 @@
+"""``taskvec``: the command line. Thin: every command is a library call."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Task vectors in in-context learning.")
+
+DEMO_PROMPTS = [
+    "hot -> cold\nbig -> small\nup ->",
+    "France -> Paris\nJapan -> Tokyo\nGermany ->",
+    "01101 10110 -> 00100\n11100 00111 -> 00100\n10101 01010 ->",
+    "The first noun of 'The cat sat on the mat' is",
+]
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    max_new_tokens: int = 3
+
+
+def layer_summary(acts, layers: list[int]):
+    """Per-layer table of last-token residuals ``[layer, prompt, d]``: norms and mean pairwise cosine."""
+    import pandas as pd
+    import torch
+
+    norms = acts.norm(dim=-1)
+    unit = torch.nn.functional.normalize(acts, dim=-1)
+    cos = unit @ unit.transpose(1, 2)
+    n = acts.shape[1]
+    off_diag = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / max(n * (n - 1), 1)
+    return pd.DataFrame({
+        "layer": layers,
+        "norm_mean": norms.mean(1).tolist(),
+        "norm_max": norms.max(1).values.tolist(),
+        "mean_pairwise_cosine": off_diag.tolist(),
+    })
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
+    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+    out: Path = typer.Option(None, help="directory for summary.csv + config.json (optional)"),
+    verify: bool = typer.Option(True, help="check the adapter against the model's own forward first"),
+) -> None:
+    """Load a model, capture every layer at the last prompt token in one pass, print a per-layer table."""
+    from .adapters import load_model, verify_adapter
+
+    cfg = DemoConfig(model=model, backend=backend)
+    t0 = time.perf_counter()
+    adapter = load_model(cfg.model, backend=cfg.backend)
+    typer.echo(f"loaded {adapter!r} in {time.perf_counter() - t0:.1f}s")
+    if verify:
+        typer.echo(verify_adapter(adapter).to_string(index=False))
+    gen = adapter.generate(cfg.prompts, cfg.max_new_tokens, capture_layers="all", progress=True)
+    for prompt, text in zip(cfg.prompts, gen.texts, strict=True):
+        typer.echo(f"{prompt.splitlines()[-1]!r} -> {text!r}")
+    table = layer_summary(gen.activations, gen.layers)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "summary.csv", index=False)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        typer.echo(f"wrote {out / 'summary.csv'} and {out / 'config.json'}")
+
+
+@app.command()
+def verify(
+    model: str = typer.Argument(..., help="built-in name, local HF directory or hub id"),
+    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+) -> None:
+    """Check an adapter against the model's own forward (residuals, logits, padding, hooks)."""
+    from .adapters import load_model, verify_adapter
+
+    typer.echo(verify_adapter(load_model(model, backend=backend), raise_on_fail=False).to_string(index=False))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
