@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,14 +57,46 @@ def prompts(n: int, length: int, seed: int = 0, ragged: bool = True) -> list[str
     return [" ".join(f"t{int(t)}" for t in torch.randint(1, VOCAB, (int(L),), generator=g)) for L in lengths]
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, timed round-robin so background load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few ms; ``peak`` above the RSS at entry (MiB)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self._proc.memory_info().rss
+        self.max = self.start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.max = max(self.max, self._proc.memory_info().rss)
+                self._stop.wait(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.max = max(self.max, self._proc.memory_info().rss)
+        self.peak = (self.max - self.start) / 2**20
 
 
 def speed(repeats: int, batch: int, length: int) -> dict:
@@ -88,13 +119,14 @@ def speed(repeats: int, batch: int, length: int) -> dict:
             return torch.stack([h[:, -1] for h in hs[1:]])
 
     ref = baseline()
-    times = {"hf_output_hidden_states": median_time(baseline, repeats)}
     max_diff = {}
     for name, adapter in adapters.items():
         got = adapter.capture(texts, batch_size=batch, progress=False)
         # block outputs; HF's last entry is after the final norm, so compare the first L-1 layers
         max_diff[name] = (got[:-1] - ref[:-1]).abs().max().item()
-        times[name] = median_time(lambda a=adapter: a.capture(texts, batch_size=batch, progress=False), repeats)
+    fns = {"hf_output_hidden_states": baseline}
+    fns.update({name: (lambda a=a: a.capture(texts, batch_size=batch, progress=False)) for name, a in adapters.items()})
+    times = interleaved_medians(fns, repeats)
     base = times["hf_output_hidden_states"]
     return {
         "seconds": {k: round(v, 4) for k, v in times.items()},
@@ -113,19 +145,18 @@ def memory_child(mode: str, n: int, length: int, batch: int) -> None:
     texts = prompts(n, length, ragged=False)
     adapter = TorchHooksAdapter(model, tok)
     adapter.capture(texts[:batch], batch_size=batch, progress=False)  # warm allocator
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if mode == "adapter":
-        out = adapter.capture(texts, batch_size=batch, progress=False)
-        result_mib = out.numel() * out.element_size() / 2**20
-    else:  # keep HF's full hidden-state cache for every prompt, as a naive script would
-        kept = []
-        with torch.no_grad():
-            for start in range(0, n, batch):
-                inputs = adapter.tokenize(texts[start:start + batch])
-                kept.append(torch.stack(model(**inputs.kwargs, output_hidden_states=True).hidden_states[1:]))
-        result_mib = sum(k.numel() * k.element_size() for k in kept) / 2**20
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_increase_mib": round(after - before, 1), "result_mib": round(result_mib, 1)}))
+    with PeakRSS() as mem:
+        if mode == "adapter":
+            out = adapter.capture(texts, batch_size=batch, progress=False)
+            result_mib = out.numel() * out.element_size() / 2**20
+        else:  # keep HF's full hidden-state cache for every prompt, as a naive script would
+            kept = []
+            with torch.no_grad():
+                for start in range(0, n, batch):
+                    inputs = adapter.tokenize(texts[start:start + batch])
+                    kept.append(torch.stack(model(**inputs.kwargs, output_hidden_states=True).hidden_states[1:]))
+            result_mib = sum(k.numel() * k.element_size() for k in kept) / 2**20
+    print(json.dumps({"peak_rss_increase_mib": round(mem.peak, 1), "result_mib": round(result_mib, 1)}))
 
 
 def memory(n: int, length: int, batch: int) -> dict:

@@ -73,6 +73,49 @@ def demo(
         typer.echo(f"wrote {out / 'summary.csv'} and {out / 'config.json'}")
 
 
+def _parse_shots(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError as err:
+        raise typer.BadParameter(f"--shots must be comma-separated ints, got {text!r}") from err
+
+
+@app.command()
+def td(
+    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
+    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
+    shots: str = typer.Option("1,4,10", help="comma-separated shot counts"),
+    n_per_task: int = typer.Option(100, help="prompts per task (Null included)"),
+    out: Path = typer.Option(Path("runs/td"), help="output directory (results + config + figures)"),
+    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+    k: int = typer.Option(10, help="neighbours of the leave-one-out k-NN"),
+    metric: str = typer.Option("euclidean", help="euclidean | cosine"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16),
+    figures: bool = typer.Option(True, help="write PNG figures"),
+) -> None:
+    """Task decodability over layers x shots and ICL accuracy per task; TD-vs-accuracy R^2."""
+    from .adapters import load_model
+    from .experiments.sweep import SweepConfig, run_sweep, summarize
+
+    cfg = SweepConfig(model=model, backend=backend, family=family, shots=_parse_shots(shots),
+                      n_per_task=n_per_task, seed=seed, k=k, metric=metric, batch_size=batch_size)
+    adapter = load_model(cfg.model, backend=cfg.backend)
+    result = run_sweep(adapter, cfg)
+    result.save(out)
+    typer.echo(summarize(result).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    acc = result.accuracy.pivot_table(index="task", columns="shots", values="exact", sort=False)
+    typer.echo("exact-match accuracy (task x shots):\n" + acc.to_string(float_format=lambda v: f"{v:.2f}"))
+    typer.echo(f"TD vs accuracy at layer {result.fit['layer']}: R^2 = {result.fit['r2']:.3f} "
+               f"({result.fit['n_points']} points)")
+    if figures:
+        from .report import sweep_figures
+
+        for path in sweep_figures(result, out):
+            typer.echo(f"wrote {path}")
+    typer.echo(f"results in {out} ({result.seconds:.0f}s)")
+
+
 @app.command()
 def verify(
     model: str = typer.Argument(..., help="built-in name, local HF directory or hub id"),

@@ -93,3 +93,27 @@ def smollm2():
     from taskvec_interp import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's real tokenizer (from the cached offline model directory)."""
+    from transformers import AutoTokenizer
+
+    from taskvec_interp.adapters import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(smol_tokenizer):
+    """A tiny random Llama over SmolLM2's vocabulary, behind the torch adapter (real tokenization, fast)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from taskvec_interp.adapters import TorchHooksAdapter
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(smol_tokenizer), max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=smol_tokenizer.eos_token_id)
+    return TorchHooksAdapter(LlamaForCausalLM(cfg).eval(), smol_tokenizer)

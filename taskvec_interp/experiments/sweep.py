@@ -1,0 +1,177 @@
+"""TD over layers x shots and ICL accuracy per task x shots, and the TD-vs-accuracy fit (paper Fig. 4-5).
+
+For each shot count one set of prompts (``n_per_task`` per task, Null included) is generated
+greedily; the generation's prefill captures every layer's last-token residual, so TD and accuracy
+read the same prompts from ONE forward pass. Results are tidy DataFrames saved next to the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..adapters.base import Adapter
+from ..probes.accuracy import icl_accuracy
+from ..probes.decodability import task_decodability
+from ..tasks import NULL_TASK, PromptBuilder, PromptTemplate, TaskFamily, get_family
+
+
+@dataclass
+class SweepConfig:
+    """Everything that determines a sweep's numbers (saved as config.json next to the results).
+
+    ``template`` holds :class:`PromptTemplate` fields; ``family_kwargs`` go to ``get_family``.
+    ``fit_layer``: layer of the TD-vs-accuracy fit; ``None`` = the peak of the mean overall TD over
+    shot counts. The Null task enters TD (as in the paper) but not the fit unless ``fit_include_null``.
+    """
+
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    family: str = "bitwise"
+    shots: tuple[int, ...] = (1, 4, 10)
+    n_per_task: int = 100
+    seed: int = 0
+    k: int = 10
+    metric: str = "euclidean"
+    layers: str | list[int] = "all"
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    n_boot: int = 1000
+    template: dict = field(default_factory=dict)
+    family_kwargs: dict = field(default_factory=dict)
+    fit_layer: int | None = None
+    fit_include_null: bool = False
+    save_activations: bool = False
+
+    def __post_init__(self) -> None:
+        self.shots = tuple(int(s) for s in self.shots)
+        if not self.shots or any(s < 0 for s in self.shots):
+            raise ValueError(f"shots must be a non-empty list of ints >= 0, got {self.shots}")
+        if self.n_per_task < 1:
+            raise ValueError(f"n_per_task must be >= 1, got {self.n_per_task}")
+
+
+@dataclass
+class SweepResult:
+    config: SweepConfig
+    td: pd.DataFrame
+    accuracy: pd.DataFrame
+    predictions: pd.DataFrame
+    fit: dict
+    activations: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """shots -> (last-token activations [layer, prompt, d_model], labels [prompt]); on disk only if
+    ``config.save_activations``."""
+    seconds: float = 0.0
+
+    def save(self, out: str | Path) -> Path:
+        """Write config.json, fit.json and td / accuracy / predictions as Parquet (+ activations safetensors).
+
+        Parquet, not CSV: it keeps dtypes, and a task named "null" would read back as NaN from CSV.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        for name in ("td", "accuracy", "predictions"):
+            getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
+        fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
+        (out / "fit.json").write_text(json.dumps({**fit, "seconds": self.seconds}, indent=2))  # strict JSON
+        if self.config.save_activations:
+            for shots, (acts, labels) in self.activations.items():
+                save_file({"activations": acts.contiguous(), "labels": labels.contiguous()},
+                          str(out / f"activations_{shots}shot.safetensors"))
+        return out
+
+
+def load_sweep(directory: str | Path) -> SweepResult:
+    """Read back what :meth:`SweepResult.save` wrote (activations only when they were saved)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    config = SweepConfig(**json.loads((d / "config.json").read_text()))
+    fit = {k: (math.nan if v is None else v) for k, v in json.loads((d / "fit.json").read_text()).items()}
+    seconds = fit.pop("seconds", 0.0)
+    acts = {}
+    for path in sorted(d.glob("activations_*shot.safetensors")):
+        t = load_file(str(path))
+        acts[int(path.name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
+    tables = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
+    return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds)
+
+
+def fit_td_accuracy(
+    td: pd.DataFrame, accuracy: pd.DataFrame, layer: int | None = None, include_null: bool = False,
+) -> dict:
+    """Linear fit of per-task TD at one layer vs exact-match accuracy over tasks x shots; R^2.
+
+    ``layer=None`` takes the peak of the overall TD averaged over shot counts.
+    """
+    from scipy.stats import linregress
+
+    overall = td[td["level"] == "overall"]
+    if layer is None:
+        layer = int(overall.groupby("layer")["td"].mean().idxmax())
+    elif layer not in set(overall["layer"]):
+        raise ValueError(f"fit layer {layer} is not among the sweep's layers")
+    per_task = td[(td["level"] == "task") & (td["layer"] == layer)][["task", "shots", "td"]]
+    points = per_task.merge(accuracy[["task", "shots", "exact"]], on=["task", "shots"])
+    if not include_null:
+        points = points[points["task"] != NULL_TASK]
+    fit = {"layer": layer, "n_points": len(points), "r2": math.nan, "slope": math.nan, "intercept": math.nan}
+    if len(points) >= 3 and points["td"].nunique() > 1 and points["exact"].nunique() > 1:
+        reg = linregress(points["td"], points["exact"])
+        fit.update(r2=float(reg.rvalue**2), slope=float(reg.slope), intercept=float(reg.intercept),
+                   p_value=float(reg.pvalue))
+    else:
+        fit["note"] = "R^2 undefined: fewer than 3 points or constant TD/accuracy"
+    return fit
+
+
+def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None = None,
+              progress: bool = True) -> SweepResult:
+    """TD (all layers) and ICL accuracy for every shot count of ``config``, one pass per prompt batch."""
+    t0 = time.perf_counter()
+    fam = family if family is not None else get_family(config.family, **config.family_kwargs)
+    template = PromptTemplate(**config.template)
+    builder = PromptBuilder(template)
+    td_frames, acc_frames, pred_frames, acts = [], [], [], {}
+    for shots in tqdm(config.shots, desc=f"{fam.name} shots", disable=not progress):
+        prompts = builder.build(fam, n_per_task=config.n_per_task, shots=shots, seed=config.seed)
+        acc = icl_accuracy(adapter, prompts, max_new_tokens=config.max_new_tokens,
+                           stop=template.example_separator, capture_layers=config.layers,
+                           batch_size=config.batch_size, progress=progress)
+        labels = [p.label for p in prompts]
+        td = task_decodability(acc.activations, labels, k=config.k, metric=config.metric,
+                               label_names=fam.task_names, layers=acc.layers, n_boot=config.n_boot,
+                               seed=config.seed)
+        td_frames.append(td.to_frame().assign(shots=shots, family=fam.name))
+        acc_frames.append(acc.by_task().assign(family=fam.name))
+        pred_frames.append(acc.predictions.assign(family=fam.name))
+        acts[shots] = (acc.activations, torch.tensor(labels))
+    td_all = pd.concat(td_frames, ignore_index=True)
+    acc_all = pd.concat(acc_frames, ignore_index=True)
+    fit = fit_td_accuracy(td_all, acc_all, config.fit_layer, config.fit_include_null)
+    fit["family"] = fam.name
+    return SweepResult(config, td_all, acc_all, pd.concat(pred_frames, ignore_index=True), fit, acts,
+                       time.perf_counter() - t0)
+
+
+def summarize(result: SweepResult, shots: Sequence[int] | None = None) -> pd.DataFrame:
+    """Peak layer and TD per shot count, next to mean accuracy (a compact table for notes and the CLI)."""
+    rows = []
+    for s in shots or result.config.shots:
+        overall = result.td[(result.td["level"] == "overall") & (result.td["shots"] == s)]
+        peak = overall.loc[overall["td"].idxmax()]
+        acc = result.accuracy[(result.accuracy["shots"] == s) & (result.accuracy["task"] != NULL_TASK)]
+        rows.append({"shots": s, "peak_layer": int(peak["layer"]), "peak_td": float(peak["td"]),
+                     "chance": float(peak["chance"]), "mean_exact": float(acc["exact"].mean()),
+                     "mean_first_token": float(acc["first_token"].mean())})
+    return pd.DataFrame(rows)

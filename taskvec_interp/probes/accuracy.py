@@ -1,0 +1,102 @@
+"""ICL accuracy: batched greedy generation with left padding, exact match of the whole answer.
+
+One generation per prompt set; its prefill is the forward pass whose hidden states TD reads, so
+accuracy and TD cost one pass (``capture_layers``). Exact match compares the generated text, cut at
+the template's example separator (the model's next demonstration would start there) and
+whitespace-normalised, with the whole answer. First-token accuracy compares the first generated
+token id with the answer's first token id (in-context tokenization, see ``check_tokenization``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..adapters.base import Adapter
+from ..hooks import HookSpec
+from ..tasks.base import Prompt, check_tokenization
+
+
+def normalize_answer(text: str, stop: str | None = "\n") -> str:
+    """Cut at ``stop`` and collapse whitespace.
+
+    A separator made only of spaces is not used to cut (answers may contain spaces).
+    """
+    if stop and stop.strip(" ") and stop in text:
+        text = text[: text.index(stop)]
+    return " ".join(text.split())
+
+
+@dataclass
+class AccuracyResult:
+    """Per-prompt generations and correctness, plus the prefill's activations when captured."""
+
+    predictions: pd.DataFrame
+    activations: Float[Tensor, "layer prompt d_model"] | None
+    layers: list[int]
+    max_new_tokens: int
+
+    def by_task(self) -> pd.DataFrame:
+        """Tidy per-task accuracy: task, label, shots, n, exact, first_token."""
+        df = self.predictions
+        return (df.groupby(["task", "label", "n_shots"], sort=False)
+                .agg(n=("exact", "size"), exact=("exact", "mean"), first_token=("first_token", "mean"))
+                .reset_index().rename(columns={"n_shots": "shots"}))
+
+
+def icl_accuracy(
+    adapter: Adapter,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int | None = None,
+    stop: str | None = "\n",
+    hooks: HookSpec = (),
+    capture_layers: str | int | Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> AccuracyResult:
+    """Greedy-generate every prompt's answer and score it.
+
+    ``max_new_tokens``: default is the longest answer's token count (never truncating an answer); a
+    smaller explicit budget than some answer needs raises ``ValueError``. ``stop``: where a generated
+    answer ends (the template's example separator). ``capture_layers``: also return the prefill's
+    last-token activations ``[layer, prompt, d_model]`` (for TD), from the same forward pass.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to score")
+    if not all(isinstance(p, Prompt) for p in prompts):
+        raise TypeError("icl_accuracy needs Prompt objects (see taskvec_interp.tasks.build_prompts)")
+    tok = adapter._require_tokenizer()
+    checks = check_tokenization(tok, prompts, add_special_tokens=adapter.add_special_tokens)
+    need = max(c.n_budget for c in checks)
+    if max_new_tokens is None:
+        max_new_tokens = need
+    elif max_new_tokens < need:
+        worst = max(range(len(prompts)), key=lambda i: checks[i].n_budget)
+        raise ValueError(
+            f"answer {prompts[worst].answer!r} needs {checks[worst].n_budget} tokens, longer than the budget "
+            f"max_new_tokens={max_new_tokens}"
+        )
+    gen = adapter.generate([p.text for p in prompts], max_new_tokens, hooks=hooks, capture_layers=capture_layers,
+                           batch_size=batch_size, progress=progress)
+    first_ids = torch.tensor([c.answer_ids[0] if c.answer_ids else -1 for c in checks])
+    got_first = torch.tensor([row[0] if row else -2 for row in gen.tokens])
+    rows = {
+        "prompt_id": list(range(len(prompts))),
+        "task": [p.task for p in prompts],
+        "label": [p.label for p in prompts],
+        "n_shots": [p.n_shots for p in prompts],
+        "query": [p.query for p in prompts],
+        "answer": [p.answer for p in prompts],
+        "generated": gen.texts,
+        "exact": [normalize_answer(g, stop) == normalize_answer(p.answer, stop) for g, p in
+                  zip(gen.texts, prompts, strict=True)],
+        "first_token": (first_ids == got_first).tolist(),
+        "clean_tokenization": [c.ok for c in checks],
+    }
+    return AccuracyResult(pd.DataFrame(rows), gen.activations, gen.layers, max_new_tokens)

@@ -1,0 +1,34 @@
+"""Figures from result objects (the CLI's and notebooks' one-call entry points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import viz
+from .experiments.sweep import SweepResult
+
+
+def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> list[Path]:
+    """TD per layer, per-task TD (bars + heatmap), TD vs accuracy, and a UMAP of the peak layer.
+
+    The UMAP uses the largest shot count's activations at its overall-TD peak layer.
+    """
+    out = Path(out) / "figures"
+    fam = result.fit.get("family", result.config.family)
+    paths = [out / "td_by_layer.png", out / "task_td.png", out / "task_td_heatmap.png", out / "td_vs_accuracy.png"]
+    viz.plot_td_by_layer(result.td, path=paths[0], title=f"{fam}: task decodability by layer")
+    viz.plot_task_td(result.td, path=paths[1])
+    viz.plot_task_td_heatmap(result.td, path=paths[2])
+    viz.plot_td_vs_accuracy(result.td, result.accuracy, result.fit, path=paths[3])
+    if umap and result.activations:
+        shots = max(result.activations)
+        acts, labels = result.activations[shots]
+        peaks = viz.td_peaks(result.td)
+        peak = int(peaks[peaks["shots"] == shots]["layer"].iloc[0])
+        layers = result.td["layer"].drop_duplicates().tolist()
+        names = result.td.loc[result.td["level"] == "task", "task"].drop_duplicates().tolist()
+        path = out / f"umap_layer{peak}_{shots}shot.png"
+        viz.plot_umap(acts[layers.index(peak)], labels.tolist(), label_names=names, seed=result.config.seed,
+                      path=path, title=f"{fam}, layer {peak}, {shots}-shot")
+        paths.append(path)
+    return paths

@@ -1,0 +1,103 @@
+"""Model-free task families and the k-shot prompt builder.
+
+>>> fam = get_family("bitwise")                      # AND NAND OR NOR XOR XNOR + null
+>>> prompts = build_prompts(fam, n_per_task=100, shots=4, seed=0)
+>>> prompts[0].task, prompts[0].label, prompts[0].text.splitlines()[-1], prompts[0].answer
+('AND', 0, '11001 01010 ->', ' 01000')
+
+Specs accepted by :func:`get_family`: ``"bitwise"``, ``"pos"``, ``"files:PATH"``. Every family's
+Null task is named ``"null"`` and has the last label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import (
+    NULL_TASK,
+    SPLITS,
+    AnswerTokens,
+    Example,
+    ExampleTask,
+    Prompt,
+    PromptBuilder,
+    PromptTemplate,
+    RandomOutputTask,
+    Task,
+    TaskFamily,
+    as_rng,
+    build_prompts,
+    check_tokenization,
+    max_answer_tokens,
+    prompts_to_frame,
+    split_indices,
+)
+from .bitwise import BITWISE_OPS, BitwiseTask, bitwise_family
+from .files import files_family, load_task_file
+from .pos import (
+    POS_TAGS,
+    UD_ENV_VAR,
+    ChecksumError,
+    Sentence,
+    download_ud_english_ewt,
+    pos_family,
+    read_conllu,
+)
+
+__all__ = [
+    "BITWISE_OPS",
+    "FAMILIES",
+    "NULL_TASK",
+    "POS_TAGS",
+    "SPLITS",
+    "UD_ENV_VAR",
+    "AnswerTokens",
+    "BitwiseTask",
+    "ChecksumError",
+    "Example",
+    "ExampleTask",
+    "Prompt",
+    "PromptBuilder",
+    "PromptTemplate",
+    "RandomOutputTask",
+    "Sentence",
+    "Task",
+    "TaskFamily",
+    "as_rng",
+    "bitwise_family",
+    "build_prompts",
+    "check_tokenization",
+    "download_ud_english_ewt",
+    "files_family",
+    "get_family",
+    "load_task_file",
+    "max_answer_tokens",
+    "pos_family",
+    "prompts_to_frame",
+    "read_conllu",
+    "split_indices",
+]
+
+FAMILIES: dict[str, Callable[..., TaskFamily]] = {
+    "bitwise": bitwise_family,
+    "pos": pos_family,
+    "files": files_family,
+}
+"""Family factories by name; ``"files"`` takes its folder after a colon (``"files:PATH"``)."""
+
+
+def get_family(spec: str, **kwargs: Any) -> TaskFamily:
+    """Build a family from ``"bitwise"``, ``"pos"`` or ``"files:PATH"``; kwargs go to its factory."""
+    if not isinstance(spec, str):
+        raise ValueError(f"family spec must be a string, got {spec!r}")
+    name, sep, arg = spec.partition(":")
+    name = name.strip().lower()
+    if name == "files":
+        if not sep or not arg:
+            raise ValueError("the files family needs a folder: 'files:PATH'")
+        return files_family(arg, **kwargs)
+    if name in FAMILIES and not sep:
+        return FAMILIES[name](**kwargs)
+    known = ", ".join("files:PATH" if k == "files" else k for k in FAMILIES)
+    raise ValueError(f"unknown task family {spec!r}; known: {known}")

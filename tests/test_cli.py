@@ -1,0 +1,58 @@
+"""The command line: `taskvec demo` and `taskvec td` run end to end (tiny local model; real model in slow tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from taskvec_interp.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_smol, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_smol.model.save_pretrained(d)
+    tiny_smol.tokenizer.save_pretrained(d)
+    return d
+
+
+def test_td_command_writes_results_config_and_figures(tiny_dir, tmp_path):
+    out = tmp_path / "td"
+    res = runner.invoke(app, ["td", "--model", str(tiny_dir), "--family", "bitwise", "--shots", "1,2",
+                              "--n-per-task", "6", "--k", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "peak_layer" in res.output and "R^2" in res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["shots"] == [1, 2] and cfg["n_per_task"] == 6 and cfg["model"] == str(tiny_dir)
+    td = pd.read_parquet(out / "td.parquet")
+    assert set(td["shots"]) == {1, 2}
+    assert (out / "figures" / "td_by_layer.png").exists()
+
+
+def test_td_command_family_files(tiny_dir, tmp_path, shared_data):
+    folder = shared_data / "function_vectors" / "dataset_files" / "abstractive"
+    res = runner.invoke(app, ["td", "--model", str(tiny_dir), "--family", f"files:{folder}", "--shots", "1",
+                              "--n-per-task", "4", "--k", "2", "--out", str(tmp_path), "--no-figures"])
+    assert res.exit_code == 0, res.output
+    acc = pd.read_parquet(tmp_path / "accuracy.parquet")
+    assert "antonym" in set(acc["task"]) and "null" in set(acc["task"])
+
+
+def test_bad_cli_inputs(tiny_dir, tmp_path):
+    res = runner.invoke(app, ["td", "--model", str(tiny_dir), "--shots", "1,x", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "comma-separated" in res.output
+    res = runner.invoke(app, ["td", "--model", str(tiny_dir), "--family", "sentiment", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "sentiment" in str(res.exception)
+
+
+def test_demo_command_on_a_local_model(tiny_dir, tmp_path):
+    res = runner.invoke(app, ["demo", "--model", str(tiny_dir), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert table["layer"].tolist() == [0, 1, 2, 3]
+    assert "padded_vs_single" in res.output
