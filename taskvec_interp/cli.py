@@ -127,6 +127,54 @@ def verify(
     typer.echo(verify_adapter(load_model(model, backend=backend), raise_on_fail=False).to_string(index=False))
 
 
+synthetic_app = typer.Typer(no_args_is_help=True, help="The synthetic MSLR experiment (GPT-2 / Mamba-2).")
+app.add_typer(synthetic_app, name="synthetic")
+
+
+@synthetic_app.command("train")
+def synthetic_train(
+    out: Path = typer.Option(..., help="run directory (resumes if it has checkpoints)"),
+    config: str = typer.Option("small", help="small | paper | tiny"),
+    backbone: str = typer.Option("gpt2", help="gpt2 | mamba2"),
+    steps: int = typer.Option(None, help="override the number of training steps"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    bf16: bool = typer.Option(False, help="bf16 autocast (GPU)"),
+    compile: bool = typer.Option(False, help="torch.compile the model (GPU)"),
+) -> None:
+    """Train the synthetic model on a Mixture of Sparse Linear Regression, checkpointing as it goes."""
+    from .synthetic import train, train_config
+
+    overrides = {"seed": seed, "device": device, "backbone": backbone, "compile": compile}
+    if steps is not None:
+        overrides["steps"] = steps
+    if bf16:
+        overrides["autocast_dtype"] = "bfloat16"
+    last = train(train_config(config, **overrides), out)
+    typer.echo(f"last checkpoint: {last}")
+
+
+@synthetic_app.command("analyze")
+def synthetic_analyze(
+    run: Path = typer.Argument(..., help="a run directory written by `taskvec synthetic train`"),
+    out: Path = typer.Option(None, help="where to write (default: RUN/analysis)"),
+    n_per_basis: int = typer.Option(100),
+    td_layer: int = typer.Option(None, help="layer for the loss/TD figure and summary (default: middle)"),
+    patch_mode: str = typer.Option("replace", help="replace | add"),
+    umap: bool = typer.Option(True, help="compute the UMAP grid"),
+) -> None:
+    """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, figures + summary.json."""
+    from .synthetic.analysis import AnalysisConfig, analysis_figures, analyze_run
+
+    out = out or run / "analysis"
+    result = analyze_run(run, AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode),
+                         umap=umap)
+    result.save(out)
+    for path in analysis_figures(result, out):
+        typer.echo(f"wrote {path}")
+    typer.echo(json.dumps({k: v for k, v in result.summary.items() if k != "oracles"}, indent=2))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -44,9 +44,12 @@ from .probes.decodability import encode_labels
 from .tasks.base import NULL_TASK
 
 __all__ = [
+    "plot_basis_emergence",
+    "plot_patching",
     "plot_task_td",
     "plot_task_td_heatmap",
     "plot_td_by_layer",
+    "plot_td_heatmap_steps",
     "plot_td_vs_accuracy",
     "plot_umap",
     "plot_umap_grid",
@@ -730,5 +733,90 @@ def plot_umap_grid(
                if name in classes]
     fig.legend(handles=handles, loc="outside right center", fontsize="small", frameon=False)
     if title is not None:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic experiment: emergence over training checkpoints
+# ----------------------------------------------------------------------------------------------
+def plot_basis_emergence(loss: pd.DataFrame, td: pd.DataFrame, layer: int, path: str | Path | None = None,
+                         title: str | None = None) -> Figure:
+    """Per-basis test MSE over training (left axis, log) with per-basis TD at ``layer`` (right axis).
+
+    ``loss``: step, basis, mse. ``td``: the analysis TD table (step, layer, level, task, td, ...).
+    The paper's Fig. 2: each basis' loss drop coincides with its TD rise.
+    """
+    _check_table(loss, ["step", "basis", "mse"], "loss table")
+    _check_table(td, ["step", "layer", "level", "task", "td"], "TD table")
+    at = td[(td["layer"] == layer) & (td["level"] == "task")]
+    if at.empty:
+        raise ValueError(f"layer {layer} is not in the TD table (layers: {sorted(td['layer'].unique())})")
+    bases = list(dict.fromkeys(loss["basis"]))
+    colors = _task_colors(bases)
+    fig = _Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax2 = ax.twinx()
+    for b in bases:
+        lb = loss[loss["basis"] == b].sort_values("step")
+        ax.plot(lb["step"], lb["mse"], color=colors[b], label=f"{b} loss")
+        tb = at[at["task"] == b].sort_values("step")
+        ax2.plot(tb["step"], tb["td"], color=colors[b], ls="--", marker=".", label=f"{b} TD")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test MSE (solid)")
+    ax2.set_ylabel(f"TD at layer {layer} (dashed)")
+    ax2.set_ylim(*_TD_LIMITS)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, ncol=2, loc="center right")
+    ax.set_title(title or f"Per-basis loss and task decodability (layer {layer})")
+    return _finish(fig, path)
+
+
+def plot_td_heatmap_steps(td: pd.DataFrame, path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Overall TD as a layer x checkpoint heatmap (checkpoints in order, labelled by step)."""
+    _check_table(td, ["step", "layer", "level", "td"], "TD table")
+    grid = td[td["level"] == "overall"].pivot_table(index="layer", columns="step", values="td")
+    if grid.empty:
+        raise ValueError("the TD table has no overall rows")
+    fig = _Figure(figsize=(max(5.0, 0.35 * grid.shape[1] + 2), 0.35 * grid.shape[0] + 1.8), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+    ax.set_yticks(range(grid.shape[0]), [str(v) for v in grid.index])
+    steps = list(grid.columns)
+    ticks = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)))
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks], rotation=45, ha="right")
+    ax.set_xlabel("checkpoint (step)")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="TD")
+    ax.set_title(title or "Task decodability over training")
+    return _finish(fig, path)
+
+
+def plot_patching(patching: pd.DataFrame, path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Source x target heatmaps of the patched test MSE, one panel per checkpoint (paper Fig. 7).
+
+    The unpatched MSE of each source basis is the first column (target "none").
+    """
+    _check_table(patching, ["step", "source", "target", "mse"], "patching table")
+    steps = sorted(patching["step"].unique())
+    fig, axes = _grid(len(steps), (4.2, 3.6))
+    for ax, step in zip(axes, steps, strict=False):
+        part = patching[patching["step"] == step]
+        grid = part.pivot_table(index="source", columns="target", values="mse", sort=False)
+        cols = ["none"] + [c for c in grid.columns if c != "none"]
+        grid = grid[cols]
+        im = ax.imshow(np.log10(grid.to_numpy()), cmap="magma_r", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid.to_numpy()):
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks(range(len(grid.index)), list(grid.index))
+        ax.set_xlabel("patched-in basis mean (target)")
+        ax.set_ylabel("input basis (source)")
+        mode = part["mode"].iloc[0] if "mode" in part else "replace"
+        layer = part["layer"].iloc[0] if "layer" in part else "?"
+        ax.set_title(f"step {step}: {mode} at layer {layer}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="log10 MSE")
+    if title:
         fig.suptitle(title)
     return _finish(fig, path)

@@ -1,0 +1,109 @@
+"""TD + ICL accuracy for 7 tasks x 40 prompts (4-shot bitwise) on smollm2-135m: ours vs the obvious script.
+
+The obvious script (what a careful researcher writes first): HF forward with output_hidden_states
+on left-padded batches (with mask-derived position ids, so padding does not change the numbers),
+a scikit-learn leave-one-out k-NN per layer, then HF ``generate`` on the same batches.
+Ours: ``run_sweep``: batches sorted by length, ONE generation whose prefill captures every layer,
+TD for all layers at once in torch. Both read the same prompts; TD per layer and per-prompt
+correctness must be identical. Timings are measured in the same run. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def obvious_script(model, tok, prompts, layers: int, k: int, batch_size: int, max_new_tokens: int):
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from taskvec_interp.probes.accuracy import normalize_answer
+
+    tok.padding_side = "left"
+    texts = [p.text for p in prompts]
+    labels = np.array([p.label for p in prompts])
+    hidden = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            hs = model(**enc, position_ids=pos, output_hidden_states=True).hidden_states
+            hidden.append(torch.stack([h[:, -1] for h in hs[1:]]))  # block outputs (last = after final norm)
+    hidden = torch.cat(hidden, dim=1)
+    td = []
+    for layer in range(layers):
+        pred = cross_val_predict(KNeighborsClassifier(n_neighbors=k), hidden[layer].double().numpy(), labels,
+                                 cv=LeaveOneOut())
+        td.append(float((pred == labels).mean()))
+    exact = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            for p, row in zip(prompts[i:i + batch_size], out[:, enc["input_ids"].shape[1]:], strict=True):
+                text = tok.decode(row, skip_special_tokens=True)
+                exact.append(normalize_answer(text) == normalize_answer(p.answer))
+    return np.array(td), np.array(exact), hidden
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-per-task", type=int, default=40)
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taskvec_interp import load_model
+    from taskvec_interp.adapters import smollm2_dir
+    from taskvec_interp.experiments.sweep import SweepConfig, run_sweep
+    from taskvec_interp.tasks import build_prompts, get_family, max_answer_tokens
+
+    adapter = load_model("smollm2-135m")
+    cfg = SweepConfig(family="bitwise", shots=(args.shots,), n_per_task=args.n_per_task, n_boot=0,
+                      batch_size=args.batch_size)
+    prompts = build_prompts(get_family("bitwise"), n_per_task=args.n_per_task, shots=args.shots, seed=cfg.seed)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    budget = max_answer_tokens(tok, prompts)
+
+    # warm both paths on a few prompts (allocator, lazy imports)
+    run_sweep(adapter, SweepConfig(family="bitwise", shots=(1,), n_per_task=2, n_boot=0, k=2), progress=False)
+    obvious_script(hf, tok, prompts[:16], 2, 2, args.batch_size, 1)
+
+    t0 = time.perf_counter()
+    ours = run_sweep(adapter, cfg, progress=False)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base_td, base_exact, _ = obvious_script(hf, tok, prompts, adapter.n_layers, cfg.k, args.batch_size, budget)
+    t_base = time.perf_counter() - t0
+
+    our_td = ours.td[ours.td["level"] == "overall"].sort_values("layer")["td"].to_numpy()
+    our_exact = ours.predictions.sort_values("prompt_id")["exact"].to_numpy()
+    print(json.dumps({
+        "benchmark": "sweep_speed",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "work": f"bitwise 7 tasks x {args.n_per_task} prompts, {args.shots}-shot, smollm2-135m (30 layers)",
+        "ours_s": round(t_ours, 2),
+        "obvious_script_s": round(t_base, 2),
+        "speedup": round(t_base / t_ours, 2),
+        "td_identical": bool(np.array_equal(our_td, base_td)),
+        "td_max_abs_diff": float(np.abs(our_td - base_td).max()),
+        "exact_identical": bool(np.array_equal(our_exact, base_exact)),
+        "peak_layer": int(np.argmax(our_td)), "peak_td": float(our_td.max()),
+        "mean_exact": float(our_exact.mean()),
+    }))
+
+
+if __name__ == "__main__":
+    main()
