@@ -4,8 +4,12 @@ The obvious script (what a careful researcher writes first): HF forward with out
 on left-padded batches (with mask-derived position ids, so padding does not change the numbers),
 a scikit-learn leave-one-out k-NN per layer, then HF ``generate`` on the same batches.
 Ours: ``run_sweep``: batches sorted by length, ONE generation whose prefill captures every layer,
-TD for all layers at once in torch. Both read the same prompts; TD per layer and per-prompt
-correctness must be identical. Timings are measured in the same run. The last line is JSON.
+TD for all layers at once in torch. Both read the same prompts. Checks: per-prompt exact match is
+identical; our TD on the obvious script's hidden states is identical to its scikit-learn TD (same
+states, same k-NN); end to end the hidden states differ by fp32 batching noise only (different batch
+composition), which can flip near-tied neighbours where tasks are not yet separable, so the
+end-to-end TD difference is reported per layer rather than required to be zero. Timings are measured
+in the same run. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -85,11 +89,19 @@ def main() -> None:
     ours = run_sweep(adapter, cfg, progress=False)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    base_td, base_exact, _ = obvious_script(hf, tok, prompts, adapter.n_layers, cfg.k, args.batch_size, budget)
+    base_td, base_exact, base_states = obvious_script(hf, tok, prompts, adapter.n_layers, cfg.k, args.batch_size, budget)
     t_base = time.perf_counter() - t0
+
+    from taskvec_interp.probes.decodability import task_decodability
 
     our_td = ours.td[ours.td["level"] == "overall"].sort_values("layer")["td"].to_numpy()
     our_exact = ours.predictions.sort_values("prompt_id")["exact"].to_numpy()
+    labels = [p.label for p in prompts]
+    same_states_td = task_decodability(base_states, labels, k=cfg.k, n_boot=0).td.numpy()
+    our_states = ours.activations[args.shots][0]
+    rel_state_diff = float(((our_states[:-1] - base_states[:-1]).abs().amax(-1)
+                            / base_states[:-1].abs().amax(-1)).max())
+    differing = [int(i) for i in np.nonzero(np.abs(our_td - base_td) > 0)[0]]
     print(json.dumps({
         "benchmark": "sweep_speed",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -97,9 +109,11 @@ def main() -> None:
         "ours_s": round(t_ours, 2),
         "obvious_script_s": round(t_base, 2),
         "speedup": round(t_base / t_ours, 2),
-        "td_identical": bool(np.array_equal(our_td, base_td)),
-        "td_max_abs_diff": float(np.abs(our_td - base_td).max()),
         "exact_identical": bool(np.array_equal(our_exact, base_exact)),
+        "td_identical_on_same_states": bool(np.array_equal(same_states_td, base_td)),
+        "hidden_state_max_rel_diff": rel_state_diff,
+        "td_end_to_end_max_abs_diff": float(np.abs(our_td - base_td).max()),
+        "td_end_to_end_layers_differing": differing,
         "peak_layer": int(np.argmax(our_td)), "peak_td": float(our_td.max()),
         "mean_exact": float(our_exact.mean()),
     }))

@@ -1,0 +1,251 @@
+"""Coupled emergence of task encoding and decoding over training (paper Fig. 2, 7, 11).
+
+Every checkpoint runs through the plain-torch adapter (the synthetic model's blocks are hooked like a
+language model's), so TD, UMAP and patching reuse the same hook functions as for language models:
+
+* **TD per layer**: leave-one-out k-NN of the basis label from the residual stream at the y token of
+  the last demonstration (position ``-1``), ``n_per_basis`` test sequences per basis (paper: 100).
+* **Per-basis test MSE** from the run's metrics (every ``eval_every`` steps).
+* **Patching**: replace (or add) the layer-``l`` residual at the query token (``x_K``, position ``-2``,
+  whose read-out predicts ``y_K``) with the mean activation of a target basis; the test MSE of the
+  last prediction for each (source basis, target basis) pair.
+* **Summary**: per basis, the step where its loss drops (first eval whose median-smoothed MSE falls
+  below the midpoint between its initial and final MSE, if it falls by half at least) and the step
+  where its TD rises (first checkpoint whose per-basis TD at ``td_layer`` passes the midpoint between
+  its first and last value, if it rises by 0.25 at least).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import hooks as H
+from ..adapters.base import ModelInputs
+from ..adapters.torch_hooks import TorchHooksAdapter
+from ..probes.decodability import task_decodability
+from .data import MSLRBatch, make_test_set, oracle_summary
+from .model import SyntheticRegressor
+from .train import list_checkpoints, load_checkpoint, load_run_config, read_metrics
+
+TD_POSITION = -1  # y token of the last demonstration
+QUERY_POSITION = -2  # x_K: its read-out predicts y_K
+
+
+def synthetic_adapter(model: SyntheticRegressor) -> TorchHooksAdapter:
+    """The torch-hooks adapter over a synthetic model's blocks (no tokenizer: inputs are tensors)."""
+    return TorchHooksAdapter(model, blocks=model.blocks_path, d_model=model.cfg.d_model)
+
+
+def model_inputs(batch: MSLRBatch) -> ModelInputs:
+    """Tensor inputs for the adapter: ``xs``/``ys``, no padding, ``2K`` tokens."""
+    n, k = batch.ys.shape
+    return ModelInputs({"xs": batch.xs, "ys": batch.ys}, torch.zeros(n, dtype=torch.long), 2 * k)
+
+
+def basis_names(n_bases: int) -> list[str]:
+    return [f"B{j + 1}" for j in range(n_bases)]
+
+
+@dataclass
+class AnalysisConfig:
+    n_per_basis: int = 100
+    k: int = 10
+    seed: int = 4321  # test sequences for the analysis (not the training test set)
+    td_layer: int | None = None  # None: n_layers // 2 (the middle)
+    checkpoints: Sequence[int] | None = None  # steps to analyse (None: all)
+    umap_layers: Sequence[int] | None = None  # None: up to 6 evenly spaced layers
+    umap_checkpoints: int = 5
+    patch_layer: int | None = None  # None: td_layer
+    patch_checkpoints: Sequence[int] | None = None  # None: the middle and the last checkpoint
+    patch_mode: str = "replace"
+    n_boot: int = 200
+    batch_size: int = 256
+
+
+@dataclass
+class AnalysisResult:
+    config: AnalysisConfig
+    td: pd.DataFrame  # step, layer, level, task, td, ...
+    loss: pd.DataFrame  # step, basis, mse
+    patching: pd.DataFrame  # step, layer, mode, source, target, mse
+    summary: dict
+    embeddings: dict = field(default_factory=dict)  # (layer, step) -> ([n, 2], labels)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "analysis_config.json").write_text(json.dumps(asdict(self.config), indent=2, default=list))
+        self.td.to_parquet(out / "td.parquet", index=False)
+        self.loss.to_parquet(out / "loss.parquet", index=False)
+        self.patching.to_parquet(out / "patching.parquet", index=False)
+        (out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        return out
+
+
+def capture_checkpoint(model: SyntheticRegressor, test: MSLRBatch, position: int = TD_POSITION,
+                       layers: str | Sequence[int] = "all", batch_size: int = 256) -> torch.Tensor:
+    """Residuals ``[layer, n, d_model]`` at ``position`` for every layer in one pass per batch."""
+    return synthetic_adapter(model).capture(model_inputs(test), layers=layers, position=position,
+                                            batch_size=batch_size, progress=False)
+
+
+def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases: int, mode: str = "replace",
+                 position: int = QUERY_POSITION) -> pd.DataFrame:
+    """Test MSE of the last prediction for every (source, target) basis pair, plus ``target="none"``.
+
+    The residual after block ``layer`` at the query token of each source-basis sequence is replaced by
+    (``mode="replace"``) or added to (``mode="add"``) the mean activation of the target basis there.
+    """
+    if mode not in ("replace", "add"):
+        raise ValueError(f"patch mode must be 'replace' or 'add', got {mode!r}")
+    adapter = synthetic_adapter(model)
+    inputs = model_inputs(test)
+    acts = adapter.capture(inputs, layers=[layer], position=position, progress=False)[0]
+    labels = test.basis
+    means = torch.stack([acts[labels == b].mean(0) for b in range(n_bases)])
+    names = basis_names(n_bases)
+    rows = []
+    targets: list[tuple[str, torch.Tensor | None]] = [("none", None)] + list(zip(names, means, strict=True))
+    for target, vec in targets:
+        hooks = [] if vec is None else [(H.Site(layer), (H.replace if mode == "replace" else H.add)(vec, position))]
+        preds = adapter.forward(inputs, hooks=hooks, logits="all")
+        err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
+        for b in range(n_bases):
+            rows.append({"layer": layer, "mode": mode, "source": names[b], "target": target,
+                         "mse": float(err[labels == b].mean())})
+    return pd.DataFrame(rows)
+
+
+def _pick(seq: Sequence[int], n: int) -> list[int]:
+    if len(seq) <= n:
+        return list(seq)
+    idx = np.unique(np.linspace(0, len(seq) - 1, n).round().astype(int))
+    return [seq[i] for i in idx]
+
+
+def _midpoint_step(steps: Sequence[int], values: Sequence[float], falling: bool, min_change: float) -> int | None:
+    """First step where ``values`` (median-smoothed over 3 points) crosses the midpoint between its
+    first and last value; ``None`` when it changes by less than ``min_change`` (no drop / rise).
+
+    For a falling loss ``min_change`` is relative (0.5: the final MSE is at most half the first);
+    for a rising TD it is absolute.
+    """
+    v = pd.Series(np.asarray(values, dtype=float)).rolling(3, center=True, min_periods=1).median().to_numpy()
+    if len(v) < 2 or not np.isfinite(v).all():
+        return None
+    change = (v[0] - v[-1]) / abs(v[0]) if falling else v[-1] - v[0]
+    if change < min_change:
+        return None
+    mid = (v[0] + v[-1]) / 2
+    hit = np.nonzero(v <= mid if falling else v >= mid)[0]
+    return int(steps[hit[0]])
+
+
+def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap: bool = True,
+                progress: bool = True) -> AnalysisResult:
+    """TD per layer and checkpoint, per-basis loss, UMAP embeddings, patching matrices and the summary."""
+    config = config or AnalysisConfig()
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts or not (run_dir / "config.json").exists():
+        raise ValueError(f"no checkpoints in {run_dir}: train first (taskvec synthetic train)")
+    cfg = load_run_config(run_dir)
+    if config.checkpoints is not None:
+        wanted = set(config.checkpoints)
+        missing = wanted - {s for s, _ in ckpts}
+        if missing:
+            raise ValueError(f"checkpoints {sorted(missing)} not in {run_dir} (have {[s for s, _ in ckpts]})")
+        ckpts = [(s, p) for s, p in ckpts if s in wanted]
+    n_layers, n_bases = cfg.model.n_layer, cfg.data.n_bases
+    td_layer = n_layers // 2 if config.td_layer is None else config.td_layer
+    patch_layer = td_layer if config.patch_layer is None else config.patch_layer
+    for name, layer in (("td_layer", td_layer), ("patch_layer", patch_layer)):
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"{name} {layer} out of range for a model with {n_layers} layers")
+    if config.k >= config.n_per_basis * n_bases - 1:
+        raise ValueError(f"k={config.k} needs more than {config.k + 1} test points")
+    test = make_test_set(cfg.data, n_per_basis=config.n_per_basis, seed=config.seed)
+    names = basis_names(n_bases)
+    steps = [s for s, _ in ckpts]
+    umap_steps = set(_pick(steps, config.umap_checkpoints)) if umap else set()
+    umap_layers = list(config.umap_layers) if config.umap_layers is not None else _pick(list(range(n_layers)), 6)
+    patch_steps = set(config.patch_checkpoints) if config.patch_checkpoints is not None else {steps[len(steps) // 2],
+                                                                                             steps[-1]}
+    td_frames, patch_frames, embeddings = [], [], {}
+    t0 = time.perf_counter()
+    for step, path in tqdm(ckpts, desc="checkpoints", disable=not progress):
+        model = load_checkpoint(path)
+        acts = capture_checkpoint(model, test, batch_size=config.batch_size)
+        td = task_decodability(acts, test.basis, k=config.k, label_names=names, n_boot=config.n_boot,
+                               seed=config.seed)
+        td_frames.append(td.to_frame().assign(step=step))
+        if step in umap_steps:
+            from ..viz import umap_embedding
+
+            for layer in umap_layers:
+                embeddings[(layer, step)] = (umap_embedding(acts[layer], seed=config.seed), test.basis.numpy())
+        if step in patch_steps:
+            patch_frames.append(patch_matrix(model, test, patch_layer, n_bases, config.patch_mode).assign(step=step))
+    td_all = pd.concat(td_frames, ignore_index=True)
+    loss = pd.DataFrame([{"step": r["step"], "basis": names[b], "mse": r[f"test_mse_b{b}"]}
+                         for r in read_metrics(run_dir) if "test_mse_b0" in r for b in range(n_bases)])
+    patching = pd.concat(patch_frames, ignore_index=True) if patch_frames else pd.DataFrame()
+    summary = emergence_summary(td_all, loss, names, td_layer)
+    summary["oracles"] = oracle_summary(cfg.data, make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed))
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return AnalysisResult(config, td_all, loss, patching, summary, embeddings)
+
+
+def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str], td_layer: int,
+                      min_loss_drop: float = 0.5, min_td_rise: float = 0.25) -> dict:
+    """Per basis: loss-drop step, TD-rise step at ``td_layer``, first/final MSE; overall TD first/last.
+
+    A basis whose MSE falls by less than ``min_loss_drop`` (relative) has no drop step (``None``);
+    one whose TD rises by less than ``min_td_rise`` has no rise step.
+    """
+    out: dict = {"td_layer": td_layer, "bases": {}, "min_loss_drop": min_loss_drop, "min_td_rise": min_td_rise}
+    at = td[(td["layer"] == td_layer)]
+    for name in names:
+        lb = loss[loss["basis"] == name].sort_values("step")
+        tb = at[(at["level"] == "task") & (at["task"] == name)].sort_values("step")
+        out["bases"][name] = {
+            "loss_drop_step": (_midpoint_step(lb["step"].tolist(), lb["mse"].tolist(), True, min_loss_drop)
+                               if len(lb) else None),
+            "td_rise_step": _midpoint_step(tb["step"].tolist(), tb["td"].tolist(), False, min_td_rise),
+            "first_mse": float(lb["mse"].iloc[0]) if len(lb) else None,
+            "final_mse": float(lb["mse"].iloc[-1]) if len(lb) else None,
+            "final_td": float(tb["td"].iloc[-1]),
+        }
+    overall = at[at["level"] == "overall"].sort_values("step")
+    out["td_first"], out["td_last"] = float(overall["td"].iloc[0]), float(overall["td"].iloc[-1])
+    out["chance"] = float(overall["chance"].iloc[0])
+    return out
+
+
+def analysis_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
+    """Fig. 2 (per-basis loss + TD), Fig. 11 (UMAP grid layers x checkpoints), TD heatmap, Fig. 7 (patching)."""
+    from .. import viz
+
+    out = Path(out) / "figures"
+    layer = result.summary["td_layer"]
+    paths = [out / "loss_and_td.png", out / "td_heatmap.png"]
+    viz.plot_basis_emergence(result.loss, result.td, layer, path=paths[0])
+    viz.plot_td_heatmap_steps(result.td, path=paths[1])
+    if result.embeddings:
+        paths.append(out / "umap_grid.png")
+        n_bases = len(result.summary["bases"])
+        viz.plot_umap_grid(result.embeddings, path=paths[-1], row_label="layer", col_label="step",
+                           label_names=basis_names(n_bases))
+    if not result.patching.empty:
+        paths.append(out / "patching.png")
+        viz.plot_patching(result.patching, path=paths[-1])
+    return paths

@@ -1,0 +1,423 @@
+"""Training for the synthetic MSLR experiment, with exact kill-and-resume.
+
+Paper setting (Han et al. 2025, appendix): Adam, lr 1e-4, betas (0.9, 0.9999), batch 128, 80K steps,
+MSE on the y predictions only (mean over all ``K`` positions, not normalised by ``D``: OPEN, Garg et al.
+divide by ``D``), no curriculum, a 1K-sample test set. Those are the defaults of :class:`TrainConfig`
+(``train_config("paper")``); ``train_config("small")`` is the CPU-sized run (see its docstring).
+
+Run directory layout::
+
+    run_dir/config.json                    the TrainConfig (JSON)
+    run_dir/metrics.jsonl                  one JSON object per logged step: train_loss and/or test_mse,
+                                           test_mse_b{j} (per basis), test_mse_pos (per position), ...
+    run_dir/checkpoints/step_0000000/      model.safetensors, optimizer.safetensors, optimizer.json,
+                                           state.safetensors (data-generator state, loss window sum),
+                                           state.json (step, loss window count), model_config.json
+
+Checkpoints are written to a temporary directory and moved into place with ``os.replace`` (atomic), so
+a killed run leaves only complete checkpoints. ``train(cfg, run_dir)`` resumes from the latest one and,
+on CPU, continues bitwise-identically to an uninterrupted run (the model, Adam state and data-generator
+state are restored; nothing else is random). No pickle is used anywhere.
+
+Determinism: the model is initialised from ``seed`` (inside ``fork_rng``, the global RNG is untouched),
+training data come from a ``torch.Generator`` seeded with ``seed + DATA_SEED_OFFSET`` on ``device``
+(a CUDA generator gives a different stream from a CPU one), the test set from ``test_seed`` on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import MSLRBatch, MSLRConfig, make_test_set, sample_batch
+from .model import ModelConfig, SyntheticRegressor, model_config
+
+__all__ = [
+    "TrainConfig",
+    "train_config",
+    "TRAIN_CONFIGS",
+    "train",
+    "checkpoint_steps",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_run_config",
+    "read_metrics",
+    "evaluate",
+    "DATA_SEED_OFFSET",
+]
+
+DATA_SEED_OFFSET = 1_000_003
+#: fields that may change between a run and its resumption (they do not change the maths on one device;
+#: ``steps`` may grow to extend a run: checkpoints already written stay, the schedule beyond them changes)
+RUNTIME_FIELDS: frozenset[str] = frozenset({"device", "compile", "steps"})
+_CKPT_RE = re.compile(r"^step_(\d{7,})$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Defaults are the paper's (12L/256/8 GPT-2, 80K steps)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: MSLRConfig = field(default_factory=MSLRConfig)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.9999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then constant (the paper: constant)
+    grad_clip: float | None = None  # max global grad norm (the paper: none)
+    batch_size: int = 128
+    steps: int = 80_000
+    seed: int = 0
+    eval_every: int = 500
+    log_every: int = 50
+    n_test_per_basis: int = 250  # 1K test sequences with 4 bases, as in the paper
+    test_seed: int = 1234
+    ckpt_every: int = 5_000  # regular checkpoints
+    ckpt_log_points: int = 40  # plus this many log-spaced steps in [1, steps]
+    device: str = "cpu"
+    autocast_dtype: str | None = None  # e.g. "bfloat16" (GPU); None = plain fp32
+    compile: bool = False  # torch.compile the model (GPU)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelConfig(**self.model))
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", MSLRConfig(**self.data))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.model.n_dims != self.data.n_dims or self.model.n_points != self.data.n_points:
+            raise ValueError(
+                f"model (n_dims={self.model.n_dims}, n_points={self.model.n_points}) and data "
+                f"(n_dims={self.data.n_dims}, n_points={self.data.n_points}) configs disagree"
+            )
+        for name in ("batch_size", "eval_every", "log_every", "n_test_per_basis", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup_steps < 0 or self.ckpt_log_points < 0:
+            raise ValueError("TrainConfig.steps, warmup_steps and ckpt_log_points must be >= 0")
+        if not (self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # CPU-sized (about 6 minutes at 2 threads); lr 1e-3 instead of 1e-4 (with 1e-4 the small model needs
+    # ~10x more steps); see the module docs of taskvec_interp.synthetic for the evidence.
+    "small": {"lr": 1e-3, "steps": 6_000, "eval_every": 100, "log_every": 50, "ckpt_every": 500, "ckpt_log_points": 30},
+    "tiny": {"lr": 3e-3, "steps": 300, "batch_size": 32, "eval_every": 50, "log_every": 10, "ckpt_every": 100,
+             "ckpt_log_points": 5, "n_test_per_basis": 32},
+}
+
+
+def train_config(name: str, model: str | None = None, **overrides: Any) -> TrainConfig:
+    """A named run (``paper``, ``small``, ``tiny``) using the model config of the same name (or ``model``).
+
+    ``overrides`` are TrainConfig fields; ``backbone=...`` is forwarded to the model config.
+    """
+    if name not in TRAIN_CONFIGS:
+        raise ValueError(f"unknown train config {name!r}; available: {sorted(TRAIN_CONFIGS)}")
+    model_over = {k: overrides.pop(k) for k in list(overrides) if k in ModelConfig.__dataclass_fields__}
+    data = overrides.pop("data", MSLRConfig())
+    mcfg = model_config(model or name, n_dims=data.n_dims, n_points=data.n_points, **model_over)
+    return TrainConfig(model=mcfg, data=data, **{**TRAIN_CONFIGS[name], **overrides})
+
+
+def checkpoint_steps(cfg: TrainConfig) -> list[int]:
+    """Sorted checkpoint steps: 0, ``ckpt_log_points`` log-spaced steps in [1, steps], every
+    ``ckpt_every`` steps, and ``steps``."""
+    s = {0, cfg.steps}
+    n = cfg.ckpt_log_points
+    if cfg.steps >= 1 and n >= 1:
+        top = math.log(cfg.steps)
+        s |= {round(math.exp(top * i / max(n - 1, 1))) for i in range(n)}
+    s |= set(range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every))
+    return sorted(x for x in s if 0 <= x <= cfg.steps)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as ``[(step, path)]``, by step."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return sorted(out)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The metrics records of a run (one dict per logged step)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> SyntheticRegressor:
+    """The model at a checkpoint directory (``run_dir/checkpoints/step_XXXXXXX``), in eval mode."""
+    path = Path(path)
+    mcfg = ModelConfig(**json.loads((path / "model_config.json").read_text()))
+    model = SyntheticRegressor(mcfg, seed=0)
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), strict=True)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    test: MSLRBatch,
+    n_bases: int,
+    batch_size: int = 500,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Test MSE overall, per basis (``test_mse_b{j}``), at the last position and per position."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    errs = []
+    for i in range(0, len(test), batch_size):
+        b = test[i : i + batch_size].to(dev)
+        with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            pred = model(b.xs, b.ys)
+        errs.append(((pred.float() - b.ys) ** 2).cpu())
+    model.train(was_training)
+    e: Float[Tensor, "n k"] = torch.cat(errs)
+    out: dict[str, Any] = {"test_mse": float(e.mean()), "test_mse_last": float(e[:, -1].mean())}
+    for j in range(n_bases):
+        sel = test.basis == j
+        if sel.any():
+            out[f"test_mse_b{j}"] = float(e[sel].mean())
+    out["test_mse_pos"] = [round(float(v), 6) for v in e.mean(0)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- I/O
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _optimizer_to_disk(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _optimizer_from_disk(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: SyntheticRegressor,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    loss_sum: Tensor,
+    loss_count: int,
+) -> Path:
+    ckdir = run_dir / "checkpoints"
+    final = ckdir / f"step_{step:07d}"
+    tmp = ckdir / f".tmp_step_{step:07d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tensors, meta = _optimizer_to_disk(opt)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_file({"data_generator": gen.get_state(), "loss_sum": loss_sum.detach().cpu()}, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "loss_count": loss_count}))
+    (tmp / "model_config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
+    if final.exists():  # e.g. re-running the final step after extending; replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    now = cfg.to_dict()
+    diffs = []
+    for k in sorted(set(saved) | set(now)):
+        if k in RUNTIME_FIELDS:
+            continue
+        if saved.get(k) != now.get(k):
+            if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
+                for kk in sorted(set(saved[k]) | set(now[k])):
+                    if saved[k].get(kk) != now[k].get(kk):
+                        diffs.append(f"{k}.{kk}: saved {saved[k].get(kk)!r} != given {now[k].get(kk)!r}")
+            else:
+                diffs.append(f"{k}: saved {saved.get(k)!r} != given {now.get(k)!r}")
+    if diffs:
+        raise ValueError(
+            f"run directory {run_dir} holds a run with a different config; refusing to resume. "
+            "Differences: " + "; ".join(diffs) + ". Use a new run_dir or the saved config (load_run_config)."
+        )
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    stop_at: int | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train (or resume) a run in ``run_dir``; returns the path of the last checkpoint written.
+
+    Resumes from the latest complete checkpoint if ``run_dir`` has one (``ValueError`` if its saved
+    config differs from ``cfg`` outside ``RUNTIME_FIELDS``). ``stop_at`` stops after that many steps
+    without saving (simulates a kill; for tests). ``callback(step, record)`` gets each metrics record.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    cfg_path = run_dir / "config.json"
+    ckpts = list_checkpoints(run_dir)
+    if cfg_path.exists():
+        _check_same_config(json.loads(cfg_path.read_text()), cfg, run_dir)
+    elif ckpts:
+        raise ValueError(f"{run_dir} has checkpoints but no config.json; refusing to resume")
+    _atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1))
+    for p in (run_dir / "checkpoints").glob(".tmp_step_*"):  # leftovers of a killed save
+        shutil.rmtree(p, ignore_errors=True)
+
+    model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
+    use_fused = device.type == "cuda"
+    opt = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        fused=True if use_fused else None,
+    )
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + DATA_SEED_OFFSET)
+    start, loss_count = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per step
+    if ckpts:
+        start, ck = ckpts[-1]
+        model.load_state_dict(load_file(ck / "model.safetensors", device=str(device)))
+        opt.load_state_dict(
+            _optimizer_from_disk(load_file(ck / "optimizer.safetensors"), json.loads((ck / "optimizer.json").read_text()))
+        )
+        st_t = load_file(ck / "state.safetensors")
+        gen.set_state(st_t["data_generator"])
+        loss_sum = st_t["loss_sum"].to(device)
+        loss_count = json.loads((ck / "state.json").read_text())["loss_count"]
+        # drop metrics logged after the checkpoint (they will be recomputed identically)
+        recs = [r for r in read_metrics(run_dir) if r["step"] <= start]
+        _atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    fwd = torch.compile(model) if cfg.compile else model
+    amp_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
+    test = make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed)
+    ck_steps = set(checkpoint_steps(cfg))
+    last_ck = ckpts[-1][1] if ckpts else None
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    t0 = time.perf_counter()
+    metrics_f = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+
+    def log(step: int, rec: dict[str, Any]) -> None:
+        rec = {"step": step, **rec, "elapsed_s": round(time.perf_counter() - t0, 3)}
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        if callback is not None:
+            callback(step, rec)
+
+    def lr_at(step: int) -> float:
+        return cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+    try:
+        if start == 0 and not ckpts:
+            log(0, evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+            last_ck = _save_checkpoint(run_dir, 0, model, opt, gen, loss_sum, loss_count)
+        model.train()
+        bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, disable=not progress,
+                   desc="train", dynamic_ncols=True)
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            batch = sample_batch(cfg.data, cfg.batch_size, gen, device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                pred = fwd(batch.xs, batch.ys)
+            loss = torch.mean((pred.float() - batch.ys) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss_sum += loss.detach()
+            loss_count += 1
+            rec: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rec["train_loss"] = float(loss_sum) / loss_count
+                rec["lr"] = lr_at(step)
+                loss_sum.zero_()
+                loss_count = 0
+                bar.set_postfix(loss=f"{rec['train_loss']:.4f}")
+            if step % cfg.eval_every == 0 or step in ck_steps:
+                rec.update(evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+                bar.set_postfix(loss=f"{rec.get('train_loss', float('nan')):.4f}", test=f"{rec['test_mse']:.4f}")
+            if rec:
+                log(step, rec)
+            if step in ck_steps:
+                last_ck = _save_checkpoint(run_dir, step, model, opt, gen, loss_sum, loss_count)
+        bar.close()
+    finally:
+        metrics_f.close()
+    assert last_ck is not None
+    return last_ck
+
