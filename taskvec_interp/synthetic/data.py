@@ -36,6 +36,7 @@ Errors are squared errors against the noisy ``y`` (so they include the irreducib
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -152,12 +153,17 @@ def basis_masks(cfg: MSLRConfig) -> torch.Tensor:
 
 def basis_matrices(cfg: MSLRConfig, dtype: torch.dtype = torch.float32) -> Float[Tensor, "n_bases n_dims rank"]:
     """Orthonormal coordinate selectors ``U_b`` (columns are unit vectors on the basis coordinates)."""
+    return _basis_matrices(cfg, dtype, "cpu").clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _basis_matrices(cfg: MSLRConfig, dtype: torch.dtype, device: str) -> Tensor:
     masks = basis_masks(cfg)
     u = torch.zeros(cfg.n_bases, cfg.n_dims, cfg.rank, dtype=dtype)
     for b in range(cfg.n_bases):
         idx = masks[b].nonzero().squeeze(-1)
         u[b, idx, torch.arange(cfg.rank)] = 1.0
-    return u
+    return u.to(device)
 
 
 def sample_batch(
@@ -183,7 +189,7 @@ def sample_batch(
             raise ValueError(f"basis must have shape ({batch_size},), got {tuple(basis.shape)}")
         if basis.numel() and (int(basis.min()) < 0 or int(basis.max()) >= cfg.n_bases):
             raise ValueError(f"basis labels must be in [0, {cfg.n_bases}), got {basis.unique().tolist()}")
-    u = basis_matrices(cfg).to(device)[basis]  # [B, D, r]
+    u = _basis_matrices(cfg, torch.float32, str(device))[basis]  # [B, D, r] (cached per device)
     w_low = torch.randn(batch_size, cfg.rank, generator=generator, device=device) * math.sqrt(cfg.prior_var)
     w = torch.einsum("bdr,br->bd", u, w_low)
     xs = torch.randn(batch_size, cfg.n_points, cfg.n_dims, generator=generator, device=device)

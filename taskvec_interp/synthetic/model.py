@@ -26,7 +26,6 @@ channels, ``expand = 2``; runs on CPU through transformers' slow reference path)
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -60,9 +59,10 @@ class ModelConfig:
     n_points: int = 20
     # GPT-2 only
     attn_implementation: str = "sdpa"
+    # "token": position t for token t (plain GPT-2, the default); "example": x_i and y_i share position i
+    position_ids: Literal["token", "example"] = "token"
     init_std: float | None = None  # GPT-2 initializer_range (None: HF's 0.02)
-    pos_init: Literal["normal", "sinusoidal"] = "normal"  # init of the learned position embeddings
-    pos_init_std: float | None = None  # "normal": std (None: init_std); "sinusoidal": amplitude (None: 1)
+    pos_init_std: float | None = None  # std of the learned position embeddings at init (None: init_std)
     # Mamba-2 only
     d_state: int = 16
     head_dim: int = 16
@@ -80,6 +80,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be an int >= 1, got {v!r}")
         if self.backbone == "gpt2" and self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.position_ids not in ("token", "example"):
+            raise ValueError(f"position_ids must be 'token' or 'example', got {self.position_ids!r}")
         if self.backbone == "mamba2":
             inner = self.d_model * self.expand
             if inner % self.head_dim != 0:
@@ -89,7 +91,7 @@ class ModelConfig:
 
     @property
     def n_positions(self) -> int:
-        return 2 * self.n_points
+        return self.n_points if self.position_ids == "example" else 2 * self.n_points
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,16 +131,6 @@ def x_positions(n_points: int) -> Tensor:
 def y_positions(n_points: int) -> Tensor:
     """Token positions of ``y_1..y_K`` (the paper's UMAP uses the y token of the 20th demonstration)."""
     return torch.arange(n_points) * 2 + 1
-
-
-def _sinusoidal(n: int, d: int) -> Tensor:
-    """Vaswani et al. position codes ``[n, d]`` (sin on even, cos on odd channels)."""
-    pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
-    out = torch.zeros(n, d)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
-    return out
 
 
 def _build_backbone(cfg: ModelConfig) -> nn.Module:
@@ -203,13 +195,8 @@ class SyntheticRegressor(nn.Module):
         cfg = self.cfg
         self.read_in = nn.Linear(cfg.n_dims, cfg.d_model)
         self.backbone = _build_backbone(cfg)
-        if cfg.backbone == "gpt2":
-            wpe = self.backbone.wpe.weight
-            with torch.no_grad():
-                if cfg.pos_init == "sinusoidal":
-                    wpe.copy_(_sinusoidal(cfg.n_positions, cfg.d_model) * (cfg.pos_init_std or 1.0))
-                elif cfg.pos_init_std is not None:
-                    wpe.normal_(0.0, cfg.pos_init_std)
+        if cfg.backbone == "gpt2" and cfg.pos_init_std is not None:
+            nn.init.normal_(self.backbone.wpe.weight, std=cfg.pos_init_std)
         self.read_out = nn.Linear(cfg.d_model, 1)
 
     @property
@@ -240,7 +227,11 @@ class SyntheticRegressor(nn.Module):
         self, xs: Float[Tensor, "batch n_points n_dims"], ys: Float[Tensor, "batch n_points"]
     ) -> Float[Tensor, "batch two_n_points d_model"]:
         """Final hidden states (after the backbone's final norm) at every token."""
-        return self.backbone(inputs_embeds=self.embed(xs, ys), use_cache=False).last_hidden_state
+        emb = self.embed(xs, ys)
+        kwargs = {}
+        if self.cfg.backbone == "gpt2" and self.cfg.position_ids == "example":
+            kwargs["position_ids"] = (torch.arange(emb.shape[1], device=emb.device) // 2).unsqueeze(0)
+        return self.backbone(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
 
     def forward(
         self, xs: Float[Tensor, "batch n_points n_dims"], ys: Float[Tensor, "batch n_points"]
