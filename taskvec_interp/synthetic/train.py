@@ -288,6 +288,10 @@ def _save_checkpoint(
 
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
     now = cfg.to_dict()
+    try:  # fill fields added since the run was saved with their defaults
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass
     diffs = []
     for k in sorted(set(saved) | set(now)):
         if k in RUNTIME_FIELDS:
