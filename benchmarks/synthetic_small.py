@@ -43,14 +43,23 @@ def main() -> None:
     t_analyze = time.perf_counter() - t0
     oracles = res.summary["oracles"]
     bases = res.summary["bases"]
+    final = {b: v["final_mse"] for b, v in bases.items()}
+    rank_r = {b: oracles["basis_ridge"][f"b{i}"] for i, b in enumerate(bases)}
+    agnostic = {b: oracles["full_ridge"][f"b{i}"] for i, b in enumerate(bases)}
+    gap_closed = {b: v["gap_closed"] for b, v in bases.items()}
     print(json.dumps({
         "benchmark": "synthetic_small",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "config": args.config, "backbone": args.backbone, "steps": cfg.steps, "run": str(run),
+        "data": {k: getattr(cfg.data, k) for k in ("n_dims", "rank", "n_bases", "n_points", "noise_var")},
+        "model": {k: getattr(cfg.model, k) for k in ("n_layer", "d_model", "n_head", "tokens")},
         "train_s": round(t_train, 1), "analyze_s": round(t_analyze, 1), "wall_s": round(t_train + t_analyze, 1),
-        "final_mse": {b: round(v["final_mse"], 4) for b, v in bases.items()},
-        "rank_r_oracle_mse": {b: round(oracles["basis_ridge"][f"b{i}"], 4) for i, b in enumerate(bases)},
+        "final_mse": {b: round(v, 4) for b, v in final.items()},
+        "rank_r_oracle_mse": {b: round(v, 4) for b, v in rank_r.items()},
+        "mixture_bayes_mse": {b: round(oracles["mixture_bayes"][f"b{i}"], 4) for i, b in enumerate(bases)},
+        "ridge_all_coords_mse": {b: round(v, 4) for b, v in agnostic.items()},
         "least_squares_mse": {b: round(oracles["full_ols"][f"b{i}"], 4) for i, b in enumerate(bases)},
+        "gap_closed": {b: round(v, 3) for b, v in gap_closed.items()},
         "loss_drop_step": {b: v["loss_drop_step"] for b, v in bases.items()},
         "td_rise_step": {b: v["td_rise_step"] for b, v in bases.items()},
         "td_layer": res.summary["td_layer"],

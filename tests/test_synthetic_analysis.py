@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_patch_matrix(tiny_run):
     cfg = train_config("tiny")
     model = load_checkpoint(list_checkpoints(tiny_run)[-1][1])
     test = make_test_set(cfg.data, n_per_basis=8, seed=1)
-    df = patch_matrix(model, test, layer=1, n_bases=4)
+    df = patch_matrix(model, test, layer=0, n_bases=4)
     assert len(df) == 4 * 5 and set(df["target"]) == {"none", "B1", "B2", "B3", "B4"}
     with torch.no_grad():
         err = (model(test.xs, test.ys)[:, -1] - test.ys[:, -1]) ** 2
@@ -59,6 +60,16 @@ def test_patch_matrix(tiny_run):
     assert set(added["mode"]) == {"add"}
     with pytest.raises(ValueError, match="patch mode"):
         patch_matrix(model, test, layer=0, n_bases=4, mode="swap")
+    # the y token of the last demonstration comes after the scored read-out: patching it changes nothing
+    with pytest.raises(ValueError, match="patch layer 1"):  # after the last block nothing reads token -3
+        patch_matrix(model, test, layer=1, n_bases=4)
+    with pytest.raises(ValueError, match="patch position -1"):
+        patch_matrix(model, test, layer=0, n_bases=4, position=-1)
+    with pytest.raises(ValueError, match="patch position"):
+        patch_matrix(model, test, layer=0, n_bases=4, position=-2 * test.xs.shape[1] - 1)
+    # patching the query token itself (the x_K it must regress on) is allowed, and differs from the default
+    query = patch_matrix(model, test, layer=0, n_bases=4, position=-2)
+    assert not np.allclose(query["mse"].values, df["mse"].values)
 
 
 def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
@@ -81,6 +92,11 @@ def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
     assert "basis_ridge" in res.summary["oracles"]
     out = res.save(tmp_path)
     assert json.loads((out / "summary.json").read_text())["td_layer"] == 1
+    orc = res.summary["oracles"]
+    for i, (name, b) in enumerate(res.summary["bases"].items()):
+        ridge, rank_r = orc["full_ridge"][f"b{i}"], orc["basis_ridge"][f"b{i}"]
+        assert b["gap_closed"] == pytest.approx((ridge - b["final_mse"]) / (ridge - rank_r))
+        assert name == f"B{i + 1}" and rank_r < ridge
     pd.testing.assert_frame_equal(pd.read_parquet(out / "td.parquet"), res.td)
     paths = analysis_figures(res, tmp_path)
     assert [p.name for p in paths] == ["loss_and_td.png", "td_heatmap.png", "umap_grid.png", "patching.png"]

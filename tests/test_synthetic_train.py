@@ -117,11 +117,20 @@ def test_interleave_tokens() -> None:
     assert tok.shape == (2, 6, 4)
     assert torch.equal(tok[:, 0::2], xs)
     assert torch.equal(tok[:, 1::2, 0], ys) and torch.all(tok[:, 1::2, 1:] == 0)
+    xy = interleave(xs, ys, "xy")
+    assert xy.shape == (2, 6, 6)
+    assert torch.equal(xy[:, 0::2, :4], xs) and torch.all(xy[:, 0::2, 4:] == 0)
+    assert torch.equal(xy[:, 1::2, :4], xs) and torch.equal(xy[:, 1::2, 4], ys) and torch.all(xy[:, 1::2, 5] == 1)
+    with pytest.raises(ValueError, match="token layout"):
+        interleave(xs, ys, "concat")
+    with pytest.raises(ValueError, match="token layout"):
+        model_config("tiny", tokens="concat")
 
 
-@pytest.mark.parametrize("backbone", ["gpt2", "mamba2"])
-def test_model_shape_causality_and_blocks(backbone: str) -> None:
-    cfg = model_config("tiny", backbone=backbone, n_dims=6, n_points=7)
+@pytest.mark.parametrize(("backbone", "tokens"), [("gpt2", "garg"), ("mamba2", "garg"), ("gpt2", "xy")])
+def test_model_shape_causality_and_blocks(backbone: str, tokens: str) -> None:
+    cfg = model_config("tiny", backbone=backbone, n_dims=6, n_points=7, tokens=tokens)
+    assert cfg.token_dim == (8 if tokens == "xy" else 6)
     model = SyntheticRegressor(cfg, seed=0).eval()
     b = sample_batch(MSLRConfig(n_dims=6, rank=2, n_bases=3, n_points=7), 3, _gen(0))
     outs: list = []
@@ -226,6 +235,14 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path: Path) -> Non
         train(replace(cfg, lr=cfg.lr * 2), run, progress=False)
     with pytest.raises(ValueError, match=r"model\.n_layer"):
         train(replace(cfg, model=replace(cfg.model, n_layer=3)), run, progress=False)
+    # steps may grow with a constant lr (extending a run) ...
+    train(replace(cfg, steps=12), run, progress=False)
+    assert max(s for s, _ in list_checkpoints(run)) == 12
+    # ... but not with a schedule that depends on it
+    cos = tmp_path / "cos"
+    train(replace(cfg, lr_schedule="cosine"), cos, progress=False, stop_at=5)
+    with pytest.raises(ValueError, match="steps"):
+        train(replace(cfg, lr_schedule="cosine", steps=80), cos, progress=False)
 
 
 def test_tiny_loss_decreases(tmp_path: Path) -> None:

@@ -6,13 +6,17 @@ language model's), so TD, UMAP and patching reuse the same hook functions as for
 * **TD per layer**: leave-one-out k-NN of the basis label from the residual stream at the y token of
   the last demonstration (position ``-1``), ``n_per_basis`` test sequences per basis (paper: 100).
 * **Per-basis test MSE** from the run's metrics (every ``eval_every`` steps).
-* **Patching**: replace (or add) the layer-``l`` residual at the query token (``x_K``, position ``-2``,
-  whose read-out predicts ``y_K``) with the mean activation of a target basis; the test MSE of the
-  last prediction for each (source basis, target basis) pair.
+* **Patching**: replace (or add) the layer-``l`` residual at the y token of demonstration ``K - 1``
+  (position ``-3``: the last demonstration the final query ``x_K`` reads) with the mean activation of
+  a target basis there; the test MSE of the last prediction (read out at ``x_K``) for each (source
+  basis, target basis) pair. Patching the query token itself (``patch_position=-2``) overwrites ``x_K``
+  and with it the prediction, whatever the target.
 * **Summary**: per basis, the step where its loss drops (first eval whose median-smoothed MSE falls
   below the midpoint between its initial and final MSE, if it falls by half at least) and the step
   where its TD rises (first checkpoint whose per-basis TD at ``td_layer`` passes the midpoint between
-  its first and last value, if it rises by 0.25 at least).
+  its first and last value, if it rises by 0.25 at least), and the share of the sparsity gap its final
+  MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the best predictor that ignores
+  the basis; 1 at the rank-r oracle, which knows it).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .train import list_checkpoints, load_checkpoint, load_run_config, read_metr
 
 TD_POSITION = -1  # y token of the last demonstration
 QUERY_POSITION = -2  # x_K: its read-out predicts y_K
+PATCH_POSITION = -3  # y_{K-1}: the last demonstration token the final query reads
 
 
 def synthetic_adapter(model: SyntheticRegressor) -> TorchHooksAdapter:
@@ -64,7 +69,8 @@ class AnalysisConfig:
     checkpoints: Sequence[int] | None = None  # steps to analyse (None: all)
     umap_layers: Sequence[int] | None = None  # None: up to 6 evenly spaced layers
     umap_checkpoints: int = 5
-    patch_layer: int | None = None  # None: td_layer
+    patch_layer: int | None = None  # None: td_layer (at most n_layers - 2)
+    patch_position: int = PATCH_POSITION  # y token of demonstration K - 1
     patch_checkpoints: Sequence[int] | None = None  # None: the middle and the last checkpoint
     patch_mode: str = "replace"
     n_boot: int = 200
@@ -99,12 +105,20 @@ def capture_checkpoint(model: SyntheticRegressor, test: MSLRBatch, position: int
 
 
 def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases: int, mode: str = "replace",
-                 position: int = QUERY_POSITION) -> pd.DataFrame:
+                 position: int = PATCH_POSITION) -> pd.DataFrame:
     """Test MSE of the last prediction for every (source, target) basis pair, plus ``target="none"``.
 
-    The residual after block ``layer`` at the query token of each source-basis sequence is replaced by
+    The residual after block ``layer`` at token ``position`` of each source-basis sequence is replaced by
     (``mode="replace"``) or added to (``mode="add"``) the mean activation of the target basis there.
+    ``position`` must come before the last x token (``-2``), whose read-out is scored.
     """
+    n_tokens = 2 * test.xs.shape[1]
+    if not -n_tokens <= position <= QUERY_POSITION:
+        raise ValueError(f"patch position {position} must be in [{-n_tokens}, {QUERY_POSITION}] (the scored "
+                         f"prediction is read out at the last x token, position {QUERY_POSITION})")
+    if position != QUERY_POSITION and not 0 <= layer < model.n_layers - 1:
+        raise ValueError(f"patch layer {layer}: patching token {position} after block {layer} needs a later block "
+                         f"to carry it to the query; use a layer in [0, {model.n_layers - 2}]")
     if mode not in ("replace", "add"):
         raise ValueError(f"patch mode must be 'replace' or 'add', got {mode!r}")
     adapter = synthetic_adapter(model)
@@ -167,7 +181,8 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
         ckpts = [(s, p) for s, p in ckpts if s in wanted]
     n_layers, n_bases = cfg.model.n_layer, cfg.data.n_bases
     td_layer = n_layers // 2 if config.td_layer is None else config.td_layer
-    patch_layer = td_layer if config.patch_layer is None else config.patch_layer
+    # default: the TD layer, or the last block that still has a block after it to carry the patch on
+    patch_layer = min(td_layer, max(n_layers - 2, 0)) if config.patch_layer is None else config.patch_layer
     for name, layer in (("td_layer", td_layer), ("patch_layer", patch_layer)):
         if not 0 <= layer < n_layers:
             raise ValueError(f"{name} {layer} out of range for a model with {n_layers} layers")
@@ -194,13 +209,18 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
             for layer in umap_layers:
                 embeddings[(layer, step)] = (umap_embedding(acts[layer], seed=config.seed), test.basis.numpy())
         if step in patch_steps:
-            patch_frames.append(patch_matrix(model, test, patch_layer, n_bases, config.patch_mode).assign(step=step))
+            patch_frames.append(patch_matrix(model, test, patch_layer, n_bases, config.patch_mode,
+                                             config.patch_position).assign(step=step))
     td_all = pd.concat(td_frames, ignore_index=True)
     loss = pd.DataFrame([{"step": r["step"], "basis": names[b], "mse": r[f"test_mse_b{b}"]}
                          for r in read_metrics(run_dir) if "test_mse_b0" in r for b in range(n_bases)])
     patching = pd.concat(patch_frames, ignore_index=True) if patch_frames else pd.DataFrame()
     summary = emergence_summary(td_all, loss, names, td_layer)
     summary["oracles"] = oracle_summary(cfg.data, make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed))
+    for i, name in enumerate(names):  # share of the sparsity gap closed: 0 = basis-agnostic ridge, 1 = rank-r oracle
+        b, agnostic, rank_r = summary["bases"][name], summary["oracles"]["full_ridge"][f"b{i}"], \
+            summary["oracles"]["basis_ridge"][f"b{i}"]
+        b["gap_closed"] = None if b["final_mse"] is None else (agnostic - b["final_mse"]) / (agnostic - rank_r)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return AnalysisResult(config, td_all, loss, patching, summary, embeddings)
 

@@ -2,7 +2,10 @@
 
 Tokens follow Garg et al. (2022) (OPEN in the paper, which says it follows them): the sequence is
 ``x_1, y_1, x_2, y_2, ..., x_K, y_K`` (length ``2K``), the token of ``y_i`` being ``[y_i, 0, ..., 0]``
-(zero-padded to ``D``). A linear read-in maps ``D -> d_model``, the backbone (``GPT2Model`` or
+(zero-padded to ``D``). ``tokens="xy"`` is our variant: the y token is ``[x_i, y_i, 1]`` and the x token
+``[x_i, 0, 0]``, so a y token holds its whole example and one attention layer can regress without first
+learning a previous-token head; small CPU models leave the zero-predictor plateau hundreds of times sooner
+with it (docs/synthetic.md). A linear read-in maps the token to ``d_model``, the backbone (``GPT2Model`` or
 ``Mamba2Model`` from transformers, fed ``inputs_embeds``; its token embedding is unused and has a
 vocabulary of 1) runs causally, and a linear read-out ``d_model -> 1`` at the position of ``x_i``
 predicts ``y_i``. So the prediction for example ``i`` sees ``x_1..x_i`` and ``y_1..y_{i-1}`` only.
@@ -15,8 +18,9 @@ Position ``2i`` is the ``x_{i+1}`` token, ``2i + 1`` the ``y_{i+1}`` token (0-ba
 Named configs (``model_config(name)``):
 
 * ``paper``: GPT-2, 12 layers, d_model 256, 8 heads (~9.5M parameters; the appendix's size).
-* ``small``: GPT-2, 4 layers, d_model 128, 4 heads (~0.8M): shows the phenomenon on 2 CPU cores
-  in minutes with a larger lr (see ``train.train_config``).
+* ``small``: GPT-2, 4 layers, d_model 32, 4 heads (~50K parameters), ``"xy"`` tokens, eager attention
+  (faster than SDPA on CPU at 20 tokens); its run (``train.train_config("small")``) also shrinks the data
+  to D = 8, rank 2, K = 10 (see docs/synthetic.md).
 * ``tiny``: GPT-2, 2 layers, d_model 32, 2 heads, for tests.
 
 Each accepts ``backbone="mamba2"`` (Mamba-2 blocks of the same depth and width; heads of ``head_dim``
@@ -45,6 +49,7 @@ __all__ = [
 
 Backbone = Literal["gpt2", "mamba2"]
 BACKBONES: tuple[str, ...] = ("gpt2", "mamba2")
+TOKEN_LAYOUTS: tuple[str, ...] = ("garg", "xy")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class ModelConfig:
     n_head: int = 8  # GPT-2 attention heads (Mamba-2 uses d_model * expand // head_dim heads)
     n_dims: int = 16
     n_points: int = 20
+    # token layout (see ``interleave``): "garg" (Garg et al. 2022, the paper's) or "xy" (the y token also
+    # carries x and a y-token flag; leaves the zero-predictor plateau hundreds of times sooner on small models)
+    tokens: Literal["garg", "xy"] = "garg"
     # GPT-2 only
     attn_implementation: str = "sdpa"
     # "token": position t for token t (plain GPT-2, the default); "example": x_i and y_i share position i
@@ -69,7 +77,7 @@ class ModelConfig:
     expand: int = 2
     n_groups: int = 1
     conv_kernel: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 16  # SSD chunk; on CPU (reference path) smaller is faster for 2K = 40 tokens
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -80,6 +88,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be an int >= 1, got {v!r}")
         if self.backbone == "gpt2" and self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.tokens not in TOKEN_LAYOUTS:
+            raise ValueError(f"unknown token layout {self.tokens!r}; expected one of {TOKEN_LAYOUTS}")
         if self.position_ids not in ("token", "example"):
             raise ValueError(f"position_ids must be 'token' or 'example', got {self.position_ids!r}")
         if self.backbone == "mamba2":
@@ -88,6 +98,11 @@ class ModelConfig:
                 raise ValueError(f"d_model * expand ({inner}) must be divisible by head_dim ({self.head_dim})")
             if (inner // self.head_dim) % self.n_groups != 0:
                 raise ValueError(f"Mamba-2 heads ({inner // self.head_dim}) must be divisible by n_groups")
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a token before the read-in: ``D`` ("garg") or ``D + 2`` ("xy")."""
+        return self.n_dims + (2 if self.tokens == "xy" else 0)
 
     @property
     def n_positions(self) -> int:
@@ -99,8 +114,8 @@ class ModelConfig:
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "paper": ModelConfig(n_layer=12, d_model=256, n_head=8),
-    "small": ModelConfig(n_layer=4, d_model=128, n_head=4),
-    "tiny": ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, d_state=8, chunk_size=16),
+    "small": ModelConfig(n_layer=4, d_model=32, n_head=4, tokens="xy", attn_implementation="eager"),
+    "tiny": ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, d_state=8, chunk_size=8),
 }
 
 
@@ -112,15 +127,28 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 def interleave(
-    xs: Float[Tensor, "batch n_points n_dims"], ys: Float[Tensor, "batch n_points"]
-) -> Float[Tensor, "batch two_n_points n_dims"]:
-    """Garg et al. tokens: ``x_1, [y_1, 0..0], x_2, [y_2, 0..0], ...``."""
+    xs: Float[Tensor, "batch n_points n_dims"], ys: Float[Tensor, "batch n_points"], tokens: str = "garg"
+) -> Float[Tensor, "batch two_n_points token_dim"]:
+    """The token sequence ``x_1, y_1, x_2, y_2, ...`` before the read-in.
+
+    ``"garg"`` (Garg et al. 2022): x tokens ``x_i``, y tokens ``[y_i, 0, ..., 0]`` (width ``D``).
+    ``"xy"``: x tokens ``[x_i, 0, 0]``, y tokens ``[x_i, y_i, 1]`` (width ``D + 2``): each y token holds its
+    whole example and a flag, so one attention layer can already regress (no previous-token head needed).
+    """
     b, k, d = xs.shape
     if ys.shape != (b, k):
         raise ValueError(f"ys must have shape {(b, k)} to match xs {tuple(xs.shape)}, got {tuple(ys.shape)}")
-    y_tok = torch.zeros_like(xs)
-    y_tok[..., 0] = ys
-    return torch.stack((xs, y_tok), dim=2).reshape(b, 2 * k, d)
+    if tokens == "garg":
+        x_tok = xs
+        y_tok = torch.zeros_like(xs)
+        y_tok[..., 0] = ys
+    elif tokens == "xy":
+        zeros = xs.new_zeros(b, k, 1)
+        x_tok = torch.cat((xs, zeros, zeros), dim=-1)
+        y_tok = torch.cat((xs, ys.unsqueeze(-1), torch.ones_like(zeros)), dim=-1)
+    else:
+        raise ValueError(f"unknown token layout {tokens!r}; expected one of {TOKEN_LAYOUTS}")
+    return torch.stack((x_tok, y_tok), dim=2).reshape(b, 2 * k, x_tok.shape[-1])
 
 
 def x_positions(n_points: int) -> Tensor:
@@ -193,7 +221,7 @@ class SyntheticRegressor(nn.Module):
 
     def _init_modules(self) -> None:
         cfg = self.cfg
-        self.read_in = nn.Linear(cfg.n_dims, cfg.d_model)
+        self.read_in = nn.Linear(cfg.token_dim, cfg.d_model)
         self.backbone = _build_backbone(cfg)
         if cfg.backbone == "gpt2" and cfg.pos_init_std is not None:
             nn.init.normal_(self.backbone.wpe.weight, std=cfg.pos_init_std)
@@ -221,7 +249,7 @@ class SyntheticRegressor(nn.Module):
             raise ValueError(f"number of examples must be in [1, {self.cfg.n_points}], got {k}")
         if xs.shape[-1] != self.cfg.n_dims:
             raise ValueError(f"xs last dim must be n_dims={self.cfg.n_dims}, got {xs.shape[-1]}")
-        return self.read_in(interleave(xs, ys))
+        return self.read_in(interleave(xs, ys, self.cfg.tokens))
 
     def hidden(
         self, xs: Float[Tensor, "batch n_points n_dims"], ys: Float[Tensor, "batch n_points"]

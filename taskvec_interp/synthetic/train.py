@@ -3,7 +3,9 @@
 Paper setting (Han et al. 2025, appendix): Adam, lr 1e-4, betas (0.9, 0.9999), batch 128, 80K steps,
 MSE on the y predictions only (mean over all ``K`` positions, not normalised by ``D``: OPEN, Garg et al.
 divide by ``D``), no curriculum, a 1K-sample test set. Those are the defaults of :class:`TrainConfig`
-(``train_config("paper")``); ``train_config("small")`` is the CPU-sized run (see its docstring).
+(``train_config("paper")``); ``train_config("small")`` is the CPU-sized run (smaller data with K ~ D as
+in the paper, ``"xy"`` tokens, a larger lr; docs/synthetic.md says why and what it shows).
+``lr_schedule="cosine"`` decays the lr after the warmup (the paper: constant).
 
 Run directory layout::
 
@@ -62,7 +64,8 @@ __all__ = [
 
 DATA_SEED_OFFSET = 1_000_003
 #: fields that may change between a run and its resumption (they do not change the maths on one device;
-#: ``steps`` may grow to extend a run: checkpoints already written stay, the schedule beyond them changes)
+#: ``steps`` may change to extend a run with a constant lr: checkpoints already written stay, the
+#: checkpoint schedule beyond them changes; with a cosine schedule ``steps`` must match)
 RUNTIME_FIELDS: frozenset[str] = frozenset({"device", "compile", "steps"})
 _CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
@@ -77,7 +80,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.9999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warmup, then constant (the paper: constant)
+    warmup_steps: int = 0  # linear warmup from 0 (the paper: none)
+    lr_schedule: str = "constant"  # after warmup: "constant" (the paper) or "cosine" (down to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.1
     grad_clip: float | None = None  # max global grad norm (the paper: none)
     batch_size: int = 128
     steps: int = 80_000
@@ -110,6 +115,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.steps, warmup_steps and ckpt_log_points must be >= 0")
         if not (self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
 
@@ -129,9 +136,11 @@ class TrainConfig:
 
 TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
     "paper": {},
-    # CPU-sized (about 6 minutes at 2 threads); lr 1e-3 instead of 1e-4 (with 1e-4 the small model needs
-    # ~10x more steps); see the module docs of taskvec_interp.synthetic for the evidence.
-    "small": {"lr": 1e-3, "steps": 6_000, "eval_every": 100, "log_every": 50, "ckpt_every": 500, "ckpt_log_points": 30},
+    # CPU-sized (docs/synthetic.md, "The small config"): K ~ D as in the paper (there 20 ~ 16), but D = 8,
+    # rank 2, K = 10; "xy" tokens; lr 2e-3 with betas (0.9, 0.99) and a 200-step warmup
+    "small": {"data": {"n_dims": 8, "rank": 2, "n_points": 10}, "lr": 2e-3, "betas": (0.9, 0.99),
+              "warmup_steps": 200, "batch_size": 64, "steps": 30_000, "eval_every": 250, "log_every": 50,
+              "ckpt_every": 1_000, "ckpt_log_points": 12},
     "tiny": {"lr": 3e-3, "steps": 300, "batch_size": 32, "eval_every": 50, "log_every": 10, "ckpt_every": 100,
              "ckpt_log_points": 5, "n_test_per_basis": 32},
 }
@@ -140,14 +149,19 @@ TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
 def train_config(name: str, model: str | None = None, **overrides: Any) -> TrainConfig:
     """A named run (``paper``, ``small``, ``tiny``) using the model config of the same name (or ``model``).
 
-    ``overrides`` are TrainConfig fields; ``backbone=...`` is forwarded to the model config.
+    ``overrides`` are TrainConfig fields (``data`` may be an ``MSLRConfig`` or a dict of its fields, which
+    replace the preset's); ModelConfig fields (e.g. ``backbone="mamba2"``) go to the model config.
     """
     if name not in TRAIN_CONFIGS:
         raise ValueError(f"unknown train config {name!r}; available: {sorted(TRAIN_CONFIGS)}")
+    preset = dict(TRAIN_CONFIGS[name])
+    data = overrides.pop("data", None)
+    if not isinstance(data, MSLRConfig):
+        data = MSLRConfig(**{**preset.get("data", {}), **(data or {})})
+    preset.pop("data", None)
     model_over = {k: overrides.pop(k) for k in list(overrides) if k in ModelConfig.__dataclass_fields__}
-    data = overrides.pop("data", MSLRConfig())
     mcfg = model_config(model or name, n_dims=data.n_dims, n_points=data.n_points, **model_over)
-    return TrainConfig(model=mcfg, data=data, **{**TRAIN_CONFIGS[name], **overrides})
+    return TrainConfig(model=mcfg, data=data, **{**preset, **overrides})
 
 
 def checkpoint_steps(cfg: TrainConfig) -> list[int]:
@@ -293,8 +307,9 @@ def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -
     except (TypeError, ValueError):
         pass
     diffs = []
+    runtime = RUNTIME_FIELDS if cfg.lr_schedule == "constant" else RUNTIME_FIELDS - {"steps"}
     for k in sorted(set(saved) | set(now)):
-        if k in RUNTIME_FIELDS:
+        if k in runtime:
             continue
         if saved.get(k) != now.get(k):
             if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
@@ -381,8 +396,13 @@ def train(
         if callback is not None:
             callback(step, rec)
 
-    def lr_at(step: int) -> float:
-        return cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    def lr_at(step: int) -> float:  # a pure function of the step: nothing to checkpoint
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return cfg.lr * step / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return cfg.lr
 
     try:
         if start == 0 and not ckpts:
