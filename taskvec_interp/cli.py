@@ -136,6 +136,7 @@ def synthetic_train(
     out: Path = typer.Option(..., help="run directory (resumes if it has checkpoints)"),
     config: str = typer.Option("small", help="small | paper | tiny"),
     backbone: str = typer.Option("gpt2", help="gpt2 | mamba2"),
+    tokens: str = typer.Option(None, help="token layout garg | xy (default: the config's: paper garg, small xy)"),
     steps: int = typer.Option(None, help="override the number of training steps"),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
@@ -148,6 +149,8 @@ def synthetic_train(
     overrides = {"seed": seed, "device": device, "backbone": backbone, "compile": compile}
     if steps is not None:
         overrides["steps"] = steps
+    if tokens is not None:
+        overrides["tokens"] = tokens
     if bf16:
         overrides["autocast_dtype"] = "bfloat16"
     last = train(train_config(config, **overrides), out)

@@ -142,3 +142,9 @@ def test_synthetic_cli_train_resume_and_analyze(tmp_path):
     assert res.exit_code == 0, res.output
     assert (run / "analysis" / "summary.json").exists()
     assert (run / "analysis" / "figures" / "loss_and_td.png").exists()
+    xy = tmp_path / "xy"
+    res = runner.invoke(app, ["synthetic", "train", "--out", str(xy), "--config", "tiny", "--steps", "4", "--tokens", "xy"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((xy / "config.json").read_text())["model"]["tokens"] == "xy"
+    res = runner.invoke(app, ["synthetic", "train", "--out", str(tmp_path / "bad"), "--config", "tiny", "--tokens", "pairs"])
+    assert res.exit_code != 0 and "token layout" in str(res.exception)
