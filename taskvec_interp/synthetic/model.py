@@ -4,8 +4,8 @@ Tokens follow Garg et al. (2022) (OPEN in the paper, which says it follows them)
 ``x_1, y_1, x_2, y_2, ..., x_K, y_K`` (length ``2K``), the token of ``y_i`` being ``[y_i, 0, ..., 0]``
 (zero-padded to ``D``). ``tokens="xy"`` is our variant: the y token is ``[x_i, y_i, 1]`` and the x token
 ``[x_i, 0, 0]``, so a y token holds its whole example and one attention layer can regress without first
-learning a previous-token head; small CPU models leave the zero-predictor plateau hundreds of times sooner
-with it (docs/synthetic.md). A linear read-in maps the token to ``d_model``, the backbone (``GPT2Model`` or
+learning a previous-token head; small CPU models leave the zero-predictor plateau within a few hundred
+steps with it, instead of thousands (docs/synthetic.md). A linear read-in maps the token to ``d_model``, the backbone (``GPT2Model`` or
 ``Mamba2Model`` from transformers, fed ``inputs_embeds``; its token embedding is unused and has a
 vocabulary of 1) runs causally, and a linear read-out ``d_model -> 1`` at the position of ``x_i``
 predicts ``y_i``. So the prediction for example ``i`` sees ``x_1..x_i`` and ``y_1..y_{i-1}`` only.
@@ -63,7 +63,7 @@ class ModelConfig:
     n_dims: int = 16
     n_points: int = 20
     # token layout (see ``interleave``): "garg" (Garg et al. 2022, the paper's) or "xy" (the y token also
-    # carries x and a y-token flag; leaves the zero-predictor plateau hundreds of times sooner on small models)
+    # carries x and a y-token flag; small models leave the zero-predictor plateau far sooner with it)
     tokens: Literal["garg", "xy"] = "garg"
     # GPT-2 only
     attn_implementation: str = "sdpa"
