@@ -245,6 +245,19 @@ def test_resume_refuses_a_different_config(reference_run, tmp_path: Path) -> Non
         train(replace(cfg, lr_schedule="cosine", steps=80), cos, progress=False)
 
 
+def test_warmup_and_cosine_lr(tmp_path: Path) -> None:
+    cfg = _fast_cfg(steps=20, log_every=1, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1, lr=1e-3)
+    train(cfg, tmp_path, progress=False)
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    assert lr[1] == pytest.approx(0.25e-3) and lr[3] == pytest.approx(0.75e-3)  # linear warmup from 0
+    assert lr[4] == pytest.approx(1e-3)  # cosine starts at the peak ...
+    assert lr[12] == pytest.approx(0.55e-3)  # ... is halfway down halfway through ...
+    assert lr[20] == pytest.approx(0.1e-3)  # ... and ends at min_lr_ratio * lr
+    assert all(lr[s] > lr[s + 1] for s in range(4, 20))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        replace(cfg, lr_schedule="linear")
+
+
 def test_tiny_loss_decreases(tmp_path: Path) -> None:
     # 300 steps: the mechanics (loss goes down, stays finite), not in-context learning, which
     # takes thousands of steps (a plateau at the zero predictor first)

@@ -257,23 +257,18 @@ def oracle_errors(
     out: dict[str, Tensor] = {}
     prev = torch.tril(torch.ones(k, k, dtype=torch.double, device=dev), diagonal=-1)  # [i, j] = j < i
     u_all = basis_matrices(cfg, torch.double).to(dev)
-    if "basis_ridge" in oracles or "basis_ols" in oracles:
-        u = u_all[basis]
+    # ridge and least squares on the basis' coordinates (u = the basis selector) or on all of them (None)
+    for prefix, u in (("basis", u_all[basis]), ("full", None)):
+        if f"{prefix}_ridge" not in oracles and f"{prefix}_ols" not in oracles:
+            continue
         z, gram, cross, _ = _causal_gram(xs, ys, u)
-        if "basis_ridge" in oracles:
+        if f"{prefix}_ridge" in oracles:
             pred, _ = _ridge(z, gram, cross, max(lam, 1e-12))
-            out["basis_ridge"] = (pred - ys) ** 2
-        if "basis_ols" in oracles:
-            out["basis_ols"] = (_ols(z, prev, ys) - ys) ** 2
+            out[f"{prefix}_ridge"] = (pred - ys) ** 2
+        if f"{prefix}_ols" in oracles:
+            out[f"{prefix}_ols"] = (_ols(z, prev, ys) - ys) ** 2
     if "mixture_bayes" in oracles:
         out["mixture_bayes"] = (_mixture_bayes(cfg, xs, ys, u_all, prev) - ys) ** 2
-    if "full_ridge" in oracles or "full_ols" in oracles:
-        z, gram, cross, _ = _causal_gram(xs, ys, None)
-        if "full_ridge" in oracles:
-            pred, _ = _ridge(z, gram, cross, max(lam, 1e-12))
-            out["full_ridge"] = (pred - ys) ** 2
-        if "full_ols" in oracles:
-            out["full_ols"] = (_ols(z, prev, ys) - ys) ** 2
     if "zero" in oracles:
         out["zero"] = ys**2
     return {name: out[name].float() for name in oracles}
