@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode (CUDA graphs: reduce-overhead)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,6 +65,7 @@ def main() -> None:
     total = args.warmup + args.steps + 1
     cfg = train_config("paper", steps=total, eval_every=10**9, log_every=1, ckpt_every=10**9, ckpt_log_points=0,
                        n_test_per_basis=8, device=args.device, compile=args.compile,
+                       compile_mode=args.compile_mode,
                        autocast_dtype="bfloat16" if args.bf16 else None)
     device = torch.device(args.device)
     ref = reference_steps(cfg, args.steps, args.warmup, device)
@@ -72,7 +74,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "synthetic_throughput", "machine": name, "torch": torch.__version__,
         "model": "paper: GPT-2 12L d256 8 heads, batch 128, 20 examples (40 tokens)",
-        "options": {"bf16": args.bf16, "compile": args.compile, "fused_adam": device.type == "cuda"},
+        "options": {"bf16": args.bf16, "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None, "fused_adam": device.type == "cuda"},
         "reference_s_per_step": round(ref, 4), "ours_s_per_step": round(ours, 4),
         "reference_steps_per_s": round(1 / ref, 2), "ours_steps_per_s": round(1 / ours, 2),
         "speedup": round(ref / ours, 2), "ours_80k_steps_min": round(80_000 * ours / 60, 1),

@@ -141,12 +141,14 @@ def synthetic_train(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     bf16: bool = typer.Option(False, help="bf16 autocast (GPU)"),
-    compile: bool = typer.Option(False, help="torch.compile the model (GPU)"),
+    compile: bool = typer.Option(False, help="torch.compile the model's forward and backward (GPU)"),
+    compile_mode: str = typer.Option("reduce-overhead", help="torch.compile mode (reduce-overhead: CUDA graphs)"),
 ) -> None:
     """Train the synthetic model on a Mixture of Sparse Linear Regression, checkpointing as it goes."""
     from .synthetic import train, train_config
 
-    overrides = {"seed": seed, "device": device, "backbone": backbone, "compile": compile}
+    overrides = {"seed": seed, "device": device, "backbone": backbone, "compile": compile,
+                 "compile_mode": compile_mode}
     if steps is not None:
         overrides["steps"] = steps
     if tokens is not None:
@@ -164,14 +166,22 @@ def synthetic_analyze(
     n_per_basis: int = typer.Option(100),
     td_layer: int = typer.Option(None, help="layer for the loss/TD figure and summary (default: middle)"),
     patch_mode: str = typer.Option("replace", help="replace | add"),
+    patch_position: str = typer.Option("context", help="'context' (every token before the query) or one "
+                                                       "token's negative index, e.g. -3"),
     umap: bool = typer.Option(True, help="compute the UMAP grid"),
 ) -> None:
     """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, figures + summary.json."""
     from .synthetic.analysis import AnalysisConfig, analysis_figures, analyze_run
 
     out = out or run / "analysis"
-    result = analyze_run(run, AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode),
-                         umap=umap)
+    position: int | str = patch_position
+    if patch_position != "context":
+        try:
+            position = int(patch_position)
+        except ValueError:
+            raise typer.BadParameter(f"--patch-position must be 'context' or an int, got {patch_position!r}") from None
+    result = analyze_run(run, AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode,
+                                             patch_position=position), umap=umap)
     result.save(out)
     for path in analysis_figures(result, out):
         typer.echo(f"wrote {path}")

@@ -815,7 +815,8 @@ def plot_patching(patching: pd.DataFrame, path: str | Path | None = None, title:
         ax.set_ylabel("input basis (source)")
         mode = part["mode"].iloc[0] if "mode" in part else "replace"
         layer = part["layer"].iloc[0] if "layer" in part else "?"
-        ax.set_title(f"step {step}: {mode} at layer {layer}", fontsize=9)
+        where = f", tokens: {part['position'].iloc[0]}" if "position" in part else ""
+        ax.set_title(f"step {step}: {mode} at layer {layer}{where}", fontsize=9)
         fig.colorbar(im, ax=ax, label="log10 MSE")
     if title:
         fig.suptitle(title)

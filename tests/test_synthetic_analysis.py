@@ -12,9 +12,16 @@ from typer.testing import CliRunner
 
 from taskvec_interp.cli import app
 from taskvec_interp.probes.decodability import task_decodability
-from taskvec_interp.synthetic import list_checkpoints, load_checkpoint, make_test_set, train, train_config
+from taskvec_interp.synthetic import (
+    list_checkpoints,
+    load_checkpoint,
+    make_test_set,
+    train,
+    train_config,
+)
 from taskvec_interp.synthetic.analysis import (
     AnalysisConfig,
+    _first_below,
     analysis_figures,
     analyze_run,
     capture_checkpoint,
@@ -70,6 +77,45 @@ def test_patch_matrix(tiny_run):
     # patching the query token itself (the x_K it must regress on) is allowed, and differs from the default
     query = patch_matrix(model, test, layer=0, n_bases=4, position=-2)
     assert not np.allclose(query["mse"].values, df["mse"].values)
+    with pytest.raises(ValueError, match="'context'"):
+        patch_matrix(model, test, layer=0, n_bases=4, position="demos")
+
+
+def test_context_patch_overwrites_every_demonstration(tiny_run):
+    # "context" replaces the residual after block l at all 2K - 2 tokens before the query x_K, each with
+    # the target basis' mean at that token. Checked against plain torch forward hooks on the block.
+    cfg = train_config("tiny")
+    model = load_checkpoint(list_checkpoints(tiny_run)[-1][1])
+    test = make_test_set(cfg.data, n_per_basis=8, seed=1)
+    layer, n_ctx = 0, 2 * cfg.data.n_points - 2
+    seen = {}
+    handle = model.blocks[layer].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(test.xs, test.ys)
+    finally:
+        handle.remove()
+    means = torch.stack([seen["h"][test.basis == b, :n_ctx].mean(0) for b in range(4)])  # [basis, token, d]
+    want = []
+    for t in range(4):
+        def patch(m, i, o, t=t):
+            o = o.clone()
+            o[:, :n_ctx] = means[t]
+            return o
+        handle = model.blocks[layer].register_forward_hook(patch)
+        try:
+            with torch.no_grad():
+                err = (model(test.xs, test.ys)[:, -1] - test.ys[:, -1]) ** 2
+        finally:
+            handle.remove()
+        want += [float(err[test.basis == b].mean()) for b in range(4)]
+    got = patch_matrix(model, test, layer=layer, n_bases=4, position="context")
+    assert set(got["position"]) == {"context"}
+    patched = got[got["target"] != "none"].sort_values(["target", "source"])
+    np.testing.assert_allclose(patched["mse"].values, want, rtol=1e-5)
+    single = patch_matrix(model, test, layer=layer, n_bases=4, position=-3)
+    single = single[single["target"] != "none"].sort_values(["target", "source"])
+    assert not np.allclose(single["mse"].values, patched["mse"].values)
 
 
 def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
@@ -96,6 +142,7 @@ def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
     for i, (name, b) in enumerate(res.summary["bases"].items()):
         ridge, rank_r = orc["full_ridge"][f"b{i}"], orc["basis_ridge"][f"b{i}"]
         assert b["gap_closed"] == pytest.approx((ridge - b["final_mse"]) / (ridge - rank_r))
+        assert b["below_ridge_step"] is None  # 120 steps: still above every basis-agnostic predictor
         assert name == f"B{i + 1}" and rank_r < ridge
     pd.testing.assert_frame_equal(pd.read_parquet(out / "td.parquet"), res.td)
     paths = analysis_figures(res, tmp_path)
@@ -117,6 +164,10 @@ def test_summary_finds_drop_and_rise_steps():
     assert out["bases"]["B2"]["loss_drop_step"] == 40 and out["bases"]["B2"]["td_rise_step"] == 40
     assert out["bases"]["B3"]["loss_drop_step"] is None and out["bases"]["B3"]["td_rise_step"] is None
     assert (out["td_first"], out["td_last"]) == (0.3, 0.9)
+    # below_ridge_step: a lone dip under the threshold is smoothed away; 1.0 itself is not below 1.0
+    vals, stp = [2, 2, 0.5, 2, 2, 1.0, 0.9, 0.8], [0, 1, 2, 3, 4, 5, 6, 7]
+    assert _first_below(stp, vals, 1.0) == 6
+    assert _first_below(stp, vals, 0.5) is None
 
 
 def test_bad_analysis_inputs(tiny_run, tmp_path):
@@ -142,6 +193,13 @@ def test_synthetic_cli_train_resume_and_analyze(tmp_path):
     assert res.exit_code == 0, res.output
     assert (run / "analysis" / "summary.json").exists()
     assert (run / "analysis" / "figures" / "loss_and_td.png").exists()
+    assert set(pd.read_parquet(run / "analysis" / "patching.parquet")["position"]) == {"context"}
+    res = runner.invoke(app, ["synthetic", "analyze", str(run), "--out", str(tmp_path / "one"), "--n-per-basis", "12",
+                              "--no-umap", "--patch-position", "-3"])
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(tmp_path / "one" / "patching.parquet")["position"]) == {"-3"}
+    res = runner.invoke(app, ["synthetic", "analyze", str(run), "--patch-position", "last", "--no-umap"])
+    assert res.exit_code != 0 and "patch-position" in res.output
     xy = tmp_path / "xy"
     res = runner.invoke(app, ["synthetic", "train", "--out", str(xy), "--config", "tiny", "--steps", "4", "--tokens", "xy"])
     assert res.exit_code == 0, res.output

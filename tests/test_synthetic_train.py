@@ -165,6 +165,12 @@ def test_named_configs_and_seeded_init() -> None:
     assert torch.equal(state, torch.get_rng_state())  # no global seeding
     b = SyntheticRegressor(model_config("tiny"), seed=1).state_dict()
     assert _same_weights(a, b)
+    # the MLP activation reaches GPT-2: the fused tanh GELU is GPT-2's own function, ReLU is not
+    xs, ys = torch.randn(3, 5, 16, generator=_gen()), torch.randn(3, 5, generator=_gen(1))
+    out = {act: SyntheticRegressor(model_config("tiny", activation=act), seed=1)(xs, ys)
+           for act in ("gelu_new", "gelu_pytorch_tanh", "relu")}
+    torch.testing.assert_close(out["gelu_pytorch_tanh"], out["gelu_new"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out["relu"], out["gelu_new"], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -258,6 +264,29 @@ def test_warmup_and_cosine_lr(tmp_path: Path) -> None:
         replace(cfg, lr_schedule="linear")
 
 
+def test_compiled_training_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.compile (here on CPU, where "reduce-overhead" has no CUDA graphs to capture) trains the same
+    # model: same data, same updates up to the compiler's float reordering
+    cfg = _fast_cfg(steps=6, eval_every=3, ckpt_every=3, ckpt_log_points=0)
+    train(cfg, tmp_path / "eager", progress=False)
+    modes, real_compile = [], torch.compile
+
+    def spy(model, **kw):
+        modes.append(kw.get("mode"))
+        return real_compile(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    train(replace(cfg, compile=True, compile_mode="reduce-overhead"), tmp_path / "compiled", progress=False)
+    assert modes == ["reduce-overhead"]
+    eager = [r for r in read_metrics(tmp_path / "eager") if "test_mse" in r]
+    comp = [r for r in read_metrics(tmp_path / "compiled") if "test_mse" in r]
+    assert [r["step"] for r in comp] == [0, 3, 6]
+    for a, b in zip(eager, comp, strict=True):
+        assert b["test_mse"] == pytest.approx(a["test_mse"], rel=1e-4)
+    with pytest.raises(ValueError, match="compile_mode"):
+        replace(cfg, compile_mode="fast")
+
+
 def test_tiny_loss_decreases(tmp_path: Path) -> None:
     # 300 steps: the mechanics (loss goes down, stays finite), not in-context learning, which
     # takes thousands of steps (a plateau at the zero predictor first)
@@ -285,6 +314,8 @@ def test_bad_inputs() -> None:
         MSLRConfig(layout="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backbone"):
         model_config("tiny", backbone="lstm")
+    with pytest.raises(ValueError, match="unknown activation"):
+        model_config("tiny", activation="swishy")
     with pytest.raises(ValueError, match="unknown model config"):
         model_config("huge")
     with pytest.raises(ValueError, match="unknown train config"):

@@ -6,15 +6,20 @@ language model's), so TD, UMAP and patching reuse the same hook functions as for
 * **TD per layer**: leave-one-out k-NN of the basis label from the residual stream at the y token of
   the last demonstration (position ``-1``), ``n_per_basis`` test sequences per basis (paper: 100).
 * **Per-basis test MSE** from the run's metrics (every ``eval_every`` steps).
-* **Patching**: replace (or add) the layer-``l`` residual at the y token of demonstration ``K - 1``
-  (position ``-3``: the last demonstration the final query ``x_K`` reads) with the mean activation of
-  a target basis there; the test MSE of the last prediction (read out at ``x_K``) for each (source
-  basis, target basis) pair. Patching the query token itself (``patch_position=-2``) overwrites ``x_K``
-  and with it the prediction, whatever the target.
+* **Patching**: replace (or add) the layer-``l`` residual of a source-basis input with the mean
+  activation of a target basis, at every token before the final query ``x_K`` (``"context"``, the
+  default: the paper's "input", read as the demonstrations, since overwriting ``x_K`` itself would
+  destroy the prediction whatever the target) or at one token (e.g. ``-3``, the y token of demonstration
+  ``K - 1``, the last one the query reads); each token gets the target basis' mean at that token. The
+  result is the test MSE of the last prediction (read out at ``x_K``) for each (source basis, target
+  basis) pair. In a deep model a single demonstration token is redundant (the query reads all of them),
+  so a one-token patch can leave the loss unchanged whatever the target.
 * **Summary**: per basis, the step where its loss drops (first eval whose median-smoothed MSE falls
   below the midpoint between its initial and final MSE, if it falls by half at least) and the step
   where its TD rises (first checkpoint whose per-basis TD at ``td_layer`` passes the midpoint between
-  its first and last value, if it rises by 0.25 at least), and the share of the sparsity gap its final
+  its first and last value, if it rises by 0.25 at least), the step where its loss first goes below the
+  error of ridge on all coordinates (``below_ridge_step``: from there on the model must be using the
+  basis; the first loss drop is basis-agnostic regression, common to all bases), and the share of the sparsity gap its final
   MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the best predictor that ignores
   the basis; 1 at the rank-r oracle, which knows it).
 """
@@ -42,7 +47,7 @@ from .train import list_checkpoints, load_checkpoint, load_run_config, read_metr
 
 TD_POSITION = -1  # y token of the last demonstration
 QUERY_POSITION = -2  # x_K: its read-out predicts y_K
-PATCH_POSITION = -3  # y_{K-1}: the last demonstration token the final query reads
+PATCH_POSITION = "context"  # every token before the query x_K (demonstrations 1..K-1)
 
 
 def synthetic_adapter(model: SyntheticRegressor) -> TorchHooksAdapter:
@@ -70,7 +75,7 @@ class AnalysisConfig:
     umap_layers: Sequence[int] | None = None  # None: up to 6 evenly spaced layers
     umap_checkpoints: int = 5
     patch_layer: int | None = None  # None: td_layer (at most n_layers - 2)
-    patch_position: int = PATCH_POSITION  # y token of demonstration K - 1
+    patch_position: int | str = PATCH_POSITION  # "context" (all tokens before x_K) or one token, e.g. -3
     patch_checkpoints: Sequence[int] | None = None  # None: the middle and the last checkpoint
     patch_mode: str = "replace"
     n_boot: int = 200
@@ -104,38 +109,56 @@ def capture_checkpoint(model: SyntheticRegressor, test: MSLRBatch, position: int
                                             batch_size=batch_size, progress=False)
 
 
+def patch_positions(position: int | str, n_points: int) -> list[int]:
+    """Token positions (negative, from the end) that a patch at ``position`` covers.
+
+    An int is one token; it must come before the last x token (``-2``), whose read-out is scored.
+    ``"context"`` is every token before that query: the ``2K - 2`` tokens of demonstrations ``1..K-1``.
+    """
+    n_tokens = 2 * n_points
+    if isinstance(position, str):
+        if position != "context":
+            raise ValueError(f"patch position must be an int or 'context', got {position!r}")
+        return list(range(-n_tokens, QUERY_POSITION))
+    if isinstance(position, bool) or not -n_tokens <= position <= QUERY_POSITION:
+        raise ValueError(f"patch position {position} must be in [{-n_tokens}, {QUERY_POSITION}] (the scored "
+                         f"prediction is read out at the last x token, position {QUERY_POSITION}) or 'context'")
+    return [position]
+
+
 def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases: int, mode: str = "replace",
-                 position: int = PATCH_POSITION) -> pd.DataFrame:
+                 position: int | str = PATCH_POSITION) -> pd.DataFrame:
     """Test MSE of the last prediction for every (source, target) basis pair, plus ``target="none"``.
 
     The residual after block ``layer`` at token ``position`` of each source-basis sequence is replaced by
     (``mode="replace"``) or added to (``mode="add"``) the mean activation of the target basis there.
-    ``position`` must come before the last x token (``-2``), whose read-out is scored.
+    ``position`` is one token before the last x token (``-2``), whose read-out is scored, or
+    ``"context"``: every token before it, each patched with the target basis' mean at that token.
     """
-    n_tokens = 2 * test.xs.shape[1]
-    if not -n_tokens <= position <= QUERY_POSITION:
-        raise ValueError(f"patch position {position} must be in [{-n_tokens}, {QUERY_POSITION}] (the scored "
-                         f"prediction is read out at the last x token, position {QUERY_POSITION})")
-    if position != QUERY_POSITION and not 0 <= layer < model.n_layers - 1:
-        raise ValueError(f"patch layer {layer}: patching token {position} after block {layer} needs a later block "
-                         f"to carry it to the query; use a layer in [0, {model.n_layers - 2}]")
+    positions = patch_positions(position, test.xs.shape[1])
+    if positions != [QUERY_POSITION] and not 0 <= layer < model.n_layers - 1:
+        raise ValueError(f"patch layer {layer}: patching token(s) {position} after block {layer} needs a later "
+                         f"block to carry the patch to the query; use a layer in [0, {model.n_layers - 2}]")
     if mode not in ("replace", "add"):
         raise ValueError(f"patch mode must be 'replace' or 'add', got {mode!r}")
     adapter = synthetic_adapter(model)
     inputs = model_inputs(test)
-    acts = adapter.capture(inputs, layers=[layer], position=position, progress=False)[0]
     labels = test.basis
-    means = torch.stack([acts[labels == b].mean(0) for b in range(n_bases)])
+    # [position, basis, d_model]: the target means at every patched token
+    means = torch.stack([
+        torch.stack([acts[labels == b].mean(0) for b in range(n_bases)])
+        for acts in (adapter.capture(inputs, layers=[layer], position=p, progress=False)[0] for p in positions)
+    ])
     names = basis_names(n_bases)
+    make = H.replace if mode == "replace" else H.add
     rows = []
-    targets: list[tuple[str, torch.Tensor | None]] = [("none", None)] + list(zip(names, means, strict=True))
-    for target, vec in targets:
-        hooks = [] if vec is None else [(H.Site(layer), (H.replace if mode == "replace" else H.add)(vec, position))]
+    for t, target in enumerate(["none", *names]):
+        hooks = [] if t == 0 else [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
         preds = adapter.forward(inputs, hooks=hooks, logits="all")
         err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
         for b in range(n_bases):
-            rows.append({"layer": layer, "mode": mode, "source": names[b], "target": target,
-                         "mse": float(err[labels == b].mean())})
+            rows.append({"layer": layer, "mode": mode, "position": str(position), "source": names[b],
+                         "target": target, "mse": float(err[labels == b].mean())})
     return pd.DataFrame(rows)
 
 
@@ -162,6 +185,14 @@ def _midpoint_step(steps: Sequence[int], values: Sequence[float], falling: bool,
     mid = (v[0] + v[-1]) / 2
     hit = np.nonzero(v <= mid if falling else v >= mid)[0]
     return int(steps[hit[0]])
+
+
+def _first_below(steps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
+    """First step where ``values`` (median-smoothed over 3 points, as in ``_midpoint_step``) is below
+    ``threshold``; ``None`` if it never is."""
+    v = pd.Series(np.asarray(values, dtype=float)).rolling(3, center=True, min_periods=1).median().to_numpy()
+    hit = np.nonzero(v < threshold)[0]
+    return int(steps[hit[0]]) if len(hit) else None
 
 
 def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap: bool = True,
@@ -221,6 +252,9 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
         b, agnostic, rank_r = summary["bases"][name], summary["oracles"]["full_ridge"][f"b{i}"], \
             summary["oracles"]["basis_ridge"][f"b{i}"]
         b["gap_closed"] = None if b["final_mse"] is None else (agnostic - b["final_mse"]) / (agnostic - rank_r)
+        # the basis-specific drop: below the error of every predictor that ignores the basis
+        lb = loss[loss["basis"] == name].sort_values("step")
+        b["below_ridge_step"] = _first_below(lb["step"].tolist(), lb["mse"].tolist(), agnostic)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return AnalysisResult(config, td_all, loss, patching, summary, embeddings)
 
