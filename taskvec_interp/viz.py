@@ -806,9 +806,12 @@ def plot_patching(patching: pd.DataFrame, path: str | Path | None = None, title:
         grid = part.pivot_table(index="source", columns="target", values="mse", sort=False)
         cols = ["none"] + [c for c in grid.columns if c != "none"]
         grid = grid[cols]
-        im = ax.imshow(np.log10(grid.to_numpy()), cmap="magma_r", aspect="auto")
+        logv = np.log10(grid.to_numpy())
+        im = ax.imshow(logv, cmap="magma_r", aspect="auto")
+        lo, hi = np.nanmin(logv), np.nanmax(logv)
         for (i, j), v in np.ndenumerate(grid.to_numpy()):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="w")
+            light = hi == lo or (logv[i, j] - lo) / (hi - lo) < 0.5  # magma_r is light at the low end
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="k" if light else "w")
         ax.set_xticks(range(len(cols)), cols)
         ax.set_yticks(range(len(grid.index)), list(grid.index))
         ax.set_xlabel("patched-in basis mean (target)")

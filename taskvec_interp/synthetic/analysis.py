@@ -12,15 +12,15 @@ language model's), so TD, UMAP and patching reuse the same hook functions as for
   destroy the prediction whatever the target) or at one token (e.g. ``-3``, the y token of demonstration
   ``K - 1``, the last one the query reads); each token gets the target basis' mean at that token. The
   result is the test MSE of the last prediction (read out at ``x_K``) for each (source basis, target
-  basis) pair. In a deep model a single demonstration token is redundant (the query reads all of them),
-  so a one-token patch can leave the loss unchanged whatever the target.
+  basis) pair. In the 8-layer ``small`` model a one-token patch leaves the loss unchanged whatever the
+  target (docs/synthetic.md); the query reads every demonstration.
 * **Summary**: per basis, the step where its loss drops (first eval whose median-smoothed MSE falls
   below the midpoint between its initial and final MSE, if it falls by half at least) and the step
   where its TD rises (first checkpoint whose per-basis TD at ``td_layer`` passes the midpoint between
   its first and last value, if it rises by 0.25 at least), the step where its loss first goes below the
   error of ridge on all coordinates (``below_ridge_step``: from there on the model must be using the
-  basis; the first loss drop is basis-agnostic regression, common to all bases), and the share of the sparsity gap its final
-  MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the best predictor that ignores
+  basis; the first loss drop is basis-agnostic regression, common to all bases), and the share of the
+  sparsity gap its final MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the best predictor that ignores
   the basis; 1 at the rank-r oracle, which knows it).
 """
 
@@ -144,17 +144,18 @@ def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases
     adapter = synthetic_adapter(model)
     inputs = model_inputs(test)
     labels = test.basis
+    # one unpatched pass gives both the "none" predictions and the residual stream at every token
+    store: dict = {}
+    plain = adapter.forward(inputs, hooks=[(H.Site(layer), H.capture(store, "resid", None))], logits="all")
+    cols = [store["resid"].shape[1] + p for p in positions]
     # [position, basis, d_model]: the target means at every patched token
-    means = torch.stack([
-        torch.stack([acts[labels == b].mean(0) for b in range(n_bases)])
-        for acts in (adapter.capture(inputs, layers=[layer], position=p, progress=False)[0] for p in positions)
-    ])
+    means = torch.stack([store["resid"][labels == b][:, cols].mean(0) for b in range(n_bases)], dim=1)
     names = basis_names(n_bases)
     make = H.replace if mode == "replace" else H.add
     rows = []
     for t, target in enumerate(["none", *names]):
-        hooks = [] if t == 0 else [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
-        preds = adapter.forward(inputs, hooks=hooks, logits="all")
+        hooks = [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
+        preds = plain if t == 0 else adapter.forward(inputs, hooks=hooks, logits="all")
         err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
         for b in range(n_bases):
             rows.append({"layer": layer, "mode": mode, "position": str(position), "source": names[b],

@@ -389,7 +389,7 @@ def train(
 
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     # CUDA-graph modes reuse output buffers between replays: mark each training step as a new one
-    mark_step = cfg.compile and "cudagraphs" not in cfg.compile_mode and cfg.compile_mode != "default"
+    mark_step = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
     amp_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
     test = make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed)
     ck_steps = set(checkpoint_steps(cfg))
