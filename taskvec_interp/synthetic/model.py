@@ -19,8 +19,9 @@ Named configs (``model_config(name)``):
 
 * ``paper``: GPT-2, 12 layers, d_model 256, 8 heads (~9.5M parameters; the appendix's size).
 * ``small``: GPT-2, 8 layers, d_model 32, 4 heads (~104K parameters), ``"xy"`` tokens, eager attention
-  (faster than SDPA on CPU at 20 tokens), the fused tanh GELU (GPT-2's function, ~8% faster); its run (``train.train_config("small")``) also shrinks the data
-  to D = 8, rank 2, K = 10 (see docs/synthetic.md).
+  (faster than SDPA on CPU at 20 tokens), the fused tanh GELU (GPT-2's function, ~8% faster on CPU); its
+  run (``train.train_config("small")``) also shrinks the data to D = 8, rank 2, K = 10 (see
+  docs/synthetic.md).
 * ``tiny``: GPT-2, 2 layers, d_model 32, 2 heads, for tests.
 
 Each accepts ``backbone="mamba2"`` (Mamba-2 blocks of the same depth and width; heads of ``head_dim``

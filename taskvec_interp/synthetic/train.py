@@ -99,7 +99,7 @@ class TrainConfig:
     device: str = "cpu"
     autocast_dtype: str | None = None  # e.g. "bfloat16" (GPU); None = plain fp32
     compile: bool = False  # torch.compile the model's forward and backward (GPU)
-    compile_mode: str = "reduce-overhead"  # torch.compile mode: CUDA graphs on a GPU (a no-op on CPU)
+    compile_mode: str = "reduce-overhead"  # torch.compile mode: CUDA graphs on a GPU (none on CPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
