@@ -262,6 +262,8 @@ def test_warmup_and_cosine_lr(tmp_path: Path) -> None:
     assert all(lr[s] > lr[s + 1] for s in range(4, 20))
     with pytest.raises(ValueError, match="lr_schedule"):
         replace(cfg, lr_schedule="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        replace(cfg, min_lr_ratio=1.5)
 
 
 def test_compiled_training_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

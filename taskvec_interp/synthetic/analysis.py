@@ -20,8 +20,8 @@ language model's), so TD, UMAP and patching reuse the same hook functions as for
   its first and last value, if it rises by 0.25 at least), the step where its loss first goes below the
   error of ridge on all coordinates (``below_ridge_step``: from there on the model must be using the
   basis; the first loss drop is basis-agnostic regression, common to all bases), and the share of the
-  sparsity gap its final MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the best predictor that ignores
-  the basis; 1 at the rank-r oracle, which knows it).
+  sparsity gap its final MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the
+  best predictor that ignores the basis; 1 at the rank-r oracle, which knows it).
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ def _pick(seq: Sequence[int], n: int) -> list[int]:
     return [seq[i] for i in idx]
 
 
+def _smooth(values: Sequence[float]) -> np.ndarray:
+    """Centred 3-point running median: one noisy evaluation neither makes nor hides a crossing."""
+    return pd.Series(np.asarray(values, dtype=float)).rolling(3, center=True, min_periods=1).median().to_numpy()
+
+
 def _midpoint_step(steps: Sequence[int], values: Sequence[float], falling: bool, min_change: float) -> int | None:
     """First step where ``values`` (median-smoothed over 3 points) crosses the midpoint between its
     first and last value; ``None`` when it changes by less than ``min_change`` (no drop / rise).
@@ -177,7 +182,7 @@ def _midpoint_step(steps: Sequence[int], values: Sequence[float], falling: bool,
     For a falling loss ``min_change`` is relative (0.5: the final MSE is at most half the first);
     for a rising TD it is absolute.
     """
-    v = pd.Series(np.asarray(values, dtype=float)).rolling(3, center=True, min_periods=1).median().to_numpy()
+    v = _smooth(values)
     if len(v) < 2 or not np.isfinite(v).all():
         return None
     change = (v[0] - v[-1]) / abs(v[0]) if falling else v[-1] - v[0]
@@ -189,9 +194,8 @@ def _midpoint_step(steps: Sequence[int], values: Sequence[float], falling: bool,
 
 
 def _first_below(steps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
-    """First step where ``values`` (median-smoothed over 3 points, as in ``_midpoint_step``) is below
-    ``threshold``; ``None`` if it never is."""
-    v = pd.Series(np.asarray(values, dtype=float)).rolling(3, center=True, min_periods=1).median().to_numpy()
+    """First step where ``values`` (median-smoothed, ``_smooth``) is below ``threshold``; ``None`` if never."""
+    v = _smooth(values)
     hit = np.nonzero(v < threshold)[0]
     return int(steps[hit[0]]) if len(hit) else None
 

@@ -5,7 +5,8 @@ Tokens follow Garg et al. (2022) (OPEN in the paper, which says it follows them)
 (zero-padded to ``D``). ``tokens="xy"`` is our variant: the y token is ``[x_i, y_i, 1]`` and the x token
 ``[x_i, 0, 0]``, so a y token holds its whole example and one attention layer can regress without first
 learning a previous-token head; small CPU models leave the zero-predictor plateau within a few hundred
-steps with it, instead of thousands (docs/synthetic.md). A linear read-in maps the token to ``d_model``, the backbone (``GPT2Model`` or
+steps with it, instead of thousands (docs/synthetic.md). A linear read-in maps the token to
+``d_model``, the backbone (``GPT2Model`` or
 ``Mamba2Model`` from transformers, fed ``inputs_embeds``; its token embedding is unused and has a
 vocabulary of 1) runs causally, and a linear read-out ``d_model -> 1`` at the position of ``x_i``
 predicts ``y_i``. So the prediction for example ``i`` sees ``x_1..x_i`` and ``y_1..y_{i-1}`` only.

@@ -70,6 +70,7 @@ DATA_SEED_OFFSET = 1_000_003
 RUNTIME_FIELDS: frozenset[str] = frozenset({"device", "compile", "compile_mode", "steps"})
 #: ``torch.compile`` modes; the ``reduce-overhead`` and ``max-autotune`` ones capture CUDA graphs on a GPU
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES: frozenset[str] = frozenset({"reduce-overhead", "max-autotune"})
 _CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -123,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
 
@@ -389,7 +392,7 @@ def train(
 
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     # CUDA-graph modes reuse output buffers between replays: mark each training step as a new one
-    mark_step = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+    mark_step = cfg.compile and cfg.compile_mode in _CUDA_GRAPH_MODES
     amp_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
     test = make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed)
     ck_steps = set(checkpoint_steps(cfg))
