@@ -168,25 +168,35 @@ class HookContext:
         absolute = resolve_positions(position, self.pad, self.prompt_len)
         rel = absolute - self.offset
         keep = (rel >= 0) & (rel < chunk_len)
-        rows = torch.arange(batch, device=device)[keep]
-        return rows, rel[keep]
+        rows = torch.arange(batch, device=device)
+        if rel.ndim == 2:  # several positions per prompt: row-major (prompt, position) pairs
+            rows = rows[:, None].expand_as(rel)
+        return rows[keep], rel[keep]
 
 
 def resolve_positions(position: int | Sequence[int] | Tensor, pad: Int[Tensor, " batch"], prompt_len: int) -> Int[Tensor, " batch"]:
-    """Prompt coordinates -> absolute column per row of a left-padded batch (see module doc)."""
+    """Prompt coordinates -> absolute column per row of a left-padded batch (see module doc).
+
+    ``position`` is an int, one position per row (``[batch]``) or several per row (``[batch, m]``,
+    e.g. every demonstration's answer-preceding token); the result has the same shape.
+    """
     batch = pad.shape[0]
     if isinstance(position, int) and not isinstance(position, bool):
         pos = torch.full((batch,), position, dtype=torch.long, device=pad.device)
     else:
-        pos = torch.as_tensor(position, dtype=torch.long, device=pad.device)
-        if pos.ndim != 1 or pos.shape[0] != batch:
-            raise ValueError(f"per-prompt positions must have shape [{batch}], got {list(pos.shape)}")
-    lengths = prompt_len - pad
+        pos = torch.as_tensor(position, device=pad.device)
+        if pos.dtype.is_floating_point or pos.dtype == torch.bool:
+            raise TypeError(f"positions must be integers, got a tensor of dtype {pos.dtype}")
+        pos = pos.long()
+        if pos.ndim not in (1, 2) or pos.shape[0] != batch:
+            raise ValueError(f"per-prompt positions must have shape [{batch}] or [{batch}, m], got {list(pos.shape)}")
+    lengths = (prompt_len - pad).view(-1, *([1] * (pos.ndim - 1)))
     too_far = (pos >= lengths) | (pos < -lengths)
     if bool(too_far.any()):
         b = int(too_far.nonzero()[0, 0])
-        raise ValueError(f"position {int(pos[b])} out of range for prompt {b} of {int(lengths[b])} tokens")
-    return torch.where(pos < 0, prompt_len + pos, pad + pos)
+        raise ValueError(f"position {int(pos[b].flatten()[0]) if pos.ndim == 1 else pos[b].tolist()} out of range "
+                         f"for prompt {b} of {int(lengths[b].flatten()[0])} tokens")
+    return torch.where(pos < 0, prompt_len + pos, pad.view_as(lengths) + pos)
 
 
 HookFn = Callable[[Tensor, HookContext], Tensor | None]
@@ -222,8 +232,13 @@ def capture(
     """Hook that records ``act[row, position]`` (``[batch, d]``) into ``store[key or ctx.name]``.
 
     Records in the prefill only (step 0). With ``position=None`` records the whole ``[batch, seq, d]``
-    chunk (mind the memory).
+    chunk (mind the memory). With several positions per prompt (``[n_prompts, m]``) records
+    ``[batch, m, d]``.
     """
+    m = None
+    if position is not None and not isinstance(position, int):
+        shape = torch.as_tensor(position).shape
+        m = shape[1] if len(shape) == 2 else None
 
     def hook(act: Tensor, ctx: HookContext) -> None:
         if ctx.step != 0:
@@ -233,12 +248,27 @@ def capture(
             store[k] = act.detach().to(device=device, dtype=dtype)
             return None
         rows, cols = ctx.columns(position, act.shape[0], act.shape[1])
-        if rows.shape[0] != act.shape[0]:
+        if rows.shape[0] != act.shape[0] * (m or 1):
             raise ValueError(f"capture position {position!r} is not inside the prefill at {ctx.name}")
-        store[k] = act[rows, cols].detach().to(device=device, dtype=dtype)
+        got = act[rows, cols].detach().to(device=device, dtype=dtype)
+        store[k] = got if m is None else got.view(act.shape[0], m, act.shape[-1])
         return None
 
     return hook
+
+
+def _tag(hook: HookFn, position: Position) -> HookFn:
+    """Record which prompt positions a hook writes (``hook.position``), so callers can tell a
+    last-token intervention (``-1``: earlier positions' keys and values are untouched, a shared
+    prompt prefix can be reused) from one that needs the whole prompt recomputed."""
+    hook.position = position  # type: ignore[attr-defined]
+    return hook
+
+
+def writes_last_token_only(fn: HookFn) -> bool:
+    """True for hooks built by :func:`add`, :func:`replace` or :func:`ablate` at ``position=-1``."""
+    pos = getattr(fn, "position", None)
+    return isinstance(pos, int) and not isinstance(pos, bool) and pos == -1
 
 
 def _vector_rows(vector: Tensor, rows: Tensor, act: Tensor, ctx: HookContext) -> Tensor:
@@ -270,7 +300,7 @@ def add(vector: Float[Tensor, "*batch d_model"], position: Position = -1, scale:
         out[rows, cols] = act[rows, cols] + scale * _vector_rows(vector, rows, act, ctx)
         return out
 
-    return hook
+    return _tag(hook, position)
 
 
 def replace(vector: Float[Tensor, "*batch d_model"], position: Position = -1) -> HookFn:
@@ -284,7 +314,7 @@ def replace(vector: Float[Tensor, "*batch d_model"], position: Position = -1) ->
         out[rows, cols] = _vector_rows(vector, rows, act, ctx)
         return out
 
-    return hook
+    return _tag(hook, position)
 
 
 def ablate(position: Position = -1, value: float | Tensor = 0.0) -> HookFn:
@@ -301,7 +331,7 @@ def ablate(position: Position = -1, value: float | Tensor = 0.0) -> HookFn:
             out[rows, cols] = value
         return out
 
-    return hook
+    return _tag(hook, position)
 
 
 HookSpec = Sequence[tuple[str | Site | int, HookFn]]

@@ -20,7 +20,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hooks import HookContext, HookFn, HookSpec, Position, Site, capture, normalize_hooks, resolve_layers
+from ..hooks import (
+    HookContext,
+    HookFn,
+    HookSpec,
+    Position,
+    Site,
+    capture,
+    normalize_hooks,
+    resolve_layers,
+    writes_last_token_only,
+)
 
 LogitsMode = Literal["all", "last", "none"]
 
@@ -66,6 +76,9 @@ class Generation:
     tokens: list[list[int]]
     activations: Float[Tensor, "layer prompt d_model"] | None = None
     layers: list[int] = field(default_factory=list)
+    engine: str = "full"
+    """``"full"``: the whole prompt ran under the hooks; ``"prefix"``: a shared prompt prefix's KV cache
+    was reused (see :meth:`Adapter.generate_branches`)."""
 
 
 @dataclass
@@ -139,6 +152,14 @@ class Adapter(ABC):
     def _generate(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
                   max_new_tokens: int) -> Int[Tensor, "batch new"]:
         """Greedy generation with ``hooks``; returns the new token ids (EOS-padded after EOS)."""
+
+    def _generate_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                           max_new_tokens: int, max_rows: int) -> list[Tensor] | None:
+        """Optional: greedy generation of one prompt batch under each branch's hooks, sharing the prompt
+        prefix's KV cache (every hook writes only the last prompt token). Returns one ``[batch, new]``
+        tensor per branch, or ``None`` where this model cannot share its cache (the caller then runs
+        full generations). Backends without a reusable cache keep this default."""
+        return None
 
     # ---------------------------------------------------------------- tokenization
     def _require_tokenizer(self) -> object:
@@ -262,7 +283,8 @@ class Adapter(ABC):
         Default: the residual stream after each block at the last prompt token (the token before the
         answer). Returns ``[len(layers), n_prompts, d_model]`` on CPU in ``dtype``, rows in prompt
         order. Extra ``hooks`` (e.g. an intervention) run in the same pass, before the capture at
-        each site.
+        each site. ``position`` may also give several positions per prompt (``[n_prompts, m]``, e.g.
+        every demonstration's answer-preceding token): the result is then ``[layer, n, m, d_model]``.
         """
         if position is None:
             raise ValueError("capture needs a position (int or one per prompt); use hooks.capture for whole sequences")
@@ -271,7 +293,8 @@ class Adapter(ABC):
         user_hooks = self._all_hooks(hooks)
         normalize_hooks([(s, capture({}, None)) for s in sites], self.n_layers, self.components)
         n, batches = self._batches(prompts, batch_size)
-        out = torch.empty((len(sites), n, self.d_model), dtype=dtype)
+        multi = () if isinstance(position, int) else tuple(torch.as_tensor(position).shape[1:])
+        out = torch.empty((len(sites), n, *multi, self.d_model), dtype=dtype)
         bar = tqdm(batches, desc=f"capture {len(sites)} layers", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
@@ -309,19 +332,95 @@ class Adapter(ABC):
         n, batches = self._batches(prompts, batch_size, extra=max_new_tokens)
         acts = torch.empty((len(sites), n, self.d_model), dtype=dtype) if sites else None
         new_tokens: list[list[int]] = [[] for _ in range(n)]
-        eos = getattr(tok, "eos_token_id", None)
         bar = tqdm(batches, desc="generate", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
                 store: dict = {}
                 cap = [(s, capture(store, s.layer, position, dtype)) for s in sites]
                 all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
-                gen = self._generate(inputs, all_hooks, self._state(inputs, idx, n), max_new_tokens).cpu()
-                for row, i in zip(gen.tolist(), idx.tolist(), strict=True):
-                    if eos is not None and eos in row:
-                        row = row[: row.index(eos)]
-                    new_tokens[i] = row
+                gen = self._generate(inputs, all_hooks, self._state(inputs, idx, n), max_new_tokens)
+                self._store_rows(gen, idx, new_tokens)
                 if acts is not None:
                     acts[:, idx] = torch.stack([store[s.layer] for s in sites])
         texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
         return Generation(texts=texts, tokens=new_tokens, activations=acts, layers=layer_list)
+
+    def _store_rows(self, gen: Tensor, idx: Tensor, new_tokens: list[list[int]]) -> None:
+        """Put one batch's new token rows (cut at the first EOS) into ``new_tokens`` in call order."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        for row, i in zip(gen.cpu().tolist(), idx.tolist(), strict=True):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            new_tokens[i] = row
+
+    def prefix_sharing(self, branches: Sequence[HookSpec]) -> str | None:
+        """Why these branches cannot share a prompt prefix's KV cache, or ``None`` when they can.
+
+        Sharing needs every branch hook to write only the last prompt token (``hooks.add`` /
+        ``replace`` / ``ablate`` at ``position=-1``: earlier positions' keys and values stay as
+        they are), no hooks attached with :meth:`hooks`, and a backend whose cache can be reused.
+        """
+        if type(self)._generate_branches is Adapter._generate_branches:
+            return f"the {self.backend} backend recomputes the prompt at every step (no shared cache)"
+        if self._context_hooks:
+            return "hooks attached with adapter.hooks(...) apply to the whole prompt"
+        for b, spec in enumerate(branches):
+            for site, fn in spec:
+                if not writes_last_token_only(fn):
+                    return (f"branch {b}'s hook at {site} may write positions before the last prompt token "
+                            "(only hooks.add/replace/ablate at position=-1 are known not to)")
+        return None
+
+    def generate_branches(
+        self,
+        prompts: Sequence[str],
+        branches: Sequence[HookSpec],
+        max_new_tokens: int,
+        *,
+        share_prefix: bool | None = None,
+        max_rows: int = 256,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> list[Generation]:
+        """Greedy generation of the same prompts under several hook sets ("branches"): one
+        :class:`Generation` per branch, as ``[generate(prompts, hooks=b) for b in branches]`` gives.
+
+        When every branch hook writes only the last prompt token (see :meth:`prefix_sharing`), the
+        prompt prefix (every token but the last) runs ONCE per prompt batch and each branch continues
+        from a copy of its KV cache: only the last prompt token and the new tokens run per branch, with
+        up to ``max_rows`` rows (branches x prompts) stacked along the batch axis. The answers are
+        those of full generation (tested). ``share_prefix``: ``None`` shares when possible, ``True``
+        requires it (``ValueError`` saying why not), ``False`` always runs full generations.
+        """
+        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or len(branches) == 0:
+            raise ValueError("branches must be a non-empty list of hook lists")
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
+        reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
+        if share_prefix and reason is not None:
+            raise ValueError(f"cannot share the prompt prefix: {reason}")
+        if reason is not None:
+            return [self.generate(prompts, max_new_tokens, hooks=b, batch_size=batch_size, progress=progress)
+                    for b in tqdm(checked, desc="branches", disable=not progress, leave=False)]
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        tok = self._require_tokenizer()
+        n, batches = self._batches(prompts, batch_size, extra=max_new_tokens)
+        new_tokens = [[[] for _ in range(n)] for _ in checked]
+        used: set[str] = set()
+        bar = tqdm(batches, desc=f"generate x {len(checked)} branches", disable=not progress, leave=False)
+        with torch.no_grad():
+            for idx, inputs in bar:
+                gens = None
+                if inputs.length > 1 and "full" not in used:  # a one-token prompt has no prefix to share
+                    gens = self._generate_branches(inputs, checked, self._state(inputs, idx, n), max_new_tokens,
+                                                   max_rows)
+                used.add("full" if gens is None else "prefix")
+                if gens is None:  # no cache to share here: full generation, the same tokens
+                    gens = [self._generate(inputs, b, self._state(inputs, idx, n), max_new_tokens) for b in checked]
+                for store, gen in zip(new_tokens, gens, strict=True):
+                    self._store_rows(gen, idx, store)
+        engine = used.pop() if len(used) == 1 else "mixed"
+        return [Generation(texts=tok.batch_decode(t, skip_special_tokens=True), tokens=t, engine=engine)
+                for t in new_tokens]

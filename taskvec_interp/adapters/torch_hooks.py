@@ -8,6 +8,7 @@ attribute, as the synthetic models do). This is the fastest path: no tracing, no
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
 from itertools import groupby
@@ -120,7 +121,7 @@ class TorchHooksAdapter(Adapter):
         return lg[:, -1] if (logits == "last" and lg.ndim == 3) else lg
 
     def _generate(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
-                  max_new_tokens: int) -> Tensor:
+                  max_new_tokens: int, cache: object | None = None) -> Tensor:
         if not hasattr(self.model, "generate"):
             raise TypeError(f"{type(self.model).__name__} has no .generate(): generation needs a causal LM")
         from transformers import GenerationConfig
@@ -128,6 +129,7 @@ class TorchHooksAdapter(Adapter):
         tok = self.tokenizer
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.eos_token_id)
+        extra = {} if cache is None else {"cache": cache}
 
         def track(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = kwargs.get("input_ids")
@@ -141,10 +143,66 @@ class TorchHooksAdapter(Adapter):
         try:
             with self._attached(hooks, state, None):
                 out = self.model.generate(input_ids=inputs.kwargs["input_ids"],
-                                          attention_mask=inputs.kwargs["attention_mask"], generation_config=gen_cfg)
+                                          attention_mask=inputs.kwargs["attention_mask"], generation_config=gen_cfg,
+                                          **extra)
         finally:
             root.remove()
         return out[:, inputs.length:]
+
+    def _generate_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                           max_new_tokens: int, max_rows: int) -> list[Tensor] | None:
+        """The prompt prefix once (no hooks: every branch hook writes only the last prompt token), then
+        each chunk of branches continues on a repeated copy of its cache, branches stacked along the batch
+        (row ``b * C + c`` is prompt ``b`` under branch ``c``; each branch's hooks see only its rows)."""
+        if getattr(self, "_cache_shareable", True) is False or not hasattr(self.model, "generate"):
+            return None
+        prefix = {k: v[:, :-1] for k, v in inputs.kwargs.items()}
+        if self._logits_to_keep:
+            prefix["logits_to_keep"] = 1  # the prefix's logits are never read
+        cache = self.model(**prefix, use_cache=True).past_key_values
+        layers = getattr(cache, "layers", None)
+        if layers is None or not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
+            self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full generation instead
+            return None
+        per_chunk = max(1, max_rows // inputs.batch)
+        out: list[Tensor] = []
+        for start in range(0, len(branches), per_chunk):
+            chunk = branches[start:start + per_chunk]
+            c = len(chunk)
+            branch_cache = copy.deepcopy(cache)
+            branch_cache.batch_repeat_interleave(c)
+            stacked = ModelInputs({k: v.repeat_interleave(c, 0) for k, v in inputs.kwargs.items()},
+                                  inputs.pad, inputs.length)
+            sites = sorted({site for hooks in chunk for site, _ in hooks}, key=lambda s: s.order)
+            hooks = [(site, _branch_dispatch(site, [[f for s, f in h if s == site] for h in chunk])) for site in sites]
+            run = _CallState(pad=state.pad, prompt_len=state.prompt_len, indices=state.indices,
+                             n_prompts=state.n_prompts, seen=inputs.length - 1)  # first chunk: the last prompt token
+            gen = self._generate(stacked, hooks, run, max_new_tokens, cache=branch_cache)
+            out.extend(gen[i::c] for i in range(c))
+        return out
+
+
+def _branch_dispatch(site: Site, per_branch: list[list[HookFn]]) -> HookFn:
+    """One hook for a batch of stacked branches: branch ``c`` owns rows ``c::C`` and its hooks see only
+    them, with the prompt batch's own context (the same prompts in the same order for every branch)."""
+    n_branches = len(per_branch)
+
+    def hook(act: Tensor, ctx) -> Tensor:
+        out = act
+        for c, fns in enumerate(per_branch):
+            if not fns:
+                continue
+            sub = act[c::n_branches]
+            new = sub
+            for fn in fns:
+                new = checked_call(fn, new, ctx)
+            if new is not sub:
+                if out is act:
+                    out = act.clone()
+                out[c::n_branches] = new
+        return out
+
+    return hook
 
 
 def _pre_hook(run):
