@@ -134,6 +134,29 @@ class Adapter(ABC):
             # Same convention as nnsight and HF generate: pad with EOS (padded columns are masked).
             tokenizer.pad_token = tokenizer.eos_token
 
+    name: str | None = None
+    """What the model was loaded as (``load_model``'s spec: a built-in name, hub id or directory)."""
+    revision: str | None = None
+
+    def _hf_module(self) -> object:
+        """The wrapped Hugging Face / torch module (for its config and parameters)."""
+        for attr in ("module", "bridge"):
+            obj = getattr(self, attr, None)
+            if obj is not None:
+                return getattr(obj, "original_model", obj)
+        return self.model
+
+    def identity(self) -> dict:
+        """The model's real identity, recorded with every saved result: name, backend, class, shape."""
+        module = self._hf_module()
+        cfg = getattr(module, "config", None)
+        params = getattr(module, "parameters", None)
+        n_params = sum(p.numel() for p in params()) if callable(params) else None
+        name = self.name or getattr(cfg, "_name_or_path", None) or type(module).__name__
+        return {"name": str(name), "backend": self.backend, "model_class": type(module).__name__,
+                "model_type": getattr(cfg, "model_type", None), "revision": self.revision,
+                "n_layers": self.n_layers, "d_model": self.d_model, "n_params": n_params}
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backend={self.backend!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
                 f"device={self.device})")

@@ -169,6 +169,8 @@ def load_model(
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     model, tok = resolve_model(spec, dtype=dtype, device=device, tokenizer=tokenizer, revision=revision)
     adapter = make_adapter(model, tok, backend, **adapter_kwargs)
+    if isinstance(spec, (str, Path)):
+        adapter.name, adapter.revision = str(spec), revision
     if verify:
         from .verify import verify_adapter
 

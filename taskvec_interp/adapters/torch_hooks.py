@@ -159,13 +159,14 @@ class TorchHooksAdapter(Adapter):
         prefix = {k: v[:, :-1] for k, v in inputs.kwargs.items()}
         if self._logits_to_keep:
             prefix["logits_to_keep"] = 1  # the prefix's logits are never read
-        cache = self.model(**prefix, use_cache=True).past_key_values
+        out = self.model(**prefix, use_cache=True)
+        cache = out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None
         layers = getattr(cache, "layers", None)
         if layers is None or not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
             self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full generation instead
             return None
         per_chunk = max(1, max_rows // inputs.batch)
-        out: list[Tensor] = []
+        out = []
         for start in range(0, len(branches), per_chunk):
             chunk = branches[start:start + per_chunk]
             c = len(chunk)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..adapters.base import Adapter
+from ..adapters.base import Adapter, Generation
 from ..hooks import HookSpec
-from ..tasks.base import Prompt, check_tokenization
+from ..tasks.base import AnswerTokens, Prompt, check_tokenization
 
 
 def normalize_answer(text: str, stop: str | None = "\n") -> str:
@@ -67,6 +67,15 @@ def icl_accuracy(
     answer ends (the template's example separator). ``capture_layers``: also return the prefill's
     last-token activations ``[layer, prompt, d_model]`` (for TD), from the same forward pass.
     """
+    checks, max_new_tokens = answer_budget(adapter, prompts, max_new_tokens)
+    gen = adapter.generate([p.text for p in prompts], max_new_tokens, hooks=hooks, capture_layers=capture_layers,
+                           batch_size=batch_size, progress=progress)
+    return AccuracyResult(score_generation(prompts, gen, checks, stop), gen.activations, gen.layers, max_new_tokens)
+
+
+def answer_budget(adapter: Adapter, prompts: Sequence[Prompt],
+                  max_new_tokens: int | None = None) -> tuple[list[AnswerTokens], int]:
+    """Tokenization checks of every answer and the generation budget (see :func:`icl_accuracy`)."""
     if len(prompts) == 0:
         raise ValueError("no prompts to score")
     if not all(isinstance(p, Prompt) for p in prompts):
@@ -82,8 +91,12 @@ def icl_accuracy(
             f"answer {prompts[worst].answer!r} needs {checks[worst].n_budget} tokens, longer than the budget "
             f"max_new_tokens={max_new_tokens}"
         )
-    gen = adapter.generate([p.text for p in prompts], max_new_tokens, hooks=hooks, capture_layers=capture_layers,
-                           batch_size=batch_size, progress=progress)
+    return checks, max_new_tokens
+
+
+def score_generation(prompts: Sequence[Prompt], gen: Generation, checks: Sequence[AnswerTokens],
+                     stop: str | None = "\n") -> pd.DataFrame:
+    """One row per prompt: its task, answer, the generated text, exact match and first-token match."""
     first_ids = torch.tensor([c.answer_ids[0] if c.answer_ids else -1 for c in checks])
     got_first = torch.tensor([row[0] if row else -2 for row in gen.tokens])
     rows = {
@@ -99,4 +112,44 @@ def icl_accuracy(
         "first_token": (first_ids == got_first).tolist(),
         "clean_tokenization": [c.ok for c in checks],
     }
-    return AccuracyResult(pd.DataFrame(rows), gen.activations, gen.layers, max_new_tokens)
+    return pd.DataFrame(rows)
+
+
+def bootstrap_accuracy(
+    correct: Bool[Tensor, "condition prompt"], groups: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+    ci_level: float = 0.95, baseline: int | None = 0,
+) -> pd.DataFrame:
+    """Accuracy per (condition, group) with percentile bootstrap CIs, vectorised over conditions.
+
+    ``correct[c, i]``: prompt ``i`` answered correctly under condition ``c``; ``groups[i]``: its task.
+    Prompts are resampled with replacement within each group (``n_g`` of ``n_g``), the SAME resamples
+    for every condition, so the CI of ``delta`` (accuracy minus the ``baseline`` condition's) is a
+    paired bootstrap. Randomness only from ``torch.Generator().manual_seed(seed)``. Returns columns
+    ``condition, task, n, accuracy, ci_low, ci_high`` (+ ``delta, delta_low, delta_high``).
+    """
+    correct = torch.as_tensor(correct)
+    if correct.ndim != 2 or correct.shape[1] != len(groups):
+        raise ValueError(f"correct must be [condition, {len(groups)}], got {list(correct.shape)}")
+    if not 0 < ci_level < 1:
+        raise ValueError(f"ci_level must be in (0, 1), got {ci_level}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    values = correct.double()
+    g = torch.Generator().manual_seed(seed)
+    lo_q, hi_q = (1 - ci_level) / 2, 1 - (1 - ci_level) / 2
+    frames = []
+    names = list(dict.fromkeys(groups))
+    for name in names:
+        idx = torch.tensor([i for i, x in enumerate(groups) if x == name])
+        v = values[:, idx]  # [condition, n_g]
+        draws = torch.randint(len(idx), (n_boot, len(idx)), generator=g)
+        boot = v[:, draws].mean(-1)  # [condition, n_boot]
+        q = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
+        frame = {"condition": list(range(v.shape[0])), "task": name, "n": len(idx),
+                 "accuracy": v.mean(1).tolist(), "ci_low": q[0].tolist(), "ci_high": q[1].tolist()}
+        if baseline is not None:
+            dq = torch.quantile(boot - boot[baseline], torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
+            frame |= {"delta": (v.mean(1) - v[baseline].mean()).tolist(), "delta_low": dq[0].tolist(),
+                      "delta_high": dq[1].tolist()}
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True).sort_values(["condition"], kind="stable").reset_index(drop=True)

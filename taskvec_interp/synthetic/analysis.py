@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .. import hooks as H
 from ..adapters.base import ModelInputs
 from ..adapters.torch_hooks import TorchHooksAdapter
+from ..experiments.patching import run_conditions
 from ..probes.decodability import task_decodability
 from .data import MSLRBatch, make_test_set, oracle_summary
 from .model import SyntheticRegressor
@@ -152,15 +153,22 @@ def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases
     means = torch.stack([store["resid"][labels == b][:, cols].mean(0) for b in range(n_bases)], dim=1)
     names = basis_names(n_bases)
     make = H.replace if mode == "replace" else H.add
-    rows = []
-    for t, target in enumerate(["none", *names]):
-        hooks = [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
-        preds = plain if t == 0 else adapter.forward(inputs, hooks=hooks, logits="all")
-        err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
-        for b in range(n_bases):
-            rows.append({"layer": layer, "mode": mode, "position": str(position), "source": names[b],
-                         "target": target, "mse": float(err[labels == b].mean())})
-    return pd.DataFrame(rows)
+
+    def evaluate(chunk: list[dict]) -> list[pd.DataFrame]:
+        frames = []
+        for cond in chunk:
+            t = cond["target_index"]
+            hooks = [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
+            preds = plain if t == 0 else adapter.forward(inputs, hooks=hooks, logits="all")
+            err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
+            frames.append(pd.DataFrame({"source": names, "mse": [float(err[labels == b].mean())
+                                                                 for b in range(n_bases)]}))
+        return frames
+
+    conditions = [{"layer": layer, "mode": mode, "position": str(position), "target": target, "target_index": t}
+                  for t, target in enumerate(["none", *names])]
+    table = run_conditions(conditions, evaluate, progress=False)
+    return table[["layer", "mode", "position", "source", "target", "mse"]]
 
 
 def _pick(seq: Sequence[int], n: int) -> list[int]:

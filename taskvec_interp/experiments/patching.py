@@ -1,0 +1,534 @@
+"""Interventions: task vectors patched into the residual stream, swept over layers (paper Sec. 4.1, Fig. 20).
+
+Two layers of code:
+
+* :func:`run_conditions`, the generic loop (in the spirit of TransformerLens's
+  ``generic_activation_patch``): a list of conditions (plain dicts: the index), an ``evaluate``
+  callback that runs a chunk of them and returns one table per condition, and a tidy DataFrame out,
+  one row per condition and result row, the condition's fields as columns. Chunks can be saved as
+  they finish, so a killed run resumes. The synthetic patching matrix is a call of it.
+* :func:`run_patching`, the language-model experiment: task vectors (``probes/vectors.py``) from one
+  prompt set, interventions (add with a scale, or replace) at the query's last prompt token of
+  another, positive (the prompt's own task), negative (the Null task) or any source task (a
+  source x target matrix), k-shot or zero-shot, over layers; exact-match accuracy per task and
+  condition with paired bootstrap CIs; TD per layer and task from the baseline generation's prefill
+  (the same pass), and the accuracy change's relation to TD.
+
+Every intervention is a plain hook (``hooks.add`` / ``hooks.replace``) at the query's last prompt
+token, so all conditions branch off one shared prompt prefix (:meth:`Adapter.generate_branches`):
+the prefix runs once per prompt batch, each condition only its last token and the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import hooks as H
+from ..adapters.base import Adapter
+from ..hooks import resolve_layers
+from ..probes.accuracy import answer_budget, bootstrap_accuracy, score_generation
+from ..probes.decodability import task_decodability
+from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
+from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
+
+Evaluate = Callable[[list[dict]], Sequence[pd.DataFrame | Mapping]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The generic loop
+# ------------------------------------------------------------------------------------------------
+def _conditions_key(conditions: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(conditions, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_conditions(
+    conditions: Sequence[Mapping] | pd.DataFrame,
+    evaluate: Evaluate,
+    *,
+    chunk_size: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "conditions",
+) -> pd.DataFrame:
+    """Run ``evaluate`` over ``conditions`` and return one tidy table.
+
+    ``conditions``: dicts with the same keys (or a DataFrame, one row each): the index of the
+    experiment. ``evaluate(chunk)`` gets a list of conditions and returns one DataFrame (or one dict,
+    a single row) per condition. The result has a ``condition`` column (the position in
+    ``conditions``), the condition's fields, then the callback's columns. ``chunk_size``: conditions
+    per call (``None``: all in one call, which lets the callback share work between them).
+    ``checkpoint_dir``: each finished chunk is saved there (Parquet) and a rerun with the same
+    conditions skips it; the files are removed once the whole table is built.
+    """
+    rows = conditions.to_dict("records") if isinstance(conditions, pd.DataFrame) else [dict(c) for c in conditions]
+    if not rows:
+        raise ValueError("no conditions to run")
+    keys = list(rows[0])
+    for i, c in enumerate(rows):
+        if list(c) != keys:
+            raise ValueError(f"condition {i} has fields {list(c)}, condition 0 has {keys}: give every condition "
+                             "the same fields")
+    if "condition" in keys:
+        raise ValueError("'condition' is reserved for the condition's index")
+    size = len(rows) if chunk_size is None else chunk_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        if ckpt.exists() and not ckpt.is_dir():
+            raise ValueError(f"checkpoint_dir {ckpt} is a file")
+        ckpt.mkdir(parents=True, exist_ok=True)
+        key = _conditions_key(rows)
+        index = ckpt / "conditions.json"
+        if index.exists() and json.loads(index.read_text()).get("key") != key:
+            raise ValueError(f"{ckpt} holds chunks of other conditions; remove it or use another directory")
+        index.write_text(json.dumps({"key": key, "n": len(rows), "chunk_size": size}))
+    frames = []
+    starts = range(0, len(rows), size)
+    bar = tqdm(starts, desc=desc, disable=not progress or len(starts) == 1, leave=False)
+    for start in bar:
+        chunk = rows[start:start + size]
+        path = ckpt / f"chunk_{start:06d}_{len(chunk)}.parquet" if ckpt is not None else None
+        if path is not None and path.exists():
+            frames.append(pd.read_parquet(path))
+            continue
+        results = list(evaluate([dict(c) for c in chunk]))
+        if len(results) != len(chunk):
+            raise ValueError(f"evaluate returned {len(results)} results for {len(chunk)} conditions")
+        parts = []
+        for i, (cond, res) in enumerate(zip(chunk, results, strict=True)):
+            res = pd.DataFrame([res]) if isinstance(res, Mapping) else res
+            clash = [k for k in keys if k in res.columns]
+            if clash:
+                raise ValueError(f"evaluate's columns {clash} clash with condition fields")
+            head = pd.DataFrame({"condition": start + i, **{k: [cond[k]] * len(res) for k in keys}})
+            parts.append(pd.concat([head, res.reset_index(drop=True)], axis=1))
+        frame = pd.concat(parts, ignore_index=True)
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(path)
+        frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    if ckpt is not None:
+        for f in ckpt.glob("chunk_*.parquet"):
+            f.unlink()
+        (ckpt / "conditions.json").unlink(missing_ok=True)
+        if not any(ckpt.iterdir()):
+            ckpt.rmdir()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Interventions as hooks
+# ------------------------------------------------------------------------------------------------
+MODES: tuple[str, ...] = ("add", "replace")
+DIRECTIONS: tuple[str, ...] = ("positive", "negative", "matrix")
+OWN = "own"
+
+
+def intervention_hooks(
+    condition: Mapping, vectors: TaskVectors, prompts: Sequence[Prompt], *, component: str = "resid_post",
+    position: int | Sequence[int] = -1,
+) -> list[tuple[H.Site, H.HookFn]]:
+    """The hook of one condition: ``{"layer", "mode", "vector", "scale"}``.
+
+    ``vector`` is ``"own"`` (each prompt gets its own task's vector: positive), a task name (every
+    prompt gets that task's vector; the Null task's: negative) or ``"none"`` (no hook, the baseline).
+    """
+    if condition["vector"] == "none":
+        return []
+    layer, mode = int(condition["layer"]), condition["mode"]
+    at = vectors.vectors[vectors.layer_index(layer)]  # [task, d]
+    if condition["vector"] == OWN:
+        vec = at[[vectors.task_index(p.task) for p in prompts]]  # [n_prompts, d], call order
+    else:
+        vec = at[vectors.task_index(condition["vector"])]
+    site = H.Site(layer, component)
+    if mode == "add":
+        return [(site, H.add(vec, position=position, scale=float(condition["scale"])))]
+    if mode == "replace":
+        return [(site, H.replace(vec, position=position))]
+    raise ValueError(f"unknown intervention mode {mode!r}; known: {MODES}")
+
+
+def direction_of(vector: str, null: str = NULL_TASK) -> str:
+    """``baseline`` / ``positive`` (own task) / ``negative`` (Null) / ``cross`` (another task's vector)."""
+    return {"none": "baseline", OWN: "positive", null: "negative"}.get(vector, "cross")
+
+
+# ------------------------------------------------------------------------------------------------
+# The language-model experiment
+# ------------------------------------------------------------------------------------------------
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass
+class PatchConfig:
+    """Everything that determines a patching run's numbers (saved as config.json next to the results).
+
+    Evaluation prompts: ``n_per_task`` per task at ``shots`` (0 with ``zero_shot``: Hendel et al.'s
+    setting, the query alone). Task vectors: ``definition`` from a separate set of ``shots``-shot
+    prompts (``n_vector_prompts`` per task, seed ``vector_seed``; defaults ``n_per_task`` and
+    ``seed + 1``). ``layers``: ``"all"``, ``"peak"`` (the peak of the overall TD of the baseline pass,
+    or ``peak_layer`` / a TD sweep given to :func:`run_patching`) or a list. ``directions``:
+    ``positive`` (own task), ``negative`` (Null), ``matrix`` (every task's vector into every task's
+    prompts). ``scale`` multiplies added vectors. ``position``: where the hook writes (``-1``, the
+    query's last prompt token; other positions run full generations). ``share_prefix``: ``None``
+    shares the prompt prefix's KV cache where the backend can, ``False`` never.
+    """
+
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    family: str = "bitwise"
+    shots: int = 4
+    n_per_task: int = 50
+    seed: int = 0
+    definition: str = "paper"
+    layers: str | list[int] = "all"
+    modes: tuple[str, ...] = ("add", "replace")
+    directions: tuple[str, ...] = ("positive", "negative")
+    scale: float = 1.0
+    zero_shot: bool = False
+    position: int = -1
+    component: str = "resid_post"
+    n_vector_prompts: int | None = None
+    vector_seed: int | None = None
+    k: int = 10
+    n_boot: int = 1000
+    batch_size: int = 16
+    max_rows: int = 256
+    max_new_tokens: int | None = None
+    share_prefix: bool | None = None
+    template: dict = field(default_factory=dict)
+    family_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("shots", 0), ("n_per_task", 1), ("seed", 0), ("k", 1), ("n_boot", 1),
+                              ("batch_size", 1), ("max_rows", 1)):
+            _check_int(name, getattr(self, name), minimum)
+        for name in ("n_vector_prompts", "vector_seed", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0 if name == "vector_seed" else 1)
+        if self.definition not in DEFINITIONS:
+            raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
+        self.modes, self.directions = tuple(self.modes), tuple(self.directions)
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
+            raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        self.scale = float(self.scale)
+        if self.shots == 0:
+            raise ValueError("shots=0: task vectors are read from prompts with demonstrations (every definition "
+                             "needs shots >= 1; use zero_shot=True to evaluate queries without demonstrations)")
+        if isinstance(self.position, bool) or not isinstance(self.position, int):
+            raise ValueError(f"position must be an int (prompt coordinates), got {self.position!r}")
+        if isinstance(self.layers, str):
+            if self.layers not in ("all", "peak"):
+                raise ValueError(f"layers must be 'all', 'peak' or a list of ints, got {self.layers!r}")
+        else:
+            self.layers = list(self.layers)
+            if not self.layers:
+                raise ValueError("layers is an empty list")
+            for layer in self.layers:
+                if isinstance(layer, bool) or not isinstance(layer, int):
+                    raise ValueError(f"layers must be ints, got {layer!r} ({type(layer).__name__})")
+        if self.component not in H.COMPONENTS:
+            raise ValueError(f"unknown component {self.component!r}; known: {H.COMPONENTS}")
+        if self.share_prefix not in (None, True, False):
+            raise ValueError(f"share_prefix must be None, True or False, got {self.share_prefix!r}")
+
+    @property
+    def eval_shots(self) -> int:
+        return 0 if self.zero_shot else self.shots
+
+
+@dataclass
+class PatchResult:
+    config: PatchConfig
+    accuracy: pd.DataFrame
+    """condition, layer, mode, vector, scale, direction, task, n, accuracy, ci_low, ci_high, delta, ..."""
+    predictions: pd.DataFrame
+    """condition, ..., prompt_id, task, answer, generated, exact: one row per condition and prompt."""
+    td: pd.DataFrame
+    """TD per layer (overall and per task) of the baseline pass's last-token states."""
+    relation: pd.DataFrame
+    """per (layer, mode, direction): the accuracy change's correlation with per-task TD over tasks."""
+    vectors: TaskVectors
+    summary: dict
+    model: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def at_layer(self, layer: int | None = None) -> pd.DataFrame:
+        """Task x (baseline, positive, negative) accuracy at one layer (default: the summary's layer, the
+        peak-TD layer when it was patched)."""
+        layer = self.summary["layer"] if layer is None else layer
+        acc = self.accuracy
+        base = acc[acc["direction"] == "baseline"].set_index("task")["accuracy"].rename("baseline")
+        sub = acc[(acc["layer"] == layer) & acc["direction"].isin(["positive", "negative"])]
+        table = sub.pivot_table(index="task", columns=["mode", "direction"], values="accuracy", sort=False)
+        table.columns = [f"{m}_{d}" for m, d in table.columns]
+        return pd.concat([base, table], axis=1).loc[list(self.vectors.tasks)]
+
+    def save(self, out: str | Path) -> Path:
+        """config.json (with the model's identity), tables as Parquet, vectors.safetensors, summary.json."""
+        out = _check_out(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
+                                          "backend": self.model.get("backend", self.config.backend),
+                                          "provenance": provenance(self.model)})
+        for name in ("accuracy", "predictions", "td", "relation"):
+            tmp = out / f".{name}.parquet.tmp"
+            getattr(self, name).to_parquet(tmp, index=False)
+            tmp.replace(out / f"{name}.parquet")
+        self.vectors.save(out / "vectors.safetensors")
+        _write_json(out / "summary.json", {**self.summary, "seconds": round(self.seconds, 1)})
+        return out
+
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} is a file, not a directory")
+    return out
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str, allow_nan=False))
+    tmp.replace(path)
+
+
+def provenance(model: dict) -> dict:
+    """The model's identity and the versions of the libraries that produced a result."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("taskvec-interp", "torch", "transformers", "transformer-lens", "nnsight"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"model": model, "versions": versions}
+
+
+def load_patching(directory: str | Path) -> PatchResult:
+    """Read back what :meth:`PatchResult.save` wrote."""
+    d = Path(directory)
+    raw = json.loads((d / "config.json").read_text())
+    model = raw.pop("provenance", {}).get("model", {})
+    raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
+    config = PatchConfig(**raw)
+    tables = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("accuracy", "predictions", "td", "relation")}
+    summary = json.loads((d / "summary.json").read_text())
+    seconds = summary.pop("seconds", 0.0)
+    return PatchResult(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
+                       TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)
+
+
+def peak_layer_of(td: pd.DataFrame, shots: int | None = None) -> int:
+    """The layer of the highest overall TD (at ``shots`` when the table has several shot counts)."""
+    overall = td[td["level"] == "overall"]
+    if shots is not None and "shots" in overall:
+        if shots not in set(overall["shots"]):
+            raise ValueError(f"the TD table has no {shots}-shot rows (has {sorted(set(overall['shots']))})")
+        overall = overall[overall["shots"] == shots]
+    if overall.empty:
+        raise ValueError("the TD table has no overall rows")
+    return int(overall.loc[overall["td"].idxmax(), "layer"])
+
+
+def patch_conditions(layers: Sequence[int], modes: Sequence[str], directions: Sequence[str], tasks: Sequence[str],
+                     scale: float = 1.0, null: str = NULL_TASK) -> list[dict]:
+    """The baseline plus every (layer, mode, vector) of the requested directions."""
+    vecs: list[str] = []
+    if "positive" in directions:
+        vecs.append(OWN)
+    if "negative" in directions:
+        vecs.append(null)
+    if "matrix" in directions:
+        vecs += [t for t in tasks if t not in vecs]
+    conds = [{"layer": None, "mode": "none", "vector": "none", "scale": 0.0}]
+    conds += [{"layer": layer, "mode": m, "vector": v, "scale": scale if m == "add" else 1.0}
+              for layer in layers for m in modes for v in vecs]
+    return conds
+
+
+def td_relation(accuracy: pd.DataFrame, td: pd.DataFrame, null: str = NULL_TASK) -> pd.DataFrame:
+    """Per (layer, mode, direction): Pearson r and slope of the accuracy change against per-task TD at
+    that layer, over the non-Null tasks (do separable tasks move more?)."""
+    from scipy.stats import linregress
+
+    per_task = td[td["level"] == "task"][["layer", "task", "td"]]
+    sub = accuracy[accuracy["direction"].isin(["positive", "negative"]) & (accuracy["task"] != null)]
+    merged = sub.merge(per_task, on=["layer", "task"])
+    rows = []
+    for (layer, mode, direction), g in merged.groupby(["layer", "mode", "direction"], sort=True):
+        row = {"layer": int(layer), "mode": mode, "direction": direction, "n_tasks": len(g), "r": math.nan,
+               "slope": math.nan, "p_value": math.nan, "mean_delta": float(g["delta"].mean())}
+        if len(g) >= 3 and g["td"].nunique() > 1 and g["delta"].nunique() > 1:
+            reg = linregress(g["td"], g["delta"])
+            row.update(r=float(reg.rvalue), slope=float(reg.slope), p_value=float(reg.pvalue))
+        rows.append(row)
+    cols = ["layer", "mode", "direction", "n_tasks", "r", "slope", "p_value", "mean_delta"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _resolve_patch_layers(config: PatchConfig, n_layers: int) -> list[int] | None:
+    """Checked layers, or ``None`` for ``"peak"`` (known after the baseline pass)."""
+    if config.layers == "peak":
+        return None
+    return resolve_layers(config.layers, n_layers)
+
+
+def run_patching(
+    adapter: Adapter,
+    config: PatchConfig,
+    family: TaskFamily | None = None,
+    *,
+    prompts: Sequence[Prompt] | None = None,
+    vector_prompts: Sequence[Prompt] | None = None,
+    vectors: TaskVectors | None = None,
+    peak_layer: int | None = None,
+    td_sweep: pd.DataFrame | None = None,
+    checkpoint_dir: str | Path | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> PatchResult:
+    """Task-vector interventions on ``adapter`` (see the module docstring and :class:`PatchConfig`).
+
+    ``prompts`` / ``vector_prompts`` replace the built evaluation / vector prompt sets; ``vectors``
+    replaces the vectors (checked against the model). ``peak_layer`` or ``td_sweep`` (the ``td``
+    table of a :func:`run_sweep`) fix the peak layer for ``layers="peak"``; otherwise it is the peak
+    of the baseline pass's TD. Everything is checked before any model work.
+    """
+    t0 = time.perf_counter()
+    fam = family if family is not None else get_family(config.family, **config.family_kwargs)
+    template = PromptTemplate(**config.template)
+    builder = PromptBuilder(template)
+    layers = _resolve_patch_layers(config, adapter.n_layers)
+    if peak_layer is not None:
+        peak_layer = resolve_layers([peak_layer], adapter.n_layers)[0]
+    if td_sweep is not None and peak_layer is None:
+        peak_layer = resolve_layers([peak_layer_of(td_sweep, config.shots)], adapter.n_layers)[0]
+    if prompts is None:
+        prompts = builder.build(fam, n_per_task=config.n_per_task, shots=config.eval_shots, seed=config.seed)
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no evaluation prompts")
+    names = fam.task_names
+    empty = [t for t in names if not any(p.task == t for p in prompts)]
+    if empty:
+        raise ValueError(f"tasks {empty} have no evaluation prompts")
+    unknown = sorted({p.task for p in prompts} - set(names))
+    if unknown:
+        raise ValueError(f"prompts of unknown tasks {unknown}; family {fam.name!r} has {list(names)}")
+    if vectors is None:
+        if vector_prompts is None:
+            vector_prompts = builder.build(fam, n_per_task=config.n_vector_prompts or config.n_per_task,
+                                           shots=config.shots,
+                                           seed=config.seed + 1 if config.vector_seed is None else config.vector_seed)
+    else:
+        vectors.check_model(adapter)
+        missing = [t for t in names if t not in vectors.tasks]
+        if missing:
+            raise ValueError(f"the task vectors have no vector for tasks {missing}")
+        if layers is not None:
+            absent = [layer for layer in layers if layer not in vectors.layers]
+            if absent:
+                raise ValueError(f"the task vectors have no layers {absent} (have {vectors.layers})")
+    checks, max_new = answer_budget(adapter, prompts, config.max_new_tokens)
+    stop = template.example_separator
+    if vectors is None:
+        vectors = task_vectors(adapter, vector_prompts, config.definition, layers if layers is not None else "all",
+                               family=fam, template=template, seed=config.seed, component=config.component,
+                               batch_size=config.batch_size, progress=progress)
+    # the baseline: one generation whose prefill also gives every layer's last-token state (for TD)
+    texts = [p.text for p in prompts]
+    base = adapter.generate(texts, max_new, capture_layers="all", component=config.component,
+                            batch_size=config.batch_size, progress=progress)
+    td = task_decodability(base.activations, [p.task for p in prompts], k=config.k, label_names=names,
+                           layers=base.layers, n_boot=config.n_boot, seed=config.seed).to_frame()
+    if peak_layer is None:
+        peak_layer = peak_layer_of(td)
+    if layers is None:
+        layers = [peak_layer]
+        if peak_layer not in vectors.layers:
+            raise ValueError(f"the task vectors have no vector at the peak layer {peak_layer}")
+    conds = patch_conditions(layers, config.modes, config.directions, names, config.scale, fam.null.name)
+
+    def evaluate(chunk: list[dict]) -> list[pd.DataFrame]:
+        todo = [c for c in chunk if c["vector"] != "none"]
+        gens = {}
+        if todo:
+            branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position)
+                        for c in todo]
+            out = adapter.generate_branches(texts, branches, max_new, share_prefix=config.share_prefix,
+                                            max_rows=config.max_rows, batch_size=config.batch_size,
+                                            progress=progress)
+            gens = {id(c): g for c, g in zip(todo, out, strict=True)}
+        frames = []
+        for c in chunk:
+            gen = gens.get(id(c), base)
+            frame = score_generation(prompts, gen, checks, stop)
+            frames.append(frame[["prompt_id", "task", "answer", "generated", "exact"]].assign(engine=gen.engine))
+        return frames
+
+    preds = run_conditions(conds, evaluate, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
+                           progress=progress, desc="interventions")
+    preds["layer"] = preds["layer"].astype("Int64")
+    preds.insert(5, "direction", [direction_of(v, fam.null.name) for v in preds["vector"]])
+    correct = torch.tensor(preds["exact"].to_numpy(), dtype=torch.bool).view(len(conds), len(prompts))
+    acc = bootstrap_accuracy(correct, [p.task for p in prompts], n_boot=config.n_boot, seed=config.seed)
+    index = preds.drop_duplicates("condition")[["condition", "layer", "mode", "vector", "scale", "direction"]]
+    acc = index.merge(acc, on="condition").reset_index(drop=True)
+    relation = td_relation(acc, td, fam.null.name)
+    result = PatchResult(config, acc, preds, td, relation, vectors, {}, adapter.identity())
+    result.summary = patch_summary(result, peak_layer, names, fam.null.name)
+    result.summary["engine"] = sorted(set(preds.loc[preds["direction"] != "baseline", "engine"]))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], null: str = NULL_TASK) -> dict:
+    """Headline numbers: the peak-TD layer, baseline accuracy, and the positive / negative change per task at
+    ``layer`` (the peak-TD layer if patched, else the patched layer of highest TD)."""
+    acc, td = result.accuracy, result.td
+    overall = td[td["level"] == "overall"].set_index("layer")
+    patched = sorted(int(x) for x in acc["layer"].dropna().unique())
+    # the headline layer: the peak-TD layer if it was patched, else the patched layer of highest TD
+    layer = peak_layer if peak_layer in patched else int(overall.loc[patched, "td"].idxmax())
+    out: dict = {"peak_layer": int(peak_layer), "peak_td": float(overall.loc[peak_layer, "td"]),
+                 "chance": float(overall.loc[peak_layer, "chance"]), "layer": layer, "patched_layers": patched,
+                 "baseline": {}, "at_peak": {}}
+    base = acc[acc["direction"] == "baseline"]
+    out["baseline"] = {r.task: float(r.accuracy) for r in base.itertuples()}
+    at = acc[(acc["layer"] == layer) & acc["direction"].isin(["positive", "negative"])]
+    for r in at.itertuples():
+        out["at_peak"].setdefault(f"{r.mode}_{r.direction}", {})[r.task] = round(float(r.delta), 4)
+    real = [t for t in tasks if t != null]
+    for key, per_task in out["at_peak"].items():
+        vals = [per_task[t] for t in real if t in per_task]
+        per_task["mean"] = round(sum(vals) / len(vals), 4) if vals else None
+    return out
+
+
+__all__ = [
+    "DIRECTIONS", "MODES", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
+    "patch_conditions", "patch_summary", "peak_layer_of", "provenance", "run_conditions", "run_patching",
+    "td_relation",
+]

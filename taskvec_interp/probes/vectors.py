@@ -1,0 +1,235 @@
+"""Task vectors: one vector per task and layer, read from the residual stream in ONE capture pass.
+
+Three definitions, each returning ``[layer, task, d_model]``:
+
+* ``"paper"`` (Han et al., Sec. 4.1): the mean state at each demonstration's answer-preceding token
+  (the token "after x_i", the last one before demonstration i's answer), over the demonstrations and
+  prompts of a task. Needs prompts with at least one demonstration.
+* ``"hendel"`` (Hendel et al. 2023, "In-context learning creates task vectors"): the last-token state
+  of the prompt's demonstrations followed by a *dummy* query (another input of the same task, none of
+  the prompt's own), averaged over the prompts of a task.
+* ``"mean"``: the mean last-token state of the task's k-shot prompts (what TD reads).
+
+Vectors are saved as safetensors with their provenance (model identity, layers, tasks, definition,
+shots, n, seed, template) and refused when loaded against a model of another shape or name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..adapters.base import Adapter
+from ..hooks import resolve_layers
+from ..tasks.base import Example, Prompt, PromptBuilder, PromptTemplate, TaskFamily, as_rng
+
+DEFINITIONS: tuple[str, ...] = ("paper", "hendel", "mean")
+_FORMAT = "taskvec_interp.task_vectors/1"
+
+
+@dataclass
+class TaskVectors:
+    """``vectors[i, t]``: task ``tasks[t]``'s vector at layer ``layers[i]`` (``[layer, task, d_model]``)."""
+
+    vectors: Float[Tensor, "layer task d_model"]
+    layers: list[int]
+    tasks: tuple[str, ...]
+    definition: str
+    meta: dict = field(default_factory=dict)
+    """model (identity dict), component, shots, n (prompts per task), seed, template, family."""
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 3 or self.vectors.shape[:2] != (len(self.layers), len(self.tasks)):
+            raise ValueError(f"vectors must be [{len(self.layers)} layers, {len(self.tasks)} tasks, d_model], "
+                             f"got {list(self.vectors.shape)}")
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError("task vectors contain NaN or inf")
+        if self.definition not in DEFINITIONS:
+            raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    def layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"no task vectors at layer {layer}; these have layers {self.layers}")
+        return self.layers.index(layer)
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; these vectors have tasks {list(self.tasks)}")
+        return self.tasks.index(task)
+
+    def get(self, layer: int, task: str) -> Float[Tensor, " d_model"]:
+        """One task's vector at one layer."""
+        return self.vectors[self.layer_index(layer), self.task_index(task)]
+
+    def check_model(self, adapter: Adapter, allow_other_model: bool = False) -> None:
+        """Refuse an adapter of another shape (d_model, n_layers) or, unless allowed, another model."""
+        model = self.meta.get("model") or {}
+        if self.d_model != adapter.d_model:
+            raise ValueError(f"task vectors have d_model {self.d_model}, the model has {adapter.d_model}")
+        if model.get("n_layers") not in (None, adapter.n_layers) or max(self.layers) >= adapter.n_layers:
+            raise ValueError(f"task vectors come from a model with {model.get('n_layers')} layers (layers "
+                             f"{self.layers}); this model has {adapter.n_layers}")
+        mine = adapter.identity()
+        if not allow_other_model:
+            for key in ("name", "model_type", "n_params"):
+                if model.get(key) is not None and mine.get(key) is not None and model[key] != mine[key]:
+                    raise ValueError(f"task vectors come from another model ({key} {model[key]!r}, this model: "
+                                     f"{mine[key]!r}); pass allow_other_model=True to use them anyway")
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file: the vectors plus JSON metadata (atomic: nothing partial on error)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; give a file name for the task vectors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"format": _FORMAT, "layers": self.layers, "tasks": list(self.tasks), "definition": self.definition,
+                "meta": self.meta}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"vectors": self.vectors.contiguous().float()}, str(tmp), metadata={"taskvec": json.dumps(info)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, adapter: Adapter | None = None, allow_other_model: bool = False) -> TaskVectors:
+        """Read a file written by :meth:`save`; with ``adapter``, refuse vectors from another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no task-vector file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads((f.metadata() or {}).get("taskvec", "{}"))
+                vectors = f.get_tensor("vectors")
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable task-vector file: {type(err).__name__}: {err}") from None
+        if info.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a task-vector file written by taskvec_interp (format "
+                             f"{info.get('format')!r})")
+        out = cls(vectors, list(info["layers"]), tuple(info["tasks"]), info["definition"], info.get("meta", {}))
+        if adapter is not None:
+            out.check_model(adapter, allow_other_model)
+        return out
+
+
+def demo_positions(adapter: Adapter, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """``[n, shots]`` token index (in the prompt's own tokens) of each demonstration's answer-preceding token.
+
+    The index is the last token of ``text[:answer_start]``; it is checked that those tokens are a prefix
+    of the prompt's tokens (no token straddles the boundary), else ``ValueError`` names the prompt.
+    """
+    shots = {len(p.demo_answer_starts) for p in prompts}
+    if len(shots) != 1:
+        raise ValueError(f"prompts have different numbers of demonstrations {sorted(shots)}; use one shot count")
+    m = shots.pop()
+    if m == 0:
+        raise ValueError("the 'paper' task vector reads the demonstrations' answer-preceding tokens: the prompts "
+                         "have no demonstrations (shots=0)")
+    tok = adapter._require_tokenizer()
+    heads = [p.text[:s] for p in prompts for s in p.demo_answer_starts]
+    full = tok([p.text for p in prompts], add_special_tokens=adapter.add_special_tokens)["input_ids"]
+    part = tok(heads, add_special_tokens=adapter.add_special_tokens)["input_ids"]
+    out = torch.empty((len(prompts), m), dtype=torch.long)
+    for i, ids in enumerate(full):  # a loop over token lists to check the prefix property (no model work)
+        for j in range(m):
+            head = part[i * m + j]
+            if list(ids[: len(head)]) != list(head):
+                raise ValueError(f"prompt {i} (task {prompts[i].task!r}): the tokens before demonstration {j}'s "
+                                 "answer are not a prefix of the prompt's tokens; check the template's whitespace")
+            out[i, j] = len(head) - 1
+    return out
+
+
+def _dummy_query_prompts(prompts: Sequence[Prompt], family: TaskFamily, template: PromptTemplate,
+                         seed: int) -> list[Prompt]:
+    """Each prompt's demonstrations followed by a dummy query of the same task (none of its own inputs)."""
+    builder = PromptBuilder(template)
+    rng = as_rng(seed)
+    out = []
+    for p in prompts:
+        task = family[p.task]
+        used = {e.input for e in p.demos} | {p.query}
+        if task.n_inputs < len(used) + 1:
+            raise ValueError(f"task {p.task!r} has no input left for a dummy query ({task.n_inputs} inputs)")
+        while True:  # rejection sampling: a few draws at most, pools are far larger than a prompt
+            (cand,) = task.sample(1, rng)
+            if cand.input not in used:
+                break
+        out.append(builder.render(Example(cand.input, cand.output), p.demos, task=p.task, label=p.label,
+                                  family=p.family))
+    return out
+
+
+def task_vectors(
+    adapter: Adapter,
+    prompts: Sequence[Prompt],
+    definition: str = "paper",
+    layers: str | int | Sequence[int] = "all",
+    *,
+    family: TaskFamily | None = None,
+    template: PromptTemplate | None = None,
+    seed: int = 0,
+    component: str = "resid_post",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> TaskVectors:
+    """Task vectors ``[layer, task, d_model]`` of ``definition`` from ONE capture pass over ``prompts``.
+
+    Tasks are those of the prompts, in label order (Null last in a family). ``"hendel"`` needs the
+    ``family`` (to draw dummy queries with ``seed``) and the prompts' ``template``.
+    """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"unknown task-vector definition {definition!r}; known: {DEFINITIONS}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts to read task vectors from")
+    layer_list = resolve_layers(layers, adapter.n_layers)
+    by_label: dict[int, str] = {}
+    for p in prompts:
+        if by_label.setdefault(p.label, p.task) != p.task:
+            raise ValueError(f"label {p.label} names two tasks ({by_label[p.label]!r}, {p.task!r})")
+    tasks = tuple(by_label[k] for k in sorted(by_label))
+    if family is not None:
+        missing = [t for t in family.task_names if t not in tasks]
+        if missing:
+            raise ValueError(f"tasks {missing} of family {family.name!r} have no prompts")
+    texts: Sequence[Prompt] = prompts
+    if definition == "paper":
+        position: object = demo_positions(adapter, prompts)
+    else:
+        position = -1
+        if definition == "hendel":
+            if family is None:
+                raise ValueError("the 'hendel' definition needs family= (dummy queries are drawn from the task)")
+            texts = _dummy_query_prompts(prompts, family, template or PromptTemplate(), seed)
+    acts = adapter.capture([p.text for p in texts], layers=layer_list, position=position, component=component,
+                           batch_size=batch_size, progress=progress)
+    if acts.ndim == 4:
+        acts = acts.mean(2)  # over demonstrations
+    onehot = torch.zeros((len(tasks), len(prompts)), dtype=acts.dtype)
+    onehot[[tasks.index(p.task) for p in prompts], torch.arange(len(prompts))] = 1.0
+    counts = onehot.sum(1)
+    vectors = torch.einsum("tn,lnd->ltd", onehot / counts[:, None], acts)
+    shots = sorted({p.n_shots for p in prompts})
+    meta = {"model": adapter.identity(), "component": component, "shots": shots[0] if len(shots) == 1 else shots,
+            "n": {t: int(c) for t, c in zip(tasks, counts.tolist(), strict=True)}, "seed": seed,
+            "template": asdict(template) if template is not None else None,
+            "family": prompts[0].family}
+    return TaskVectors(vectors, layer_list, tasks, definition, meta)
+
+
+def with_meta(vectors: TaskVectors, **meta: object) -> TaskVectors:
+    """A copy with extra provenance (e.g. the config that built the prompts)."""
+    return replace(vectors, meta={**vectors.meta, **meta})
+
+
+__all__ = ["DEFINITIONS", "TaskVectors", "demo_positions", "task_vectors", "with_meta"]
