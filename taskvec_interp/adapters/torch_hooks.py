@@ -160,7 +160,7 @@ class TorchHooksAdapter(Adapter):
         if self._logits_to_keep:
             prefix["logits_to_keep"] = 1  # the prefix's logits are never read
         out = self.model(**prefix, use_cache=True)
-        cache = out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None
+        cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if hasattr(out, "get") else None
         layers = getattr(cache, "layers", None)
         if layers is None or not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
             self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full generation instead
