@@ -98,6 +98,7 @@ def td(
     from .adapters import load_model
     from .experiments.sweep import SweepConfig, run_sweep, summarize
 
+    _check_out_dir(out)
     cfg = SweepConfig(model=model, backend=backend, family=family, shots=_parse_shots(shots),
                       n_per_task=n_per_task, seed=seed, k=k, metric=metric, batch_size=batch_size)
     adapter = load_model(cfg.model, backend=cfg.backend)
@@ -112,6 +113,83 @@ def td(
         from .report import sweep_figures
 
         for path in sweep_figures(result, out):
+            typer.echo(f"wrote {path}")
+    typer.echo(f"results in {out} ({result.seconds:.0f}s)")
+
+
+def _parse_layers(text: str) -> str | list[int]:
+    if text in ("all", "peak"):
+        return text
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--layers must be 'all', 'peak' or comma-separated ints, got {text!r}") from None
+
+
+def _parse_choice(text: str, option: str, choices: tuple[str, ...], both: str | None = None) -> tuple[str, ...]:
+    items = choices if both is not None and text == both else tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [x for x in items if x not in choices]
+    if bad or not items:
+        raise typer.BadParameter(f"{option} must be comma-separated values of {choices}, got {text!r}")
+    return items
+
+
+def _check_out_dir(out: Path) -> None:
+    from .results import check_out_dir
+
+    try:
+        check_out_dir(out)
+    except ValueError as err:
+        raise typer.BadParameter(f"--out: {err}") from None
+
+
+@app.command()
+def patch(
+    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
+    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
+    shots: int = typer.Option(4, help="demonstrations in the prompts the task vectors are read from"),
+    n_per_task: int = typer.Option(50, help="evaluation prompts per task (Null included)"),
+    layers: str = typer.Option("all", help="all | peak | comma-separated layers, e.g. 3,5"),
+    mode: str = typer.Option("both", help="add | replace | both"),
+    vectors: str = typer.Option("paper", help="paper | hendel | mean (task-vector definition)"),
+    directions: str = typer.Option("positive,negative", help="comma-separated: positive, negative, matrix"),
+    scale: float = typer.Option(1.0, help="scale of added vectors"),
+    zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate queries without demonstrations"),
+    td_sweep: Path = typer.Option(None, help="a `taskvec td` output directory to read the peak layer from"),
+    out: Path = typer.Option(Path("runs/patch"), help="output directory (results + config + figures)"),
+    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16),
+    n_boot: int = typer.Option(1000, help="bootstrap resamples of the accuracy CIs"),
+    chunk: int = typer.Option(16, help="conditions per saved chunk (a killed run resumes from the last one)"),
+    figures: bool = typer.Option(True, help="write PNG figures"),
+) -> None:
+    """Task vectors patched in: positive (own task) / negative (Null), add / replace, over layers."""
+    from .experiments.patching import DIRECTIONS, MODES, PatchConfig, run_patching
+    from .experiments.sweep import load_sweep
+    from .tasks import get_family
+
+    _check_out_dir(out)
+    cfg = PatchConfig(model=model, backend=backend, family=family, shots=shots, n_per_task=n_per_task, seed=seed,
+                      definition=vectors, layers=_parse_layers(layers),
+                      modes=_parse_choice(mode, "--mode", MODES, both="both"),
+                      directions=_parse_choice(directions, "--directions", DIRECTIONS), scale=scale,
+                      zero_shot=zero_shot, batch_size=batch_size, n_boot=n_boot)
+    sweep_td = load_sweep(td_sweep).td if td_sweep is not None else None
+    fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
+    from .adapters import load_model
+
+    adapter = load_model(cfg.model, backend=cfg.backend)
+    result = run_patching(adapter, cfg, fam, td_sweep=sweep_td, checkpoint_dir=out / ".partial", chunk_size=chunk)
+    result.save(out)
+    s = result.summary
+    typer.echo(f"peak TD {s['peak_td']:.3f} at layer {s['peak_layer']} (chance {s['chance']:.3f}); "
+               f"interventions at layer {s['layer']}:")
+    typer.echo(result.at_layer().to_string(float_format=lambda v: f"{v:.2f}"))
+    if figures:
+        from .report import patching_figures
+
+        for path in patching_figures(result, out):
             typer.echo(f"wrote {path}")
     typer.echo(f"results in {out} ({result.seconds:.0f}s)")
 

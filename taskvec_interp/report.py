@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import viz
+from .experiments.patching import PatchResult
 from .experiments.sweep import SweepResult
 
 
@@ -31,4 +32,24 @@ def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> li
         viz.plot_umap(acts[layers.index(peak)], labels.tolist(), label_names=names, seed=result.config.seed,
                       path=path, title=f"{fam}, layer {peak}, {shots}-shot")
         paths.append(path)
+    return paths
+
+
+def patching_figures(result: PatchResult, out: str | Path) -> list[Path]:
+    """Fig. 20-like bars at the headline layer, layer x task heatmaps of the change (positive and
+    negative), and the source x target matrix when the run has one."""
+    out = Path(out) / "figures"
+    acc, layer = result.accuracy, result.summary["layer"]
+    fam = result.config.family
+    shots = "zero-shot" if result.config.zero_shot else f"{result.config.shots}-shot"
+    paths = [out / f"patch_bars_layer{layer}.png"]
+    viz.plot_patch_bars(acc, layer, path=paths[0], title=f"{fam}, {shots}, {result.vectors.definition} vectors")
+    for direction in ("positive", "negative"):
+        if direction in set(acc["direction"]) and acc.loc[acc["direction"] == direction, "layer"].nunique() > 1:
+            paths.append(out / f"patch_heatmap_{direction}.png")
+            viz.plot_patch_heatmap(acc, direction, path=paths[-1], title=f"{fam}, {shots}")
+    if "cross" in set(acc["direction"]):
+        for mode in result.config.modes:
+            paths.append(out / f"patch_matrix_layer{layer}_{mode}.png")
+            viz.plot_patch_matrix(acc, layer, mode, path=paths[-1])
     return paths

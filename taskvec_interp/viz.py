@@ -824,3 +824,92 @@ def plot_patching(patching: pd.DataFrame, path: str | Path | None = None, title:
     if title:
         fig.suptitle(title)
     return _finish(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Task-vector interventions on language models (paper Fig. 20)
+# ------------------------------------------------------------------------------------------------
+_DIRECTION_COLORS = {"baseline": "0.55", "positive": "tab:green", "negative": "tab:red"}
+
+
+def plot_patch_bars(accuracy: pd.DataFrame, layer: int, mode: str | None = None, path: str | Path | None = None,
+                    title: str | None = None) -> Figure:
+    """Baseline / positive / negative exact-match accuracy per task at one layer, with bootstrap CIs
+    (paper Fig. 20). One panel per intervention mode (or only ``mode``)."""
+    acc = _check_table(accuracy, ["layer", "mode", "direction", "task", "accuracy", "ci_low", "ci_high"],
+                       "patching accuracy table")
+    base = acc[acc["direction"] == "baseline"]
+    at = acc[(acc["layer"] == layer) & acc["direction"].isin(["positive", "negative"])]
+    if at.empty:
+        raise ValueError(f"no positive/negative interventions at layer {layer} in the table")
+    modes = [mode] if mode is not None else [m for m in ("add", "replace") if m in set(at["mode"])]
+    tasks = list(dict.fromkeys(base["task"]))
+    fig, axes = _grid(len(modes), (max(5.0, 0.9 * len(tasks) + 1.5), 3.4), max_cols=1)
+    width = 0.27
+    for ax, m in zip(axes, modes, strict=False):
+        for j, (direction, part) in enumerate((("baseline", base), *((d, at[(at["mode"] == m) & (at["direction"] == d)])
+                                                                        for d in ("positive", "negative")))):
+            part = part.set_index("task").reindex(tasks)
+            x = np.arange(len(tasks)) + (j - 1) * width
+            err = np.vstack([part["accuracy"] - part["ci_low"], part["ci_high"] - part["accuracy"]])
+            ax.bar(x, part["accuracy"], width, yerr=np.clip(err, 0, None), capsize=2,
+                   color=_DIRECTION_COLORS[direction], label=direction)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title(f"{m} task vector at layer {layer}", fontsize=9)
+        ax.legend(fontsize=8, ncols=3, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def plot_patch_heatmap(accuracy: pd.DataFrame, direction: str = "positive", mode: str | None = None,
+                       path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Layer x task heatmap of the accuracy change (intervention minus baseline), one panel per mode."""
+    acc = _check_table(accuracy, ["layer", "mode", "direction", "task", "delta"], "patching accuracy table")
+    part = acc[acc["direction"] == direction]
+    if part.empty:
+        raise ValueError(f"no {direction!r} interventions in the table")
+    modes = [mode] if mode is not None else [m for m in ("add", "replace") if m in set(part["mode"])]
+    fig, axes = _grid(len(modes), (5.2, 4.2), max_cols=2)
+    for ax, m in zip(axes, modes, strict=False):
+        grid = part[part["mode"] == m].pivot_table(index="layer", columns="task", values="delta", sort=False)
+        grid = grid.sort_index()
+        lim = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
+        im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(grid.columns)), list(grid.columns), rotation=45, ha="right")
+        ax.set_yticks(range(len(grid.index)), [int(v) for v in grid.index])
+        ax.set_xlabel("task")
+        ax.set_ylabel("patched layer")
+        ax.set_title(f"{direction} ({m}): accuracy change", fontsize=9)
+        fig.colorbar(im, ax=ax, label="accuracy - baseline")
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def plot_patch_matrix(accuracy: pd.DataFrame, layer: int, mode: str, path: str | Path | None = None,
+                      title: str | None = None) -> Figure:
+    """Source x target matrix: the accuracy change on each task's prompts (columns) when each task's
+    vector (rows) is patched in at ``layer`` (the language-model analogue of the synthetic Fig. 7)."""
+    acc = _check_table(accuracy, ["layer", "mode", "vector", "task", "delta"], "patching accuracy table")
+    part = acc[(acc["layer"] == layer) & (acc["mode"] == mode) & ~acc["vector"].isin(["none", "own"])]
+    if part.empty:
+        raise ValueError(f"no source x target ('matrix') interventions at layer {layer} with mode {mode!r}")
+    tasks = list(dict.fromkeys(acc["task"]))
+    grid = part.pivot_table(index="vector", columns="task", values="delta").reindex(index=tasks, columns=tasks)
+    lim = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
+    fig, (ax,) = _grid(1, (0.6 * len(tasks) + 2.5, 0.5 * len(tasks) + 1.8))
+    im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim)
+    for (i, j), v in np.ndenumerate(grid.to_numpy()):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if abs(v) < 0.6 * lim else "w")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("prompts of task (target)")
+    ax.set_ylabel("task vector patched in (source)")
+    ax.set_title(title or f"{mode} at layer {layer}: accuracy change", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy - baseline")
+    return _finish(fig, path)

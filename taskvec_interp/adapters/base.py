@@ -439,6 +439,9 @@ class Adapter(ABC):
                 if inputs.length > 1 and "full" not in used:  # a one-token prompt has no prefix to share
                     gens = self._generate_branches(inputs, checked, self._state(inputs, idx, n), max_new_tokens,
                                                    max_rows)
+                if gens is None and share_prefix and inputs.length > 1:
+                    raise ValueError(f"cannot share the prompt prefix: the cache of {type(self._hf_module()).__name__} "
+                                     "cannot be repeated per branch (e.g. a recurrent state)")
                 used.add("full" if gens is None else "prefix")
                 if gens is None:  # no cache to share here: full generation, the same tokens
                     gens = [self._generate(inputs, b, self._state(inputs, idx, n), max_new_tokens) for b in checked]

@@ -39,6 +39,7 @@ from ..hooks import resolve_layers
 from ..probes.accuracy import answer_budget, bootstrap_accuracy, score_generation
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
+from ..results import check_out_dir, provenance, write_json
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 
 Evaluate = Callable[[list[dict]], Sequence[pd.DataFrame | Mapping]]
@@ -286,9 +287,9 @@ class PatchResult:
 
     def save(self, out: str | Path) -> Path:
         """config.json (with the model's identity), tables as Parquet, vectors.safetensors, summary.json."""
-        out = _check_out(out)
+        out = check_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
+        write_json(out / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
                                           "backend": self.model.get("backend", self.config.backend),
                                           "provenance": provenance(self.model)})
         for name in ("accuracy", "predictions", "td", "relation"):
@@ -296,34 +297,8 @@ class PatchResult:
             getattr(self, name).to_parquet(tmp, index=False)
             tmp.replace(out / f"{name}.parquet")
         self.vectors.save(out / "vectors.safetensors")
-        _write_json(out / "summary.json", {**self.summary, "seconds": round(self.seconds, 1)})
+        write_json(out / "summary.json", {**self.summary, "seconds": round(self.seconds, 1)})
         return out
-
-
-def _check_out(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} is a file, not a directory")
-    return out
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, allow_nan=False))
-    tmp.replace(path)
-
-
-def provenance(model: dict) -> dict:
-    """The model's identity and the versions of the libraries that produced a result."""
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("taskvec-interp", "torch", "transformers", "transformer-lens", "nnsight"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"model": model, "versions": versions}
 
 
 def load_patching(directory: str | Path) -> PatchResult:
@@ -521,7 +496,7 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
     for r in at.itertuples():
         out["at_peak"].setdefault(f"{r.mode}_{r.direction}", {})[r.task] = round(float(r.delta), 4)
     real = [t for t in tasks if t != null]
-    for key, per_task in out["at_peak"].items():
+    for per_task in out["at_peak"].values():
         vals = [per_task[t] for t in real if t in per_task]
         per_task["mean"] = round(sum(vals) / len(vals), 4) if vals else None
     return out
@@ -529,6 +504,6 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
 
 __all__ = [
     "DIRECTIONS", "MODES", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
-    "patch_conditions", "patch_summary", "peak_layer_of", "provenance", "run_conditions", "run_patching",
+    "patch_conditions", "patch_summary", "peak_layer_of", "run_conditions", "run_patching",
     "td_relation",
 ]

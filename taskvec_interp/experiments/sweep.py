@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..adapters.base import Adapter
 from ..probes.accuracy import icl_accuracy
 from ..probes.decodability import task_decodability
-from ..tasks import NULL_TASK, PromptBuilder, PromptTemplate, TaskFamily, get_family
+from ..results import check_out_dir, provenance
+from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 
 
 @dataclass
@@ -71,15 +72,21 @@ class SweepResult:
     """shots -> (last-token activations [layer, prompt, d_model], labels [prompt]); on disk only if
     ``config.save_activations``."""
     seconds: float = 0.0
+    model: dict = field(default_factory=dict)
+    """The adapter's real identity (``Adapter.identity()``): recorded in config.json."""
 
     def save(self, out: str | Path) -> Path:
         """Write config.json, fit.json and td / accuracy / predictions as Parquet (+ activations safetensors).
 
         Parquet, not CSV: it keeps dtypes, and a task named "null" would read back as NaN from CSV.
         """
-        out = Path(out)
+        out = check_out_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        config = asdict(self.config)
+        if self.model:  # the model that produced the numbers, whatever the config's default said
+            config |= {"model": self.model["name"], "backend": self.model["backend"],
+                       "provenance": provenance(self.model)}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
         for name in ("td", "accuracy", "predictions"):
             getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
         fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
@@ -96,7 +103,9 @@ def load_sweep(directory: str | Path) -> SweepResult:
     from safetensors.torch import load_file
 
     d = Path(directory)
-    config = SweepConfig(**json.loads((d / "config.json").read_text()))
+    raw = json.loads((d / "config.json").read_text())
+    model = raw.pop("provenance", {}).get("model", {})
+    config = SweepConfig(**raw)
     fit = {k: (math.nan if v is None else v) for k, v in json.loads((d / "fit.json").read_text()).items()}
     seconds = fit.pop("seconds", 0.0)
     acts = {}
@@ -104,7 +113,7 @@ def load_sweep(directory: str | Path) -> SweepResult:
         t = load_file(str(path))
         acts[int(path.name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
     tables = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
-    return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds)
+    return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
 
 
 def fit_td_accuracy(
@@ -136,19 +145,33 @@ def fit_td_accuracy(
 
 
 def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None = None,
-              progress: bool = True) -> SweepResult:
-    """TD (all layers) and ICL accuracy for every shot count of ``config``, one pass per prompt batch."""
+              progress: bool = True, prompts: Sequence[Prompt] | None = None) -> SweepResult:
+    """TD (all layers) and ICL accuracy for every shot count of ``config``, one pass per prompt batch.
+
+    ``prompts``: ready-made prompts instead of building them from the family; they are grouped by
+    their number of demonstrations, and every shot count of ``config`` must be among them.
+    """
     t0 = time.perf_counter()
     fam = family if family is not None else get_family(config.family, **config.family_kwargs)
     template = PromptTemplate(**config.template)
     builder = PromptBuilder(template)
+    given: dict[int, list[Prompt]] = {}
+    if prompts is not None:
+        for p in prompts:
+            if p.task not in fam.task_names:
+                raise ValueError(f"prompt of unknown task {p.task!r}; family {fam.name!r} has {fam.task_names}")
+            given.setdefault(p.n_shots, []).append(p)
+        missing = [s for s in config.shots if s not in given]
+        if missing:
+            raise ValueError(f"no ready-made prompts with {missing} shots (have {sorted(given)})")
     td_frames, acc_frames, pred_frames, acts = [], [], [], {}
     for shots in tqdm(config.shots, desc=f"{fam.name} shots", disable=not progress):
-        prompts = builder.build(fam, n_per_task=config.n_per_task, shots=shots, seed=config.seed)
-        acc = icl_accuracy(adapter, prompts, max_new_tokens=config.max_new_tokens,
+        prompts_s = given.get(shots) or builder.build(fam, n_per_task=config.n_per_task, shots=shots,
+                                                      seed=config.seed)
+        acc = icl_accuracy(adapter, prompts_s, max_new_tokens=config.max_new_tokens,
                            stop=template.example_separator, capture_layers=config.layers,
                            batch_size=config.batch_size, progress=progress)
-        labels = [p.label for p in prompts]
+        labels = [p.label for p in prompts_s]
         td = task_decodability(acc.activations, labels, k=config.k, metric=config.metric,
                                label_names=fam.task_names, layers=acc.layers, n_boot=config.n_boot,
                                seed=config.seed)
@@ -161,7 +184,7 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
     fit = fit_td_accuracy(td_all, acc_all, config.fit_layer, config.fit_include_null)
     fit["family"] = fam.name
     return SweepResult(config, td_all, acc_all, pd.concat(pred_frames, ignore_index=True), fit, acts,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, adapter.identity())
 
 
 def summarize(result: SweepResult, shots: Sequence[int] | None = None) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -227,9 +227,4 @@ def task_vectors(
     return TaskVectors(vectors, layer_list, tasks, definition, meta)
 
 
-def with_meta(vectors: TaskVectors, **meta: object) -> TaskVectors:
-    """A copy with extra provenance (e.g. the config that built the prompts)."""
-    return replace(vectors, meta={**vectors.meta, **meta})
-
-
-__all__ = ["DEFINITIONS", "TaskVectors", "demo_positions", "task_vectors", "with_meta"]
+__all__ = ["DEFINITIONS", "TaskVectors", "demo_positions", "task_vectors"]
