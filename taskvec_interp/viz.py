@@ -873,10 +873,10 @@ def plot_patch_heatmap(accuracy: pd.DataFrame, direction: str = "positive", mode
         raise ValueError(f"no {direction!r} interventions in the table")
     modes = [mode] if mode is not None else [m for m in ("add", "replace") if m in set(part["mode"])]
     fig, axes = _grid(len(modes), (5.2, 4.2), max_cols=2)
+    lim = max(float(np.nanmax(np.abs(part["delta"].to_numpy(dtype=float)))), 0.05)  # one scale for all panels
     for ax, m in zip(axes, modes, strict=False):
         grid = part[part["mode"] == m].pivot_table(index="layer", columns="task", values="delta", sort=False)
         grid = grid.sort_index()
-        lim = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
         im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
         ax.set_xticks(range(len(grid.columns)), list(grid.columns), rotation=45, ha="right")
         ax.set_yticks(range(len(grid.index)), [int(v) for v in grid.index])
@@ -899,7 +899,7 @@ def plot_patch_matrix(accuracy: pd.DataFrame, layer: int, mode: str, path: str |
         raise ValueError(f"no source x target ('matrix') interventions at layer {layer} with mode {mode!r}")
     tasks = list(dict.fromkeys(acc["task"]))
     grid = part.pivot_table(index="vector", columns="task", values="delta").reindex(index=tasks, columns=tasks)
-    lim = max(float(np.nanmax(np.abs(grid.to_numpy()))), 1e-9)
+    lim = max(float(np.nanmax(np.abs(grid.to_numpy()))), 0.05)
     fig, (ax,) = _grid(1, (0.6 * len(tasks) + 2.5, 0.5 * len(tasks) + 1.8))
     im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim)
     for (i, j), v in np.ndenumerate(grid.to_numpy()):

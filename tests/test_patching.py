@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -401,3 +402,39 @@ def test_patch_cli_writes_results_and_figures(tiny_smol, tmp_path):
     assert config["model"] == str(model_dir) and config["provenance"]["model"]["model_type"] == "llama"
     assert not (out / ".partial").exists()
     assert TaskVectors.load(out / "vectors.safetensors", tiny_smol, allow_other_model=True).layers == [1, 2]
+
+
+def _accuracy_table() -> pd.DataFrame:
+    tasks = ["AND", "OR", "null"]
+    conds = patch_conditions([2, 5], ("add", "replace"), ("matrix", "positive"), tasks)
+    rows = []
+    for i, c in enumerate(conds):
+        for j, task in enumerate(tasks):
+            acc = 0.3 + 0.1 * j + (0.0 if c["vector"] == "none" else 0.01 * i)
+            rows.append({"condition": i, **c, "direction": {"none": "baseline", "own": "positive", "null": "negative"}
+                         .get(c["vector"], "cross"), "task": task, "n": 10, "accuracy": acc, "ci_low": acc - 0.1,
+                         "ci_high": acc + 0.1, "delta": acc - (0.3 + 0.1 * j)})
+    return pd.DataFrame(rows)
+
+
+def test_patching_figures_draw_the_table(tmp_path):
+    from taskvec_interp import viz
+
+    acc = _accuracy_table()
+    fig = viz.plot_patch_bars(acc, 5, path=tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").exists() and len(fig.axes) == 2
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    base = acc[acc["direction"] == "baseline"]["accuracy"].tolist()
+    assert heights[:3] == pytest.approx(base)  # baseline bars first, one per task
+    fig = viz.plot_patch_heatmap(acc, "positive", path=tmp_path / "heat.png")
+    want = acc[(acc["direction"] == "positive") & (acc["mode"] == "add")].pivot_table(
+        index="layer", columns="task", values="delta", sort=False).sort_index()
+    assert np.allclose(np.asarray(fig.axes[0].images[0].get_array()), want.to_numpy())
+    fig = viz.plot_patch_matrix(acc, 2, "replace", path=tmp_path / "matrix.png")
+    grid = fig.axes[0].images[0].get_array()
+    cell = acc[(acc["layer"] == 2) & (acc["mode"] == "replace") & (acc["vector"] == "OR") & (acc["task"] == "AND")]
+    assert grid[1, 0] == pytest.approx(float(cell["delta"].iloc[0]))  # row: source OR, column: target AND
+    with pytest.raises(ValueError, match="layer 7"):
+        viz.plot_patch_bars(acc, 7)
+    with pytest.raises(ValueError, match="matrix"):
+        viz.plot_patch_matrix(acc[acc["vector"].isin(["none", "own"])], 2, "add")
