@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -41,10 +39,19 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checkpoints import (
+    atomic_write_text,
+    clean_partial,
+    config_diffs,
+    list_checkpoints,
+    load_optimizer,
+    save_checkpoint,
+    scheduled_lr,
+)
 from .data import MSLRBatch, MSLRConfig, make_test_set, sample_batch
 from .model import ModelConfig, SyntheticRegressor, model_config
 
@@ -71,7 +78,6 @@ RUNTIME_FIELDS: frozenset[str] = frozenset({"device", "compile", "compile_mode",
 #: ``torch.compile`` modes; the ``reduce-overhead`` and ``max-autotune`` ones capture CUDA graphs on a GPU
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES: frozenset[str] = frozenset({"reduce-overhead", "max-autotune"})
-_CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
 
 @dataclass(frozen=True)
@@ -186,15 +192,6 @@ def checkpoint_steps(cfg: TrainConfig) -> list[int]:
     return sorted(x for x in s if 0 <= x <= cfg.steps)
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as ``[(step, path)]``, by step."""
-    d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
-    return sorted(out)
-
-
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
 
@@ -248,40 +245,6 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------- I/O
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _optimizer_to_disk(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"][str(pid)][k] = v
-    return tensors, meta
-
-
-def _optimizer_from_disk(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
-
-
 def _save_checkpoint(
     run_dir: Path,
     step: int,
@@ -291,23 +254,12 @@ def _save_checkpoint(
     loss_sum: Tensor,
     loss_count: int,
 ) -> Path:
-    ckdir = run_dir / "checkpoints"
-    final = ckdir / f"step_{step:07d}"
-    tmp = ckdir / f".tmp_step_{step:07d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    tensors, meta = _optimizer_to_disk(opt)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_file({"data_generator": gen.get_state(), "loss_sum": loss_sum.detach().cpu()}, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "loss_count": loss_count}))
-    (tmp / "model_config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
-    if final.exists():  # e.g. re-running the final step after extending; replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return save_checkpoint(
+        run_dir, step, opt,
+        {"model": model.state_dict(), "state": {"data_generator": gen.get_state(), "loss_sum": loss_sum}},
+        {"state.json": json.dumps({"step": step, "loss_count": loss_count}),
+         "model_config.json": json.dumps(model.cfg.to_dict(), indent=1)},
+    )
 
 
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
@@ -316,18 +268,8 @@ def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -
         saved = TrainConfig.from_dict(saved).to_dict()
     except (TypeError, ValueError):
         pass
-    diffs = []
     runtime = RUNTIME_FIELDS if cfg.lr_schedule == "constant" else RUNTIME_FIELDS - {"steps"}
-    for k in sorted(set(saved) | set(now)):
-        if k in runtime:
-            continue
-        if saved.get(k) != now.get(k):
-            if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
-                for kk in sorted(set(saved[k]) | set(now[k])):
-                    if saved[k].get(kk) != now[k].get(kk):
-                        diffs.append(f"{k}.{kk}: saved {saved[k].get(kk)!r} != given {now[k].get(kk)!r}")
-            else:
-                diffs.append(f"{k}: saved {saved.get(k)!r} != given {now.get(k)!r}")
+    diffs = config_diffs(saved, now, runtime)
     if diffs:
         raise ValueError(
             f"run directory {run_dir} holds a run with a different config; refusing to resume. "
@@ -361,9 +303,8 @@ def train(
         _check_same_config(json.loads(cfg_path.read_text()), cfg, run_dir)
     elif ckpts:
         raise ValueError(f"{run_dir} has checkpoints but no config.json; refusing to resume")
-    _atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1))
-    for p in (run_dir / "checkpoints").glob(".tmp_step_*"):  # leftovers of a killed save
-        shutil.rmtree(p, ignore_errors=True)
+    atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1))
+    clean_partial(run_dir)  # leftovers of a killed save
 
     model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
     use_fused = device.type == "cuda"
@@ -377,16 +318,14 @@ def train(
     if ckpts:
         start, ck = ckpts[-1]
         model.load_state_dict(load_file(ck / "model.safetensors", device=str(device)))
-        opt.load_state_dict(
-            _optimizer_from_disk(load_file(ck / "optimizer.safetensors"), json.loads((ck / "optimizer.json").read_text()))
-        )
+        load_optimizer(opt, ck)
         st_t = load_file(ck / "state.safetensors")
         gen.set_state(st_t["data_generator"])
         loss_sum = st_t["loss_sum"].to(device)
         loss_count = json.loads((ck / "state.json").read_text())["loss_count"]
         # drop metrics logged after the checkpoint (they will be recomputed identically)
         recs = [r for r in read_metrics(run_dir) if r["step"] <= start]
-        _atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     elif (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
 
@@ -409,12 +348,7 @@ def train(
             callback(step, rec)
 
     def lr_at(step: int) -> float:  # a pure function of the step: nothing to checkpoint
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return cfg.lr * step / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-        return cfg.lr
+        return scheduled_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     try:
         if start == 0 and not ckpts:

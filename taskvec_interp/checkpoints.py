@@ -1,0 +1,133 @@
+"""Training checkpoints shared by every trainer (the synthetic regressor, layer-subset fine-tuning).
+
+A run directory holds ``config.json``, ``metrics.jsonl`` and ``checkpoints/step_XXXXXXX/``; each
+checkpoint directory is written under a temporary name and renamed whole, so a kill never leaves a
+half-written checkpoint behind. Tensors are safetensors (no pickle); optimizer state is split into
+its tensors (safetensors) and the rest (JSON). The learning-rate schedule is a pure function of the
+step, so it needs no state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as ``[(step, path)]``, by step."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := CKPT_RE.match(p.name))]
+    return sorted(out)
+
+
+def optimizer_to_disk(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An optimizer's state as (tensors for safetensors, everything else for JSON)."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def optimizer_from_disk(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``state_dict`` that :func:`optimizer_to_disk` split up."""
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: Path, step: int, opt: torch.optim.Optimizer, tensors: Mapping[str, Mapping[str, Tensor]],
+                    texts: Mapping[str, str]) -> Path:
+    """Write ``checkpoints/step_{step}`` atomically: ``{name}.safetensors`` for each entry of ``tensors``,
+    each of ``texts`` as a file, and the optimizer (``optimizer.safetensors`` + ``optimizer.json``)."""
+    ckdir = run_dir / "checkpoints"
+    final = ckdir / f"step_{step:07d}"
+    tmp = ckdir / f".tmp_step_{step:07d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, group in tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, tmp / f"{name}.safetensors")
+    opt_tensors, meta = optimizer_to_disk(opt)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    for name, text in texts.items():
+        (tmp / name).write_text(text)
+    if final.exists():  # e.g. re-running the final step after extending; replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_optimizer(opt: torch.optim.Optimizer, ckpt: Path) -> None:
+    """Restore an optimizer saved by :func:`save_checkpoint`."""
+    opt.load_state_dict(optimizer_from_disk(load_file(ckpt / "optimizer.safetensors"),
+                                            json.loads((ckpt / "optimizer.json").read_text())))
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove the temporary directories of checkpoints whose save was killed."""
+    for p in (run_dir / "checkpoints").glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def config_diffs(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: frozenset[str] | set[str] = frozenset()
+                 ) -> list[str]:
+    """Human-readable differences between two config dicts (one level of nesting), ``ignore`` skipped."""
+    diffs = []
+    for k in sorted(set(saved) | set(now)):
+        if k in ignore or saved.get(k) == now.get(k):
+            continue
+        if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
+            for kk in sorted(set(saved[k]) | set(now[k])):
+                if saved[k].get(kk) != now[k].get(kk):
+                    diffs.append(f"{k}.{kk}: saved {saved[k].get(kk)!r} != given {now[k].get(kk)!r}")
+        else:
+            diffs.append(f"{k}: saved {saved.get(k)!r} != given {now.get(k)!r}")
+    return diffs
+
+
+def scheduled_lr(step: int, lr: float, steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                 min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if warmup_steps and step < warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "cosine":
+        frac = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr
