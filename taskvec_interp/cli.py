@@ -205,6 +205,80 @@ def verify(
     typer.echo(verify_adapter(load_model(model, backend=backend), raise_on_fail=False).to_string(index=False))
 
 
+finetune_app = typer.Typer(help="Layer-subset fine-tuning (first-k vs last-k layers, LoRA via peft).")
+app.add_typer(finetune_app, name="finetune")
+
+
+@finetune_app.callback(invoke_without_command=True)
+def finetune_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
+    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH (trains on its train split)"),
+    layers: str = typer.Option("first:10", help="first:k | last:k | a-b | 3,5,7 | td:encoder"),
+    method: str = typer.Option("lora", help="lora | full (every parameter of those blocks)"),
+    steps: int = typer.Option(200, help="optimizer steps"),
+    out: Path = typer.Option(Path("runs/finetune"), help="run directory (resumes if it has checkpoints)"),
+    shots: int = typer.Option(4),
+    n_train: int = typer.Option(500, help="training prompts per task"),
+    batch_size: int = typer.Option(8),
+    grad_accum: int = typer.Option(1),
+    lr: float = typer.Option(2e-4),
+    rank: int = typer.Option(16, help="LoRA rank (alpha = rank unless --alpha)"),
+    alpha: float = typer.Option(None, help="LoRA alpha"),
+    dropout: float = typer.Option(0.1, help="LoRA dropout"),
+    include_null: bool = typer.Option(False, help="train on the Null task too"),
+    td_sweep: Path = typer.Option(None, help="a `taskvec td` output of this model (for td:encoder)"),
+    eval_n_per_task: int = typer.Option(50, help="evaluation prompts per task (test split)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Fine-tune a layer subset, then evaluate TD and accuracy before and after (subcommand: compare)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .experiments.finetune import FinetuneConfig, check_layer_spec, finetune
+
+    _check_out_dir(out)
+    check_layer_spec(layers)
+    cfg = FinetuneConfig(model=model, family=family, layers=layers, method=method, steps=steps, shots=shots,
+                         n_train=n_train, batch_size=batch_size, grad_accum=grad_accum, lr=lr, rank=rank,
+                         alpha=float(rank) if alpha is None else alpha, dropout=dropout, include_null=include_null,
+                         td_sweep=None if td_sweep is None else str(td_sweep), eval_n_per_task=eval_n_per_task,
+                         seed=seed)
+    from .tasks import get_family
+
+    get_family(cfg.family, **cfg.family_kwargs, split="train")  # a bad family fails before the model loads
+    run = finetune(cfg, out)
+    from .experiments.finetune import compare_runs
+
+    summary, _, _ = compare_runs([run])
+    typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"run in {run}")
+
+
+@finetune_app.command("compare")
+def finetune_compare(
+    runs: list[Path] = typer.Argument(..., help="fine-tuning run directories"),
+    out: Path = typer.Option(None, help="where to write the tables and figures (default: print only)"),
+) -> None:
+    """The Table-1-like comparison of runs (+ the pretrained model): accuracy and TD, figures."""
+    from .experiments.finetune import compare_runs
+
+    if out is not None:
+        _check_out_dir(out)
+    summary, per_task, td = compare_runs(runs)
+    typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(per_task.pivot_table(index="task", columns="model", values="exact", sort=False)
+               .to_string(float_format=lambda v: f"{v:.2f}"))
+    if out is not None:
+        from . import viz
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in (("summary", summary), ("per_task", per_task), ("td", td)):
+            table.to_parquet(out / f"{name}.parquet", index=False)
+        viz.plot_finetune_accuracy(per_task, path=out / "figures" / "accuracy_per_task.png")
+        viz.plot_finetune_td(td, path=out / "figures" / "td_by_layer.png")
+        typer.echo(f"wrote {out}")
+
+
 synthetic_app = typer.Typer(no_args_is_help=True, help="The synthetic MSLR experiment (GPT-2 / Mamba-2).")
 app.add_typer(synthetic_app, name="synthetic")
 

@@ -913,3 +913,45 @@ def plot_patch_matrix(accuracy: pd.DataFrame, layer: int, mode: str, path: str |
     ax.set_title(title or f"{mode} at layer {layer}: accuracy change", fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy - baseline")
     return _finish(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer-subset fine-tuning (paper Fig. 24, Table 1)
+# ------------------------------------------------------------------------------------------------
+def plot_finetune_accuracy(per_task: pd.DataFrame, path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Per-task exact-match accuracy of each model (pretrained, first-k, last-k, ...), grouped bars."""
+    df = _check_table(per_task, ["model", "task", "exact"], "fine-tuning per-task table")
+    models = list(dict.fromkeys(df["model"]))
+    tasks = list(dict.fromkeys(df["task"]))
+    fig, (ax,) = _grid(1, (max(5.0, 1.1 * len(tasks) + 1.5), 3.6))
+    width = 0.8 / len(models)
+    colors = _class_colors(len(models))
+    for j, model in enumerate(models):
+        part = df[df["model"] == model].set_index("task").reindex(tasks)
+        ax.bar(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * width, part["exact"], width, label=model,
+               color=colors[j])
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact-match accuracy")
+    ax.legend(fontsize=8, ncols=min(len(models), 3), loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_finetune_td(td: pd.DataFrame, path: str | Path | None = None, title: str | None = None) -> Figure:
+    """Overall TD by layer for each model: does fine-tuning move the task encoding?"""
+    df = _check_table(td, ["model", "layer", "td"], "fine-tuning TD table")
+    fig, (ax,) = _grid(1, (5.5, 3.6))
+    colors = _class_colors(df["model"].nunique())
+    for j, (model, part) in enumerate(df.groupby("model", sort=False)):
+        part = part.sort_values("layer")
+        ax.plot(part["layer"], part["td"], marker="o", ms=3, label=model, color=colors[j])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("task decodability")
+    ax.set_ylim(*_TD_LIMITS)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path)

@@ -130,10 +130,23 @@ def resolve_model(spec: object, dtype: torch.dtype | None = None, device: str | 
     raise ValueError(f"cannot resolve model spec {name!r}; tried: " + "; ".join(tried))
 
 
-def make_adapter(model: object, tokenizer: object | None = None, backend: str = "torch", **kwargs: object) -> Adapter:
-    """Wrap an already-loaded model in the adapter for ``backend``."""
+def unwrap_peft(model: object, merge: bool = False) -> object:
+    """A peft ``PeftModel`` -> the Hugging Face model inside it: with its adapter layers active
+    (``merge=False``: hooks see the adapted model, the adapter stays separable) or merged into the base
+    weights (``merge=True``, in place: plain Linear layers again). Anything else is returned as is."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.merge_and_unload() if merge else model.get_base_model()
+    if merge:
+        raise ValueError(f"merge=True needs a peft model, got {type(model).__name__}")
+    return model
+
+
+def make_adapter(model: object, tokenizer: object | None = None, backend: str = "torch", *, merge: bool = False,
+                 **kwargs: object) -> Adapter:
+    """Wrap an already-loaded model in the adapter for ``backend`` (a peft model: see :func:`unwrap_peft`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    model = unwrap_peft(model, merge)
     if type(model).__name__ == "TransformerBridge":
         if backend != "transformer_lens":
             raise ValueError(f"a TransformerBridge can only use backend 'transformer_lens', not {backend!r}")
@@ -158,17 +171,18 @@ def make_adapter(model: object, tokenizer: object | None = None, backend: str = 
 def load_model(
     spec: object, backend: str = "torch", *, tokenizer: object | None = None, dtype: torch.dtype | None = None,
     device: str | torch.device | None = None, revision: str | None = None, verify: bool = False,
-    **adapter_kwargs: object,
+    merge: bool = False, **adapter_kwargs: object,
 ) -> Adapter:
     """Load ``spec`` (see module doc) and wrap it in the ``backend``'s adapter.
 
     ``backend``: ``"torch"`` (plain forward hooks, fastest), ``"transformer_lens"`` (TransformerBridge)
-    or ``"nnsight"``. ``verify=True`` runs :func:`verify_adapter` before returning.
+    or ``"nnsight"``. ``verify=True`` runs :func:`verify_adapter` before returning. A peft
+    ``PeftModel`` runs with its adapter active, or merged into the weights with ``merge=True``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     model, tok = resolve_model(spec, dtype=dtype, device=device, tokenizer=tokenizer, revision=revision)
-    adapter = make_adapter(model, tok, backend, **adapter_kwargs)
+    adapter = make_adapter(model, tok, backend, merge=merge, **adapter_kwargs)
     if isinstance(spec, (str, Path)):
         adapter.name, adapter.revision = str(spec), revision
     if verify:
