@@ -63,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from taskvec_interp.adapters.load import resolve_model
     from taskvec_interp.adapters.arch import find_arch
+    from taskvec_interp.adapters.load import resolve_model
     from taskvec_interp.experiments.finetune import (
         FinetuneConfig,
         finetune,
