@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -185,6 +186,11 @@ def test_peft_models_load_on_every_backend(smol_tokenizer, tmp_path):
     bridge = load_model(merged.model, backend="transformer_lens", tokenizer=smol_tokenizer)
     torch.testing.assert_close(bridge.capture(prompts, hooks=hooks, progress=False), expected_hooked,
                                atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    fresh = get_peft_model(_tiny("llama", smol_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights=False))
+    unmerged_tl = load_model(fresh, backend="transformer_lens", tokenizer=smol_tokenizer)
+    torch.testing.assert_close(unmerged_tl.capture(prompts, progress=False), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="needs a peft model"):
         load_model(_tiny("llama", smol_tokenizer), tokenizer=smol_tokenizer, merge=True)
 
@@ -232,3 +238,22 @@ def test_finetune_cli_trains_resumes_and_compares(smol_tokenizer, tmp_path):
     assert list((tmp_path / "cmp" / "figures").glob("*.png"))
     res = runner.invoke(app, ["finetune", "--model", "no/such", "--layers", "5-3", "--out", str(tmp_path / "c")])
     assert res.exit_code != 0 and not (tmp_path / "c").exists()
+
+
+def test_td_encoder_reads_the_models_own_sweep(smol_tokenizer, tmp_path):
+    from taskvec_interp.adapters import TorchHooksAdapter
+    from taskvec_interp.experiments.sweep import SweepConfig, load_sweep, run_sweep
+
+    base = _tiny("llama", smol_tokenizer)
+    sweep = run_sweep(TorchHooksAdapter(copy.deepcopy(base), smol_tokenizer),
+                      SweepConfig(shots=(2,), n_per_task=12, n_boot=10), progress=False).save(tmp_path / "td")
+    td = load_sweep(sweep).td
+    overall = td[td["level"] == "overall"]
+    peak = int(overall.loc[overall["td"].idxmax(), "layer"])
+    cfg = FinetuneConfig(model="tiny", layers="td:encoder", td_sweep=str(sweep), **FAST)
+    run = finetune(cfg, tmp_path / "run", model=base, tokenizer=smol_tokenizer, progress=False, evaluate=False)
+    assert json.loads((run / "config.json").read_text())["resolved_layers"] == list(range(peak + 1))
+    with pytest.raises(ValueError, match="another model"):
+        finetune(cfg, tmp_path / "other", model=_tiny("llama", smol_tokenizer, layers=3), tokenizer=smol_tokenizer,
+                 progress=False, evaluate=False)
+    assert not (tmp_path / "other").exists()
