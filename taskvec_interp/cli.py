@@ -156,6 +156,8 @@ def patch(
     scale: float = typer.Option(1.0, help="scale of added vectors"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate queries without demonstrations"),
     td_sweep: Path = typer.Option(None, help="a `taskvec td` output directory to read the peak layer from"),
+    vectors_file: Path = typer.Option(None, help="task vectors saved by an earlier run (vectors.safetensors) "
+                                                 "instead of computing them; refused if from another model"),
     out: Path = typer.Option(Path("runs/patch"), help="output directory (results + config + figures)"),
     backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
     seed: int = typer.Option(0),
@@ -179,8 +181,14 @@ def patch(
     fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
     from .adapters import load_model
 
+    if vectors_file is not None and not vectors_file.is_file():
+        raise typer.BadParameter(f"--vectors-file {vectors_file} does not exist")
     adapter = load_model(cfg.model, backend=cfg.backend)
-    result = run_patching(adapter, cfg, fam, td_sweep=sweep_td, checkpoint_dir=out / ".partial", chunk_size=chunk)
+    from .probes.vectors import TaskVectors
+
+    given = TaskVectors.load(vectors_file, adapter) if vectors_file is not None else None
+    result = run_patching(adapter, cfg, fam, vectors=given, td_sweep=sweep_td, checkpoint_dir=out / ".partial",
+                          chunk_size=chunk)
     result.save(out)
     s = result.summary
     typer.echo(f"peak TD {s['peak_td']:.3f} at layer {s['peak_layer']} (chance {s['chance']:.3f}); "

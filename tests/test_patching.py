@@ -402,6 +402,22 @@ def test_patch_cli_writes_results_and_figures(tiny_smol, tmp_path):
     assert config["model"] == str(model_dir) and config["provenance"]["model"]["model_type"] == "llama"
     assert not (out / ".partial").exists()
     assert TaskVectors.load(out / "vectors.safetensors", tiny_smol, allow_other_model=True).layers == [1, 2]
+    again = CliRunner().invoke(app, ["patch", "--model", str(model_dir), "--n-per-task", "3", "--shots", "2",
+                                     "--layers", "2", "--n-boot", "20", "--vectors-file",
+                                     str(out / "vectors.safetensors"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    first = pd.read_parquet(out / "accuracy.parquet")
+    second = pd.read_parquet(tmp_path / "again" / "accuracy.parquet")
+    cols = ["layer", "mode", "vector", "task", "accuracy", "ci_low", "ci_high", "delta"]
+    pd.testing.assert_frame_equal(first.loc[first["layer"] == 2, cols].reset_index(drop=True),
+                                  second.loc[second["layer"] == 2, cols].reset_index(drop=True))
+    other_dir = tmp_path / "other-model"
+    _same_shape_other_model(tiny_smol.tokenizer).model.save_pretrained(other_dir)
+    tiny_smol.tokenizer.save_pretrained(other_dir)
+    refused = CliRunner().invoke(app, ["patch", "--model", str(other_dir), "--layers", "2", "--vectors-file",
+                                       str(out / "vectors.safetensors"), "--out", str(tmp_path / "refused")])
+    assert refused.exit_code != 0 and "another model" in repr(refused.exception)
+    assert not (tmp_path / "refused").exists()
 
 
 def _accuracy_table() -> pd.DataFrame:
