@@ -41,6 +41,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The metrics records of a run (one dict per logged step, from ``metrics.jsonl``)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
 def optimizer_to_disk(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """An optimizer's state as (tensors for safetensors, everything else for JSON)."""
     sd = opt.state_dict()

@@ -48,6 +48,7 @@ from ..checkpoints import (
     config_diffs,
     list_checkpoints,
     load_optimizer,
+    read_metrics,
     save_checkpoint,
     scheduled_lr,
 )
@@ -455,7 +456,7 @@ def finetune(
             rng = load_file(ck / "rng.safetensors")
             gen.set_state(rng["data_generator"])
             torch.set_rng_state(rng["torch"])
-            recs = [r for r in _read_metrics(out) if r["step"] <= start]
+            recs = [r for r in read_metrics(out) if r["step"] <= start]
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
         elif (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
@@ -526,13 +527,6 @@ def _evaluate(model: nn.Module, tok: Any, config: FinetuneConfig, name: str, pro
     sweep = config.sweep_config(name)
     return run_sweep(adapter, sweep, get_family(sweep.family, **sweep.family_kwargs), progress=False,
                      prompts=prompts)
-
-
-def _read_metrics(run: Path) -> list[dict]:
-    p = run / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from ..checkpoints import (
     config_diffs,
     list_checkpoints,
     load_optimizer,
+    read_metrics,
     save_checkpoint,
     scheduled_lr,
 )
@@ -194,14 +195,6 @@ def checkpoint_steps(cfg: TrainConfig) -> list[int]:
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The metrics records of a run (one dict per logged step)."""
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> SyntheticRegressor:
