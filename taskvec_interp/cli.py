@@ -237,6 +237,7 @@ def finetune_cmd(
     include_null: bool = typer.Option(False, help="train on the Null task too"),
     td_sweep: Path = typer.Option(None, help="a `taskvec td` output of this model (for td:encoder)"),
     eval_n_per_task: int = typer.Option(50, help="evaluation prompts per task (test split)"),
+    eval_before: bool = typer.Option(True, help="also evaluate the pretrained model (once per run directory)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Fine-tune a layer subset, then evaluate TD and accuracy before and after (subcommand: compare)."""
@@ -250,7 +251,7 @@ def finetune_cmd(
                          n_train=n_train, batch_size=batch_size, grad_accum=grad_accum, lr=lr, rank=rank,
                          alpha=float(rank) if alpha is None else alpha, dropout=dropout, include_null=include_null,
                          td_sweep=None if td_sweep is None else str(td_sweep), eval_n_per_task=eval_n_per_task,
-                         seed=seed)
+                         eval_before=eval_before, seed=seed)
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs, split="train")  # a bad family fails before the model loads
