@@ -44,10 +44,13 @@ def patching_figures(result: PatchResult, out: str | Path) -> list[Path]:
     shots = "zero-shot" if result.config.zero_shot else f"{result.config.shots}-shot"
     paths = [out / f"patch_bars_layer{layer}.png"]
     viz.plot_patch_bars(acc, layer, path=paths[0], title=f"{fam}, {shots}, {result.vectors.definition} vectors")
+    values = ["delta"] + (["logprob_delta"] if "logprob_delta" in acc else [])
     for direction in ("positive", "negative"):
         if direction in set(acc["direction"]) and acc.loc[acc["direction"] == direction, "layer"].nunique() > 1:
-            paths.append(out / f"patch_heatmap_{direction}.png")
-            viz.plot_patch_heatmap(acc, direction, path=paths[-1], title=f"{fam}, {shots}")
+            for value in values:
+                suffix = "" if value == "delta" else "_logprob"
+                paths.append(out / f"patch_heatmap_{direction}{suffix}.png")
+                viz.plot_patch_heatmap(acc, direction, path=paths[-1], title=f"{fam}, {shots}", value=value)
     if "cross" in set(acc["direction"]):
         for mode in result.config.modes:
             paths.append(out / f"patch_matrix_layer{layer}_{mode}.png")

@@ -865,25 +865,30 @@ def plot_patch_bars(accuracy: pd.DataFrame, layer: int, mode: str | None = None,
 
 
 def plot_patch_heatmap(accuracy: pd.DataFrame, direction: str = "positive", mode: str | None = None,
-                       path: str | Path | None = None, title: str | None = None) -> Figure:
-    """Layer x task heatmap of the accuracy change (intervention minus baseline), one panel per mode."""
-    acc = _check_table(accuracy, ["layer", "mode", "direction", "task", "delta"], "patching accuracy table")
+                       path: str | Path | None = None, title: str | None = None, value: str = "delta") -> Figure:
+    """Layer x task heatmap of the change (intervention minus baseline), one panel per mode.
+
+    ``value``: ``"delta"`` (exact-match accuracy) or ``"logprob_delta"`` (mean per-token answer
+    log-probability, when the run scored it)."""
+    acc = _check_table(accuracy, ["layer", "mode", "direction", "task", value], "patching accuracy table")
+    what = "answer log-prob" if value.startswith("logprob") else "accuracy"
     part = acc[acc["direction"] == direction]
     if part.empty:
         raise ValueError(f"no {direction!r} interventions in the table")
     modes = [mode] if mode is not None else [m for m in ("add", "replace") if m in set(part["mode"])]
     fig, axes = _grid(len(modes), (5.2, 4.2), max_cols=2)
-    lim = max(float(np.nanmax(np.abs(part["delta"].to_numpy(dtype=float)))), 0.05)  # one scale for all panels
+    lim = max(float(np.nanmax(np.abs(part[value].to_numpy(dtype=float)))), 0.05)  # one scale for all panels
     for ax, m in zip(axes, modes, strict=False):
-        grid = part[part["mode"] == m].pivot_table(index="layer", columns="task", values="delta", sort=False)
+        grid = part[part["mode"] == m].pivot_table(index="layer", columns="task", values=value, sort=False)
         grid = grid.sort_index()
         im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
         ax.set_xticks(range(len(grid.columns)), list(grid.columns), rotation=45, ha="right")
-        ax.set_yticks(range(len(grid.index)), [int(v) for v in grid.index])
+        step = max(1, math.ceil(len(grid.index) / 16))  # at most ~16 layer labels
+        ax.set_yticks(range(0, len(grid.index), step), [int(v) for v in grid.index[::step]])
         ax.set_xlabel("task")
         ax.set_ylabel("patched layer")
-        ax.set_title(f"{direction} ({m}): accuracy change", fontsize=9)
-        fig.colorbar(im, ax=ax, label="accuracy - baseline")
+        ax.set_title(f"{direction} ({m}): {what} change", fontsize=9)
+        fig.colorbar(im, ax=ax, label=f"{what} - baseline")
     if title:
         fig.suptitle(title)
     return _finish(fig, path)

@@ -184,6 +184,13 @@ class Adapter(ABC):
         full generations). Backends without a reusable cache keep this default."""
         return None
 
+    def _score_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                        max_rows: int) -> list[Tensor] | None:
+        """Optional: teacher-forced logits ``[batch, 1 + answer, vocab]`` (from the last prompt token on) of
+        one batch (prompts left-padded, answers appended and right-padded) under each branch, sharing the
+        prompt prefix's KV cache; ``None`` where this model cannot share it."""
+        return None
+
     # ---------------------------------------------------------------- tokenization
     def _require_tokenizer(self) -> object:
         if self.tokenizer is None:
@@ -393,6 +400,74 @@ class Adapter(ABC):
                     return (f"branch {b}'s hook at {site} may write positions before the last prompt token "
                             "(only hooks.add/replace/ablate at position=-1 are known not to)")
         return None
+
+    def score_branches(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[Sequence[int]],
+        branches: Sequence[HookSpec],
+        *,
+        share_prefix: bool | None = None,
+        max_rows: int = 256,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> Float[Tensor, "branch prompt"]:
+        """Teacher-forced log-probability of each prompt's answer (token ids, summed over its tokens) under
+        each branch: ``[n_branches, n_prompts]``, a continuous metric beside exact match.
+
+        The answers are appended to the left-padded prompts and right-padded, so prompt coordinates (and
+        a hook at ``-1``, the last prompt token) mean what they mean in generation. The prompt prefix is
+        shared as in :meth:`generate_branches` when the branches allow it; otherwise one full forward pass
+        per branch, with the same numbers.
+        """
+        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or len(branches) == 0:
+            raise ValueError("branches must be a non-empty list of hook lists")
+        if len(answers) != len(prompts):
+            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
+        reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
+        if share_prefix and reason is not None:
+            raise ValueError(f"cannot share the prompt prefix: {reason}")
+        answers = [list(a) for a in answers]
+        longest = max(len(a) for a in answers)
+        n, batches = self._batches(prompts, batch_size, extra=longest)
+        out = torch.zeros((len(checked), n), dtype=torch.float64)
+        bar = tqdm(batches, desc=f"score x {len(checked)} branches", disable=not progress, leave=False)
+        with torch.no_grad():
+            for idx, inputs in bar:
+                full, target, valid = self._append_answers(inputs, [answers[i] for i in idx.tolist()])
+                logits = None
+                if reason is None and inputs.length > 1:
+                    logits = self._score_branches(full, checked, self._state(inputs, idx, n), max_rows)
+                    if logits is None and share_prefix:
+                        raise ValueError("cannot share the prompt prefix: this model's cache cannot be repeated")
+                if logits is None:  # one full teacher-forced pass per branch
+                    p = inputs.length
+                    logits = [self._forward(full, b, self._state(inputs, idx, n), "all")[:, p - 1:] for b in checked]
+                for b, lg in enumerate(logits):
+                    logp = torch.log_softmax(lg[:, :-1].double(), -1).gather(-1, target[:, :, None])[..., 0]
+                    out[b, idx] = (logp * valid).sum(1).cpu()
+        return out
+
+    def _append_answers(self, inputs: ModelInputs, answers: list[list[int]]) -> tuple[ModelInputs, Tensor, Tensor]:
+        """Prompts (left-padded) followed by their answers (right-padded): the inputs, the answer ids
+        ``[batch, A]`` and their validity mask. ``length`` stays the prompt length (prompt coordinates)."""
+        a = max(max((len(x) for x in answers), default=0), 1)
+        pad_id = int(self._require_tokenizer().pad_token_id)
+        target = torch.full((inputs.batch, a), pad_id, dtype=torch.long)
+        valid = torch.zeros((inputs.batch, a), dtype=torch.float64)
+        for r, ans in enumerate(answers):  # a loop over one batch's rows to place ragged lists
+            target[r, : len(ans)] = torch.tensor(ans, dtype=torch.long)
+            valid[r, : len(ans)] = 1.0
+        target, dev_valid = target.to(self.device), valid.to(self.device)
+        kw = dict(inputs.kwargs)
+        kw["input_ids"] = torch.cat([kw["input_ids"], target], 1)
+        kw["attention_mask"] = torch.cat([kw["attention_mask"], dev_valid.long()], 1)
+        if "position_ids" in kw:
+            kw["position_ids"] = (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return ModelInputs(kw, inputs.pad, inputs.length), target, dev_valid
 
     def generate_branches(
         self,

@@ -84,7 +84,9 @@ class TorchHooksAdapter(Adapter):
             n_ctx=n_ctx or config_n_ctx(model), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
         )
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
 
     @contextlib.contextmanager
     def _attached(self, hooks: list[tuple[Site, HookFn]], state: _CallState, stop_after: int | None) -> Iterator[None]:
@@ -149,37 +151,68 @@ class TorchHooksAdapter(Adapter):
             root.remove()
         return out[:, inputs.length:]
 
-    def _generate_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
-                           max_new_tokens: int, max_rows: int) -> list[Tensor] | None:
-        """The prompt prefix once (no hooks: every branch hook writes only the last prompt token), then
-        each chunk of branches continues on a repeated copy of its cache, branches stacked along the batch
-        (row ``b * C + c`` is prompt ``b`` under branch ``c``; each branch's hooks see only its rows)."""
-        if getattr(self, "_cache_shareable", True) is False or not hasattr(self.model, "generate"):
+    def _shared_prefix(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                       max_rows: int) -> list[tuple[dict, list, _CallState, object, int]] | None:
+        """The prompt prefix (every prompt token but the last) once, without hooks (every branch hook writes
+        only the last prompt token), then one entry per chunk of branches: the batch repeated per branch
+        (row ``b * C + c`` is prompt ``b`` under branch ``c``), the dispatching hooks (each branch's hooks see
+        only its rows), the call state (the chunk starts at the last prompt token) and a repeated copy of
+        the prefix's KV cache. ``None`` where the model's cache cannot be repeated (e.g. Mamba-2)."""
+        if getattr(self, "_cache_shareable", True) is False:
             return None
-        prefix = {k: v[:, :-1] for k, v in inputs.kwargs.items()}
+        p = inputs.length
+        prefix = {k: v[:, : p - 1] for k, v in inputs.kwargs.items()}
         if self._logits_to_keep:
             prefix["logits_to_keep"] = 1  # the prefix's logits are never read
         out = self.model(**prefix, use_cache=True)
         cache = (out["cache"] if "cache" in out else out.get("past_key_values")) if hasattr(out, "get") else None
         layers = getattr(cache, "layers", None)
         if layers is None or not all(hasattr(layer, "batch_repeat_interleave") for layer in layers):
-            self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full generation instead
+            self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full passes instead
             return None
         per_chunk = max(1, max_rows // inputs.batch)
-        out = []
+        chunks = []
         for start in range(0, len(branches), per_chunk):
             chunk = branches[start:start + per_chunk]
             c = len(chunk)
             branch_cache = copy.deepcopy(cache)
             branch_cache.batch_repeat_interleave(c)
-            stacked = ModelInputs({k: v.repeat_interleave(c, 0) for k, v in inputs.kwargs.items()},
-                                  inputs.pad, inputs.length)
             sites = sorted({site for hooks in chunk for site, _ in hooks}, key=lambda s: s.order)
             hooks = [(site, _branch_dispatch(site, [[f for s, f in h if s == site] for h in chunk])) for site in sites]
             run = _CallState(pad=state.pad, prompt_len=state.prompt_len, indices=state.indices,
-                             n_prompts=state.n_prompts, seen=inputs.length - 1)  # first chunk: the last prompt token
-            gen = self._generate(stacked, hooks, run, max_new_tokens, cache=branch_cache)
+                             n_prompts=state.n_prompts, offset=p - 1, seen=p - 1)
+            chunks.append(({k: v.repeat_interleave(c, 0) for k, v in inputs.kwargs.items()}, hooks, run,
+                           branch_cache, c))
+        return chunks
+
+    def _generate_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                           max_new_tokens: int, max_rows: int) -> list[Tensor] | None:
+        if not hasattr(self.model, "generate"):
+            return None
+        chunks = self._shared_prefix(inputs, branches, state, max_rows)
+        if chunks is None:
+            return None
+        out = []
+        for kwargs, hooks, run, cache, c in chunks:
+            gen = self._generate(ModelInputs(kwargs, inputs.pad, inputs.length), hooks, run, max_new_tokens,
+                                 cache=cache)
             out.extend(gen[i::c] for i in range(c))
+        return out
+
+    def _score_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
+                        max_rows: int) -> list[Tensor] | None:
+        chunks = self._shared_prefix(inputs, branches, state, max_rows)
+        if chunks is None:
+            return None
+        p = inputs.length
+        out = []
+        for kwargs, hooks, run, cache, c in chunks:
+            rest = {k: v[:, p - 1:] for k, v in kwargs.items() if k != "attention_mask"}
+            with self._attached(hooks, run, None):
+                res = self.model(**rest, attention_mask=kwargs["attention_mask"], use_cache=True,
+                                 **{self._cache_kwarg: cache})
+            logits = model_logits(res)  # [rows, answer + 1, vocab]: the last prompt token and the answer
+            out.extend(logits[i::c] for i in range(c))
         return out
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .. import hooks as H
 from ..adapters.base import Adapter
 from ..hooks import resolve_layers
-from ..probes.accuracy import answer_budget, bootstrap_accuracy, score_generation
+from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
 from ..results import check_out_dir, provenance, write_json
@@ -188,7 +188,9 @@ class PatchConfig:
     ``positive`` (own task), ``negative`` (Null), ``matrix`` (every task's vector into every task's
     prompts). ``scale`` multiplies added vectors. ``position``: where the hook writes (``-1``, the
     query's last prompt token; other positions run full generations). ``share_prefix``: ``None``
-    shares the prompt prefix's KV cache where the backend can, ``False`` never.
+    shares the prompt prefix's KV cache where the backend can, ``False`` never. ``logprob``: also score
+    the teacher-forced log-probability of each answer under each condition (a continuous metric that
+    moves where exact match sits at the floor; about doubles the cost).
     """
 
     model: str = "smollm2-135m"
@@ -213,6 +215,7 @@ class PatchConfig:
     max_rows: int = 256
     max_new_tokens: int | None = None
     share_prefix: bool | None = None
+    logprob: bool = False
     template: dict = field(default_factory=dict)
     family_kwargs: dict = field(default_factory=dict)
 
@@ -252,6 +255,8 @@ class PatchConfig:
             raise ValueError(f"unknown component {self.component!r}; known: {H.COMPONENTS}")
         if self.share_prefix not in (None, True, False):
             raise ValueError(f"share_prefix must be None, True or False, got {self.share_prefix!r}")
+        if not isinstance(self.logprob, bool):
+            raise ValueError(f"logprob must be True or False, got {self.logprob!r}")
 
     @property
     def eval_shots(self) -> int:
@@ -344,22 +349,27 @@ def patch_conditions(layers: Sequence[int], modes: Sequence[str], directions: Se
 
 
 def td_relation(accuracy: pd.DataFrame, td: pd.DataFrame, null: str = NULL_TASK) -> pd.DataFrame:
-    """Per (layer, mode, direction): Pearson r and slope of the accuracy change against per-task TD at
-    that layer, over the non-Null tasks (do separable tasks move more?)."""
+    """Per (layer, mode, direction): Pearson r and slope of the accuracy change (and, when scored, of the
+    answer log-probability change: ``logprob_*``) against per-task TD at that layer, over the non-Null
+    tasks (do separable tasks move more?)."""
     from scipy.stats import linregress
 
     per_task = td[td["level"] == "task"][["layer", "task", "td"]]
     sub = accuracy[accuracy["direction"].isin(["positive", "negative"]) & (accuracy["task"] != null)]
     merged = sub.merge(per_task, on=["layer", "task"])
+    metrics = [("", "delta")] + ([("logprob_", "logprob_delta")] if "logprob_delta" in accuracy else [])
     rows = []
     for (layer, mode, direction), g in merged.groupby(["layer", "mode", "direction"], sort=True):
-        row = {"layer": int(layer), "mode": mode, "direction": direction, "n_tasks": len(g), "r": math.nan,
-               "slope": math.nan, "p_value": math.nan, "mean_delta": float(g["delta"].mean())}
-        if len(g) >= 3 and g["td"].nunique() > 1 and g["delta"].nunique() > 1:
-            reg = linregress(g["td"], g["delta"])
-            row.update(r=float(reg.rvalue), slope=float(reg.slope), p_value=float(reg.pvalue))
+        row: dict = {"layer": int(layer), "mode": mode, "direction": direction, "n_tasks": len(g)}
+        for pre, col in metrics:
+            row |= {f"{pre}r": math.nan, f"{pre}slope": math.nan, f"{pre}p_value": math.nan,
+                    f"{pre}mean_delta": float(g[col].mean())}
+            if len(g) >= 3 and g["td"].nunique() > 1 and g[col].nunique() > 1:
+                reg = linregress(g["td"], g[col])
+                row |= {f"{pre}r": float(reg.rvalue), f"{pre}slope": float(reg.slope), f"{pre}p_value": float(reg.pvalue)}
         rows.append(row)
-    cols = ["layer", "mode", "direction", "n_tasks", "r", "slope", "p_value", "mean_delta"]
+    cols = ["layer", "mode", "direction", "n_tasks"] + [f"{pre}{k}" for pre, _ in metrics
+                                                        for k in ("r", "slope", "p_value", "mean_delta")]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -446,21 +456,30 @@ def run_patching(
             raise ValueError(f"the task vectors have no vector at the peak layer {peak_layer}")
     conds = patch_conditions(layers, config.modes, config.directions, names, config.scale, fam.null.name)
 
+    answer_ids = [list(c.answer_ids) for c in checks]
+    n_answer = torch.tensor([max(len(a), 1) for a in answer_ids], dtype=torch.float64)
+
     def evaluate(chunk: list[dict]) -> list[pd.DataFrame]:
         todo = [c for c in chunk if c["vector"] != "none"]
         gens = {}
+        kw = {"share_prefix": config.share_prefix, "max_rows": config.max_rows, "batch_size": config.batch_size,
+              "progress": progress}
+        branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position)
+                    for c in chunk]
         if todo:
-            branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position)
-                        for c in todo]
-            out = adapter.generate_branches(texts, branches, max_new, share_prefix=config.share_prefix,
-                                            max_rows=config.max_rows, batch_size=config.batch_size,
-                                            progress=progress)
+            out = adapter.generate_branches(texts, [b for b, c in zip(branches, chunk, strict=True)
+                                                    if c["vector"] != "none"], max_new, **kw)
             gens = {id(c): g for c, g in zip(todo, out, strict=True)}
+        logp = adapter.score_branches(texts, answer_ids, branches, **kw) if config.logprob else None
         frames = []
-        for c in chunk:
+        for i, c in enumerate(chunk):
             gen = gens.get(id(c), base)
             frame = score_generation(prompts, gen, checks, stop)
-            frames.append(frame[["prompt_id", "task", "answer", "generated", "exact"]].assign(engine=gen.engine))
+            frame = frame[["prompt_id", "task", "answer", "generated", "exact"]].assign(engine=gen.engine)
+            if logp is not None:
+                frame["answer_logprob"] = logp[i].numpy()
+                frame["answer_logprob_per_token"] = (logp[i] / n_answer).numpy()
+            frames.append(frame)
         return frames
 
     preds = run_conditions(conds, evaluate, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
@@ -468,7 +487,12 @@ def run_patching(
     preds["layer"] = preds["layer"].astype("Int64")
     preds.insert(5, "direction", [direction_of(v, fam.null.name) for v in preds["vector"]])
     correct = torch.tensor(preds["exact"].to_numpy(), dtype=torch.bool).view(len(conds), len(prompts))
-    acc = bootstrap_accuracy(correct, [p.task for p in prompts], n_boot=config.n_boot, seed=config.seed)
+    groups = [p.task for p in prompts]
+    acc = bootstrap_accuracy(correct, groups, n_boot=config.n_boot, seed=config.seed)
+    if config.logprob:
+        values = torch.tensor(preds["answer_logprob_per_token"].to_numpy()).view(len(conds), len(prompts))
+        lp = bootstrap_means(values, groups, n_boot=config.n_boot, seed=config.seed, name="logprob")
+        acc = acc.merge(lp.drop(columns="n"), on=["condition", "task"])
     index = preds.drop_duplicates("condition")[["condition", "layer", "mode", "vector", "scale", "direction"]]
     acc = index.merge(acc, on="condition").reset_index(drop=True)
     relation = td_relation(acc, td, fam.null.name)
@@ -495,8 +519,11 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
     at = acc[(acc["layer"] == layer) & acc["direction"].isin(["positive", "negative"])]
     for r in at.itertuples():
         out["at_peak"].setdefault(f"{r.mode}_{r.direction}", {})[r.task] = round(float(r.delta), 4)
+        if "logprob_delta" in at:
+            out.setdefault("logprob_at_peak", {}).setdefault(f"{r.mode}_{r.direction}", {})[r.task] = \
+                round(float(r.logprob_delta), 4)
     real = [t for t in tasks if t != null]
-    for per_task in out["at_peak"].values():
+    for per_task in [*out["at_peak"].values(), *out.get("logprob_at_peak", {}).values()]:
         vals = [per_task[t] for t in real if t in per_task]
         per_task["mean"] = round(sum(vals) / len(vals), 4) if vals else None
     return out

@@ -127,9 +127,23 @@ def bootstrap_accuracy(
     paired bootstrap. Randomness only from ``torch.Generator().manual_seed(seed)``. Returns columns
     ``condition, task, n, accuracy, ci_low, ci_high`` (+ ``delta, delta_low, delta_high``).
     """
-    correct = torch.as_tensor(correct)
+    return bootstrap_means(torch.as_tensor(correct), groups, n_boot=n_boot, seed=seed, ci_level=ci_level,
+                           baseline=baseline, name="accuracy")
+
+
+def bootstrap_means(
+    values: Float[Tensor, "condition prompt"], groups: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+    ci_level: float = 0.95, baseline: int | None = 0, name: str = "mean",
+) -> pd.DataFrame:
+    """Per-(condition, group) mean of any per-prompt value with paired percentile bootstrap CIs (see
+    :func:`bootstrap_accuracy`, which is this for correctness). Columns: ``condition, task, n, {name},
+    ci_low, ci_high`` (+ ``delta, delta_low, delta_high``) for ``name="accuracy"``, else prefixed by
+    ``name`` (``{name}_low``, ``{name}_delta``, ...)."""
+    correct = torch.as_tensor(values)
     if correct.ndim != 2 or correct.shape[1] != len(groups):
-        raise ValueError(f"correct must be [condition, {len(groups)}], got {list(correct.shape)}")
+        raise ValueError(f"values must be [condition, {len(groups)}], got {list(correct.shape)}")
+    if not torch.isfinite(correct.double()).all():
+        raise ValueError(f"{name} values contain NaN or inf")
     if not 0 < ci_level < 1:
         raise ValueError(f"ci_level must be in (0, 1), got {ci_level}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
@@ -138,18 +152,18 @@ def bootstrap_accuracy(
     g = torch.Generator().manual_seed(seed)
     lo_q, hi_q = (1 - ci_level) / 2, 1 - (1 - ci_level) / 2
     frames = []
-    names = list(dict.fromkeys(groups))
-    for name in names:
-        idx = torch.tensor([i for i, x in enumerate(groups) if x == name])
+    pre = "" if name == "accuracy" else f"{name}_"
+    for group in dict.fromkeys(groups):
+        idx = torch.tensor([i for i, x in enumerate(groups) if x == group])
         v = values[:, idx]  # [condition, n_g]
         draws = torch.randint(len(idx), (n_boot, len(idx)), generator=g)
         boot = v[:, draws].mean(-1)  # [condition, n_boot]
         q = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
-        frame = {"condition": list(range(v.shape[0])), "task": name, "n": len(idx),
-                 "accuracy": v.mean(1).tolist(), "ci_low": q[0].tolist(), "ci_high": q[1].tolist()}
+        frame = {"condition": list(range(v.shape[0])), "task": group, "n": len(idx),
+                 name: v.mean(1).tolist(), f"{pre}ci_low": q[0].tolist(), f"{pre}ci_high": q[1].tolist()}
         if baseline is not None:
             dq = torch.quantile(boot - boot[baseline], torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
-            frame |= {"delta": (v.mean(1) - v[baseline].mean()).tolist(), "delta_low": dq[0].tolist(),
-                      "delta_high": dq[1].tolist()}
+            frame |= {f"{pre}delta": (v.mean(1) - v[baseline].mean()).tolist(), f"{pre}delta_low": dq[0].tolist(),
+                      f"{pre}delta_high": dq[1].tolist()}
         frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True).sort_values(["condition"], kind="stable").reset_index(drop=True)
