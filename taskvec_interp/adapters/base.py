@@ -401,6 +401,21 @@ class Adapter(ABC):
                             "(only hooks.add/replace/ablate at position=-1 are known not to)")
         return None
 
+    def _check_branches(self, branches: Sequence[HookSpec], max_rows: int, share_prefix: bool | None
+                        ) -> tuple[list[list[tuple[Site, HookFn]]], str | None]:
+        """Checked branch hooks and why they cannot share the prompt prefix (``None``: they can)."""
+        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or len(branches) == 0:
+            raise ValueError("branches must be a non-empty list of hook lists")
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+        if share_prefix not in (None, True, False):
+            raise ValueError(f"share_prefix must be None, True or False, got {share_prefix!r}")
+        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
+        reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
+        if share_prefix and reason is not None:
+            raise ValueError(f"cannot share the prompt prefix: {reason}")
+        return checked, reason
+
     def score_branches(
         self,
         prompts: Sequence[str],
@@ -420,16 +435,9 @@ class Adapter(ABC):
         shared as in :meth:`generate_branches` when the branches allow it; otherwise one full forward pass
         per branch, with the same numbers.
         """
-        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or len(branches) == 0:
-            raise ValueError("branches must be a non-empty list of hook lists")
         if len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
-            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
-        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
-        reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
-        if share_prefix and reason is not None:
-            raise ValueError(f"cannot share the prompt prefix: {reason}")
+        checked, reason = self._check_branches(branches, max_rows, share_prefix)
         answers = [list(a) for a in answers]
         longest = max(len(a) for a in answers)
         n, batches = self._batches(prompts, batch_size, extra=longest)
@@ -490,14 +498,7 @@ class Adapter(ABC):
         those of full generation (tested). ``share_prefix``: ``None`` shares when possible, ``True``
         requires it (``ValueError`` saying why not), ``False`` always runs full generations.
         """
-        if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or len(branches) == 0:
-            raise ValueError("branches must be a non-empty list of hook lists")
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
-            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
-        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
-        reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
-        if share_prefix and reason is not None:
-            raise ValueError(f"cannot share the prompt prefix: {reason}")
+        checked, reason = self._check_branches(branches, max_rows, share_prefix)
         if reason is not None:
             return [self.generate(prompts, max_new_tokens, hooks=b, batch_size=batch_size, progress=progress)
                     for b in tqdm(checked, desc="branches", disable=not progress, leave=False)]
@@ -511,7 +512,7 @@ class Adapter(ABC):
         with torch.no_grad():
             for idx, inputs in bar:
                 gens = None
-                if inputs.length > 1 and "full" not in used:  # a one-token prompt has no prefix to share
+                if inputs.length > 1:  # a one-token prompt has no prefix to share
                     gens = self._generate_branches(inputs, checked, self._state(inputs, idx, n), max_new_tokens,
                                                    max_rows)
                 if gens is None and share_prefix and inputs.length > 1:
