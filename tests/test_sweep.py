@@ -141,3 +141,28 @@ def test_sweep_figures(tiny_smol, tmp_path):
                                            "td_vs_accuracy.png"]
     assert paths[4].name.startswith("umap_layer") and paths[4].name.endswith("_2shot.png")
     assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_saved_sweeps_record_the_real_model_and_take_ready_made_prompts(tiny_smol, tmp_path):
+    from taskvec_interp.tasks import PromptBuilder
+
+    fam = get_family("bitwise")
+    prompts = PromptBuilder().build(fam, n_per_task=3, shots=2, seed=9)
+    cfg = SweepConfig(shots=(2,), n_per_task=50, n_boot=10)  # n_per_task is ignored for given prompts
+    tiny_smol.name = "tiny-smol-test"
+    try:
+        res = run_sweep(tiny_smol, cfg, fam, progress=False, prompts=prompts)
+    finally:
+        tiny_smol.name = None
+    assert len(res.predictions) == len(prompts) and res.predictions["query"].tolist() == [p.query for p in prompts]
+    out = res.save(tmp_path / "sweep")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "tiny-smol-test" != SweepConfig().model  # not the config's default name
+    assert config["provenance"]["model"]["d_model"] == 32 and config["provenance"]["versions"]["torch"]
+    back = load_sweep(out)
+    assert back.model["name"] == "tiny-smol-test" and back.config.model == "tiny-smol-test"
+    with pytest.raises(ValueError, match="no ready-made prompts with \\[4\\] shots"):
+        run_sweep(tiny_smol, SweepConfig(shots=(4,)), fam, progress=False, prompts=prompts)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        res.save(tmp_path / "file")
