@@ -279,14 +279,13 @@ def finetune_compare(
     typer.echo(per_task.pivot_table(index="task", columns="model", values="exact", sort=False)
                .to_string(float_format=lambda v: f"{v:.2f}"))
     if out is not None:
-        from . import viz
+        from .report import finetune_figures
 
         out.mkdir(parents=True, exist_ok=True)
         for name, table in (("summary", summary), ("per_task", per_task), ("td", td)):
             table.to_parquet(out / f"{name}.parquet", index=False)
-        viz.plot_finetune_accuracy(per_task, path=out / "figures" / "accuracy_per_task.png")
-        viz.plot_finetune_td(td, path=out / "figures" / "td_by_layer.png")
-        typer.echo(f"wrote {out}")
+        for path in finetune_figures(per_task, td, out):
+            typer.echo(f"wrote {path}")
 
 
 synthetic_app = typer.Typer(no_args_is_help=True, help="The synthetic MSLR experiment (GPT-2 / Mamba-2).")

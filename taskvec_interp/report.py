@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from . import viz
 from .experiments.patching import PatchResult
 from .experiments.sweep import SweepResult
@@ -55,4 +57,13 @@ def patching_figures(result: PatchResult, out: str | Path) -> list[Path]:
         for mode in result.config.modes:
             paths.append(out / f"patch_matrix_layer{layer}_{mode}.png")
             viz.plot_patch_matrix(acc, layer, mode, path=paths[-1])
+    return paths
+
+
+def finetune_figures(per_task: pd.DataFrame, td: pd.DataFrame, out: str | Path, title: str | None = None) -> list[Path]:
+    """Per-task accuracy bars of every model (Fig. 24-like) and TD by layer before / after."""
+    out = Path(out) / "figures"
+    paths = [out / "accuracy_per_task.png", out / "td_by_layer.png"]
+    viz.plot_finetune_accuracy(per_task, path=paths[0], title=title)
+    viz.plot_finetune_td(td, path=paths[1], title=title)
     return paths

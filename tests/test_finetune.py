@@ -206,9 +206,15 @@ def test_bad_finetune_inputs(smol_tokenizer, tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "tiny.json").write_text(json.dumps([{"input": f"a{i}", "output": f"b{i}"} for i in range(4)]))
+    one = tmp_path / "one"  # a single example: too few for 2-shot prompts
+    one.mkdir()
+    (one / "one.json").write_text(json.dumps([{"input": "a", "output": "b"}]))
     for cfg, match in [(FinetuneConfig(model="tiny", layers="last:9", **FAST), r"\[1, 4\]"),
                        (FinetuneConfig(model="tiny", layers="1", family=f"files:{folder}", **FAST), "distinct"),
-                       (FinetuneConfig(model="tiny", layers="1", family="nope", **FAST), "unknown task family")]:
+                       (FinetuneConfig(model="tiny", layers="1", family="nope", **FAST), "unknown task family"),
+                       (FinetuneConfig(model="tiny", layers="1", family=f"files:{one}", **FAST), "has only 1"),
+                       (FinetuneConfig(model="tiny", layers="1", family=f"files:{folder}",
+                                       family_kwargs={"test_fraction": 0.99}, **FAST), "no examples left in split 'train'")]:
         with pytest.raises(ValueError, match=match):
             finetune(cfg, tmp_path / "bad", model=base, tokenizer=smol_tokenizer, progress=False)
         assert not (tmp_path / "bad").exists()  # nothing written
