@@ -421,16 +421,16 @@ def finetune(
     elif ckpts:
         raise ValueError(f"{out} has checkpoints but no config.json; refusing to resume")
     finished = ckpts and ckpts[-1][0] == config.steps and (out / "trained.safetensors").exists()
-    if finished and (not evaluate or (out / "eval" / "config.json").exists()):
+    if finished and (not evaluate or _done(out / "eval")):
         return out  # nothing left to do
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # dropout and LoRA init draw from torch's RNG: fork, never reseed it
-        torch.manual_seed(config.seed)
         eval_before = None
-        if evaluate and config.eval_before and not (out / "eval_pretrained" / "config.json").exists():
+        if evaluate and config.eval_before and not _done(out / "eval_pretrained"):
             eval_before = _evaluate(base, tok, config, name, evaluation)  # before wrapping: the pretrained model
+        torch.manual_seed(config.seed)
         trained = prepare_model(base, config, layers)
         params = [p for p in trained.parameters() if p.requires_grad]
         identity = {"name": name, "n_layers": n_layers, "model_type": getattr(base.config, "model_type", None),
@@ -487,11 +487,17 @@ def finetune(
         trained.eval()
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous() for n, p in trained.named_parameters() if p.requires_grad},
-                  str(out / "trained.safetensors"))
+        tmp = out / ".trained.safetensors.tmp"
+        save_file({n: p.detach().contiguous() for n, p in trained.named_parameters() if p.requires_grad}, str(tmp))
+        tmp.replace(out / "trained.safetensors")
         if evaluate:
             _evaluate(_inference_module(trained), tok, config, name, evaluation).save(out / "eval")
     return out
+
+
+def _done(sweep_dir: Path) -> bool:
+    """A saved sweep is complete once its last file (fit.json) is there."""
+    return (sweep_dir / "fit.json").exists()
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, data: TrainingData, gen: torch.Generator,
@@ -571,11 +577,11 @@ def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
     results: dict[str, SweepResult] = {}
     for run in runs:
         run = Path(run)
-        if not (run / "eval" / "config.json").exists():
+        if not _done(run / "eval"):
             raise ValueError(f"{run} has no eval/ results: the run has not finished")
         cfg = json.loads((run / "config.json").read_text())
         label = f"{cfg['method']} {cfg['layers'] if isinstance(cfg['layers'], str) else cfg['resolved_layers']}"
-        if "pretrained" not in results and (run / "eval_pretrained" / "config.json").exists():
+        if "pretrained" not in results and _done(run / "eval_pretrained"):
             results["pretrained"] = load_sweep(run / "eval_pretrained")
         results[label] = load_sweep(run / "eval")
     base = results.get("pretrained", next(iter(results.values())))

@@ -89,12 +89,13 @@ class SweepResult:
         (out / "config.json").write_text(json.dumps(config, indent=2))
         for name in ("td", "accuracy", "predictions"):
             getattr(self, name).to_parquet(out / f"{name}.parquet", index=False)
-        fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
-        (out / "fit.json").write_text(json.dumps({**fit, "seconds": self.seconds}, indent=2))  # strict JSON
         if self.config.save_activations:
             for shots, (acts, labels) in self.activations.items():
                 save_file({"activations": acts.contiguous(), "labels": labels.contiguous()},
                           str(out / f"activations_{shots}shot.safetensors"))
+        fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
+        # fit.json last: its presence marks a complete result
+        (out / "fit.json").write_text(json.dumps({**fit, "seconds": self.seconds}, indent=2))  # strict JSON
         return out
 
 
