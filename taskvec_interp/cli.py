@@ -156,6 +156,8 @@ def patch(
     scale: float = typer.Option(1.0, help="scale of added vectors"),
     zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate queries without demonstrations"),
     logprob: bool = typer.Option(False, "--logprob", help="also score each answer's teacher-forced log-prob"),
+    center: bool = typer.Option(False, "--center", help="add only the task-specific part (vector minus the "
+                                                        "mean over tasks)"),
     td_sweep: Path = typer.Option(None, help="a `taskvec td` output directory to read the peak layer from"),
     vectors_file: Path = typer.Option(None, help="task vectors saved by an earlier run (vectors.safetensors) "
                                                  "instead of computing them; refused if from another model"),
@@ -177,7 +179,7 @@ def patch(
                       definition=vectors, layers=_parse_layers(layers),
                       modes=_parse_choice(mode, "--mode", MODES, both="both"),
                       directions=_parse_choice(directions, "--directions", DIRECTIONS), scale=scale,
-                      zero_shot=zero_shot, logprob=logprob, batch_size=batch_size, n_boot=n_boot)
+                      zero_shot=zero_shot, logprob=logprob, center=center, batch_size=batch_size, n_boot=n_boot)
     sweep_td = load_sweep(td_sweep).td if td_sweep is not None else None
     fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
     from .adapters import load_model

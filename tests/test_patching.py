@@ -328,6 +328,15 @@ def test_run_patching_matrix_zero_shot_and_peak(tiny_smol, bitwise):
     conds = patch_conditions([1], ("add",), ("positive",), bitwise.task_names)
     hooks = intervention_hooks(conds[1], res.vectors, prompts)
     assert len(hooks) == 1 and H.writes_last_token_only(hooks[0][1])
+    # center: add only the task-specific part (vector minus the mean over tasks)
+    act = torch.zeros(len(prompts), 4, tiny_smol.d_model)
+    ctx = H.HookContext(H.Site(1), pad=torch.zeros(len(prompts), dtype=torch.long), prompt_len=4)
+    at = res.vectors.vectors[res.vectors.layer_index(1)]
+    own = torch.stack([at[res.vectors.task_index(p.task)] for p in prompts])
+    plain = hooks[0][1](act, ctx)[:, -1]
+    centered = intervention_hooks(conds[1], res.vectors, prompts, center=True)[0][1](act, ctx)[:, -1]
+    torch.testing.assert_close(plain, own)
+    torch.testing.assert_close(centered, own - at.mean(0))
 
 
 class _Spy:

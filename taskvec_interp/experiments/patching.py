@@ -140,17 +140,21 @@ OWN = "own"
 
 def intervention_hooks(
     condition: Mapping, vectors: TaskVectors, prompts: Sequence[Prompt], *, component: str = "resid_post",
-    position: int | Sequence[int] = -1,
+    position: int | Sequence[int] = -1, center: bool = False,
 ) -> list[tuple[H.Site, H.HookFn]]:
     """The hook of one condition: ``{"layer", "mode", "vector", "scale"}``.
 
     ``vector`` is ``"own"`` (each prompt gets its own task's vector: positive), a task name (every
     prompt gets that task's vector; the Null task's: negative) or ``"none"`` (no hook, the baseline).
+    ``center``: ``add`` adds only the task-specific part, the vector minus the mean of every task's
+    vector at that layer (task vectors share a large common component; ``replace`` is unaffected).
     """
     if condition["vector"] == "none":
         return []
     layer, mode = int(condition["layer"]), condition["mode"]
     at = vectors.vectors[vectors.layer_index(layer)]  # [task, d]
+    if center and mode == "add":
+        at = at - at.mean(0)
     if condition["vector"] == OWN:
         vec = at[[vectors.task_index(p.task) for p in prompts]]  # [n_prompts, d], call order
     else:
@@ -190,7 +194,8 @@ class PatchConfig:
     query's last prompt token; other positions run full generations). ``share_prefix``: ``None``
     shares the prompt prefix's KV cache where the backend can, ``False`` never. ``logprob``: also score
     the teacher-forced log-probability of each answer under each condition (a continuous metric that
-    moves where exact match sits at the floor; about doubles the cost).
+    moves where exact match sits at the floor; about doubles the cost). ``center``: added vectors are
+    the task-specific part only (minus the mean over tasks; see :func:`intervention_hooks`).
     """
 
     model: str = "smollm2-135m"
@@ -216,6 +221,7 @@ class PatchConfig:
     max_new_tokens: int | None = None
     share_prefix: bool | None = None
     logprob: bool = False
+    center: bool = False
     template: dict = field(default_factory=dict)
     family_kwargs: dict = field(default_factory=dict)
 
@@ -255,8 +261,9 @@ class PatchConfig:
             raise ValueError(f"unknown component {self.component!r}; known: {H.COMPONENTS}")
         if self.share_prefix not in (None, True, False):
             raise ValueError(f"share_prefix must be None, True or False, got {self.share_prefix!r}")
-        if not isinstance(self.logprob, bool):
-            raise ValueError(f"logprob must be True or False, got {self.logprob!r}")
+        for name in ("logprob", "center", "zero_shot"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def eval_shots(self) -> int:
@@ -464,8 +471,8 @@ def run_patching(
         gens = {}
         kw = {"share_prefix": config.share_prefix, "max_rows": config.max_rows, "batch_size": config.batch_size,
               "progress": progress}
-        branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position)
-                    for c in chunk]
+        branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position,
+                                       center=config.center) for c in chunk]
         if todo:
             out = adapter.generate_branches(texts, [b for b, c in zip(branches, chunk, strict=True)
                                                     if c["vector"] != "none"], max_new, **kw)
