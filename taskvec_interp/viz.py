@@ -846,6 +846,7 @@ def plot_patch_bars(accuracy: pd.DataFrame, layer: int, mode: str | None = None,
     tasks = list(dict.fromkeys(base["task"]))
     fig, axes = _grid(len(modes), (max(5.0, 0.9 * len(tasks) + 1.5), 3.4), max_cols=1)
     width = 0.27
+    top = min(1.05, max(0.25, 1.2 * float(pd.concat([base, at])["ci_high"].max())))  # small accuracies stay readable
     for ax, m in zip(axes, modes, strict=False):
         for j, (direction, part) in enumerate((("baseline", base), *((d, at[(at["mode"] == m) & (at["direction"] == d)])
                                                                         for d in ("positive", "negative")))):
@@ -855,7 +856,7 @@ def plot_patch_bars(accuracy: pd.DataFrame, layer: int, mode: str | None = None,
             ax.bar(x, part["accuracy"], width, yerr=np.clip(err, 0, None), capsize=2,
                    color=_DIRECTION_COLORS[direction], label=direction)
         ax.set_xticks(range(len(tasks)), tasks)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, top)
         ax.set_ylabel("exact-match accuracy")
         ax.set_title(f"{m} task vector at layer {layer}", fontsize=9)
         ax.legend(fontsize=8, ncols=3, loc="upper right")
