@@ -263,3 +263,17 @@ def test_td_encoder_reads_the_models_own_sweep(smol_tokenizer, tmp_path):
         finetune(cfg, tmp_path / "other", model=_tiny("llama", smol_tokenizer, layers=3), tokenizer=smol_tokenizer,
                  progress=False, evaluate=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_finetune_figures_draw_the_tables(tmp_path):
+    from taskvec_interp import viz
+
+    per_task = pd.DataFrame({"model": ["pretrained"] * 2 + ["lora first:2"] * 2, "task": ["AND", "OR"] * 2,
+                             "exact": [0.1, 0.2, 0.5, 0.7], "td": [0.3, 0.4, 0.6, 0.8]})
+    fig = viz.plot_finetune_accuracy(per_task, path=tmp_path / "acc.png")
+    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx([0.1, 0.2, 0.5, 0.7])
+    td = pd.DataFrame({"model": ["pretrained"] * 3 + ["lora first:2"] * 3, "layer": [0, 1, 2] * 2,
+                       "td": [0.2, 0.5, 0.4, 0.3, 0.7, 0.6]})
+    fig = viz.plot_finetune_td(td, path=tmp_path / "td.png")
+    assert [list(line.get_ydata()) for line in fig.axes[0].lines] == [[0.2, 0.5, 0.4], [0.3, 0.7, 0.6]]
+    assert (tmp_path / "acc.png").exists() and (tmp_path / "td.png").exists()
