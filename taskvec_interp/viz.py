@@ -952,7 +952,9 @@ def plot_finetune_td(td: pd.DataFrame, path: str | Path | None = None, title: st
     colors = _class_colors(df["model"].nunique())
     for j, (model, part) in enumerate(df.groupby("model", sort=False)):
         part = part.sort_values("layer")
-        ax.plot(part["layer"], part["td"], marker="o", ms=3, label=model, color=colors[j])
+        style = {"color": "k", "ls": "--", "zorder": 3} if model == "pretrained" else {"color": colors[j]}
+        ax.plot(part["layer"], part["td"], marker="o", ms=3, label=model, **style)  # pretrained on top: shared
+        # layers below a last-k subset are identical to it
     ax.set_xlabel("layer")
     ax.set_ylabel("task decodability")
     ax.set_ylim(*_TD_LIMITS)
