@@ -435,6 +435,9 @@ def run_patching(
                                            shots=config.shots,
                                            seed=config.seed + 1 if config.vector_seed is None else config.vector_seed)
     else:
+        if config.zero_shot and vector_prompts is None:
+            raise ValueError("zero_shot with given vectors needs vector_prompts= (the k-shot prompts TD is read "
+                             "from)")
         vectors.check_model(adapter)
         missing = [t for t in names if t not in vectors.tasks]
         if missing:
@@ -451,10 +454,16 @@ def run_patching(
                                batch_size=config.batch_size, progress=progress)
     # the baseline: one generation whose prefill also gives every layer's last-token state (for TD)
     texts = [p.text for p in prompts]
-    base = adapter.generate(texts, max_new, capture_layers="all", component=config.component,
-                            batch_size=config.batch_size, progress=progress)
-    td = task_decodability(base.activations, [p.task for p in prompts], k=config.k, label_names=names,
-                           layers=base.layers, n_boot=config.n_boot, seed=config.seed).to_frame()
+    base = adapter.generate(texts, max_new, capture_layers=None if config.zero_shot else "all",
+                            component=config.component, batch_size=config.batch_size, progress=progress)
+    if config.zero_shot:  # queries alone encode no task: TD (peak, relation) from the k-shot vector prompts
+        td_acts, td_tasks = adapter.capture([p.text for p in vector_prompts], component=config.component,
+                                            batch_size=config.batch_size, progress=progress), \
+            [p.task for p in vector_prompts]
+    else:
+        td_acts, td_tasks = base.activations, [p.task for p in prompts]
+    td = task_decodability(td_acts, td_tasks, k=config.k, label_names=names, n_boot=config.n_boot,
+                           seed=config.seed).to_frame()
     if peak_layer is None:
         peak_layer = peak_layer_of(td)
     if layers is None:
