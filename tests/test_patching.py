@@ -383,7 +383,7 @@ def test_bad_patching_inputs_fail_before_model_work(tiny_smol, bitwise, tmp_path
             run_patching(tiny_smol, cfg, bitwise, progress=False, **kwargs)
         assert spy.calls == 0, match
     (tmp_path / "file").write_text("x")
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "400"})  # one line per message: no wrapping inside the error box
     result = runner.invoke(app, ["patch", "--model", "no/such-model", "--out", str(tmp_path / "file")])
     assert result.exit_code != 0 and "is a file" in result.output
     for args, match in [(["--layers", "3,x"], "--layers"), (["--mode", "swap"], "--mode"),
