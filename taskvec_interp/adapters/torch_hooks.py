@@ -152,12 +152,13 @@ class TorchHooksAdapter(Adapter):
         return out[:, inputs.length:]
 
     def _shared_prefix(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
-                       max_rows: int) -> list[tuple[dict, list, _CallState, object, int]] | None:
+                       max_rows: int) -> Iterator[tuple[dict, list, _CallState, object, int]] | None:
         """The prompt prefix (every prompt token but the last) once, without hooks (every branch hook writes
         only the last prompt token), then one entry per chunk of branches: the batch repeated per branch
         (row ``b * C + c`` is prompt ``b`` under branch ``c``), the dispatching hooks (each branch's hooks see
         only its rows), the call state (the chunk starts at the last prompt token) and a repeated copy of
-        the prefix's KV cache. ``None`` where the model's cache cannot be repeated (e.g. Mamba-2)."""
+        the prefix's KV cache, made only when its chunk runs (one copy alive at a time). ``None`` where the
+        model's cache cannot be repeated (e.g. Mamba-2)."""
         if getattr(self, "_cache_shareable", True) is False:
             return None
         p = inputs.length
@@ -171,19 +172,21 @@ class TorchHooksAdapter(Adapter):
             self._cache_shareable = False  # e.g. Mamba-2's recurrent state: full passes instead
             return None
         per_chunk = max(1, max_rows // inputs.batch)
-        chunks = []
-        for start in range(0, len(branches), per_chunk):
-            chunk = branches[start:start + per_chunk]
-            c = len(chunk)
-            branch_cache = copy.deepcopy(cache)
-            branch_cache.batch_repeat_interleave(c)
-            sites = sorted({site for hooks in chunk for site, _ in hooks}, key=lambda s: s.order)
-            hooks = [(site, _branch_dispatch(site, [[f for s, f in h if s == site] for h in chunk])) for site in sites]
-            run = _CallState(pad=state.pad, prompt_len=state.prompt_len, indices=state.indices,
-                             n_prompts=state.n_prompts, offset=p - 1, seen=p - 1)
-            chunks.append(({k: v.repeat_interleave(c, 0) for k, v in inputs.kwargs.items()}, hooks, run,
-                           branch_cache, c))
-        return chunks
+
+        def chunks() -> Iterator[tuple[dict, list, _CallState, object, int]]:
+            for start in range(0, len(branches), per_chunk):
+                chunk = branches[start:start + per_chunk]
+                c = len(chunk)
+                branch_cache = copy.deepcopy(cache)
+                branch_cache.batch_repeat_interleave(c)
+                sites = sorted({site for hooks in chunk for site, _ in hooks}, key=lambda s: s.order)
+                hooks = [(site, _branch_dispatch(site, [[f for s, f in h if s == site] for h in chunk]))
+                         for site in sites]
+                run = _CallState(pad=state.pad, prompt_len=state.prompt_len, indices=state.indices,
+                                 n_prompts=state.n_prompts, offset=p - 1, seen=p - 1)
+                yield {k: v.repeat_interleave(c, 0) for k, v in inputs.kwargs.items()}, hooks, run, branch_cache, c
+
+        return chunks()
 
     def _generate_branches(self, inputs: ModelInputs, branches: list[list[tuple[Site, HookFn]]], state: _CallState,
                            max_new_tokens: int, max_rows: int) -> list[Tensor] | None:
