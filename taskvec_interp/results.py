@@ -19,10 +19,10 @@ def check_out_dir(out: str | Path) -> Path:
 
 
 def write_json(path: Path, obj: object) -> None:
-    """Strict JSON (no NaN), written to a temporary file first: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, allow_nan=False))
-    tmp.replace(path)
+    """Strict JSON (no NaN), written atomically: never a half-written file."""
+    from .checkpoints import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
 def provenance(model: dict) -> dict:

@@ -25,8 +25,8 @@ and only it raises task decodability. Here:
 from __future__ import annotations
 
 import copy
+import functools
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,12 +55,13 @@ from ..checkpoints import (
 from ..results import check_out_dir, provenance
 from ..tasks import NULL_TASK, PromptBuilder, PromptTemplate, get_family
 from ..tasks.base import Prompt
-from .sweep import SweepConfig, SweepResult, load_sweep, run_sweep
+from ..validate import check_int, check_number
+from .sweep import SweepConfig, SweepResult, load_sweep, peak_layer_of, run_sweep
 
 METHODS: tuple[str, ...] = ("lora", "full")
-RUNTIME_FIELDS = frozenset({"steps", "eval_before", "eval_n_per_task", "batch_size_eval"})
-"""Fields a resumed run may change (more steps only lengthen a cosine schedule if ``steps`` is unchanged:
-the schedule depends on ``steps``, so a changed ``steps`` is refused unless the schedule is constant)."""
+RUNTIME_FIELDS = frozenset({"eval_before", "batch_size_eval"})
+"""Fields a resumed run may change: they do not change its numbers (``steps`` does: the cosine schedule
+depends on it)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +94,6 @@ def resolve_layer_spec(spec: str | Sequence[int], n_layers: int, td: pd.DataFram
     elif spec == "td:encoder":
         if td is None:
             raise ValueError("layers 'td:encoder' needs a TD sweep of this model (td_sweep=...)")
-        from .patching import peak_layer_of
-
         peak = peak_layer_of(td, shots)
         if peak >= n_layers:
             raise ValueError(f"the TD sweep's peak layer {peak} is out of range for a model with {n_layers} layers")
@@ -154,18 +153,6 @@ def _check_targets(model: nn.Module, arch: ArchSpec, layers: Sequence[int], name
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
-def _pos_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _finite(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value!r}")
-
-
 @dataclass
 class FinetuneConfig:
     """Everything that determines a fine-tuning run (saved as config.json in the run directory).
@@ -209,18 +196,16 @@ class FinetuneConfig:
             raise ValueError(f"unknown fine-tuning method {self.method!r}; known: {METHODS}")
         for name in ("rank", "shots", "n_train", "steps", "batch_size", "grad_accum", "ckpt_every",
                      "eval_n_per_task", "batch_size_eval"):
-            _pos_int(name, getattr(self, name))
-        _pos_int("seed", self.seed, 0)
-        _pos_int("warmup_steps", self.warmup_steps, 0)
-        _finite("alpha", self.alpha, 0.0, low_open=True)
-        _finite("dropout", self.dropout, 0.0, 1.0)
-        if self.dropout >= 1.0:
-            raise ValueError(f"dropout must be < 1, got {self.dropout}")
-        _finite("lr", self.lr, 0.0, low_open=True)
-        _finite("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _finite("weight_decay", self.weight_decay, 0.0)
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("alpha", self.alpha, 0.0, low_open=True)
+        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
         if self.grad_clip is not None:
-            _finite("grad_clip", self.grad_clip, 0.0, low_open=True)
+            check_number("grad_clip", self.grad_clip, 0.0, low_open=True)
         if isinstance(self.layers, str):
             if not self.layers.strip():
                 raise ValueError("layers is empty")
@@ -327,14 +312,27 @@ def prepare_model(model: nn.Module, config: FinetuneConfig, layers: Sequence[int
     return get_peft_model(model, lora)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Copy saved trainable weights into ``model``; refuse a file with other trainable parameters."""
+    state = load_file(path)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if sorted(state) != sorted(names):
+        raise ValueError(f"{path} holds other trainable parameters than this config trains")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return _forward_takes(type(_inference_module(model)), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(_inference_module(model).forward).parameters
+    return name in inspect.signature(cls.forward).parameters
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_tokens: int) -> torch.Tensor:
@@ -414,7 +412,7 @@ def finetune(
         saved = json.loads(cfg_path.read_text())
         saved.pop("provenance", None)
         saved.pop("resolved_layers", None)
-        diffs = config_diffs(saved, cfg_dict, RUNTIME_FIELDS - {"steps"})
+        diffs = config_diffs(saved, cfg_dict, RUNTIME_FIELDS)
         if diffs:
             raise ValueError(f"{out} holds a fine-tuning run with another config; refusing to resume. "
                              "Differences: " + "; ".join(diffs))
@@ -444,14 +442,7 @@ def finetune(
         start = 0
         if ckpts:
             start, ck = ckpts[-1]
-            state = load_file(ck / "trainable.safetensors")
-            names = [n for n, p in trained.named_parameters() if p.requires_grad]
-            if sorted(state) != sorted(names):
-                raise ValueError(f"checkpoint {ck} holds other trainable parameters than this config trains")
-            with torch.no_grad():
-                for n, p in trained.named_parameters():
-                    if n in state:
-                        p.copy_(state[n])
+            load_trainable(trained, ck / "trainable.safetensors")
             load_optimizer(opt, ck)
             rng = load_file(ck / "rng.safetensors")
             gen.set_state(rng["data_generator"])
@@ -552,14 +543,7 @@ def load_finetuned(run: str | Path, backend: str = "torch", merge: bool = False,
         raise ValueError(f"{run} has no trained.safetensors: the run has not finished")
     with torch.random.fork_rng(devices=[]):
         trained = prepare_model(base, config, layers)
-    state = load_file(run / "trained.safetensors")
-    missing = [n for n, p in trained.named_parameters() if p.requires_grad and n not in state]
-    if missing:
-        raise ValueError(f"{run}/trained.safetensors lacks {missing[:3]}")
-    with torch.no_grad():
-        for n, p in trained.named_parameters():
-            if n in state:
-                p.copy_(state[n])
+    load_trainable(trained, run / "trained.safetensors")
     from ..adapters.load import load_model
 
     return load_model(trained.eval(), backend=backend, tokenizer=tok, merge=merge)

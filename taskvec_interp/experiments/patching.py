@@ -41,6 +41,8 @@ from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
 from ..results import check_out_dir, provenance, write_json
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
+from ..validate import check_int, check_number
+from .sweep import peak_layer_of
 
 Evaluate = Callable[[list[dict]], Sequence[pd.DataFrame | Mapping]]
 
@@ -175,11 +177,6 @@ def direction_of(vector: str, null: str = NULL_TASK) -> str:
 # ------------------------------------------------------------------------------------------------
 # The language-model experiment
 # ------------------------------------------------------------------------------------------------
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 @dataclass
 class PatchConfig:
     """Everything that determines a patching run's numbers (saved as config.json next to the results).
@@ -228,10 +225,10 @@ class PatchConfig:
     def __post_init__(self) -> None:
         for name, minimum in (("shots", 0), ("n_per_task", 1), ("seed", 0), ("k", 1), ("n_boot", 1),
                               ("batch_size", 1), ("max_rows", 1)):
-            _check_int(name, getattr(self, name), minimum)
+            check_int(name, getattr(self, name), minimum)
         for name in ("n_vector_prompts", "vector_seed", "max_new_tokens"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 0 if name == "vector_seed" else 1)
+                check_int(name, getattr(self, name), 0 if name == "vector_seed" else 1)
         if self.definition not in DEFINITIONS:
             raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
         self.modes, self.directions = tuple(self.modes), tuple(self.directions)
@@ -239,8 +236,7 @@ class PatchConfig:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        check_number("scale", self.scale)
         self.scale = float(self.scale)
         if self.shots == 0:
             raise ValueError("shots=0: task vectors are read from prompts with demonstrations (every definition "
@@ -325,18 +321,6 @@ def load_patching(directory: str | Path) -> PatchResult:
     seconds = summary.pop("seconds", 0.0)
     return PatchResult(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
                        TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)
-
-
-def peak_layer_of(td: pd.DataFrame, shots: int | None = None) -> int:
-    """The layer of the highest overall TD (at ``shots`` when the table has several shot counts)."""
-    overall = td[td["level"] == "overall"]
-    if shots is not None and "shots" in overall:
-        if shots not in set(overall["shots"]):
-            raise ValueError(f"the TD table has no {shots}-shot rows (has {sorted(set(overall['shots']))})")
-        overall = overall[overall["shots"] == shots]
-    if overall.empty:
-        raise ValueError("the TD table has no overall rows")
-    return int(overall.loc[overall["td"].idxmax(), "layer"])
 
 
 def patch_conditions(layers: Sequence[int], modes: Sequence[str], directions: Sequence[str], tasks: Sequence[str],
@@ -547,6 +531,6 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
 
 __all__ = [
     "DIRECTIONS", "MODES", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
-    "patch_conditions", "patch_summary", "peak_layer_of", "run_conditions", "run_patching",
+    "patch_conditions", "patch_summary", "run_conditions", "run_patching",
     "td_relation",
 ]

@@ -117,6 +117,18 @@ def load_sweep(directory: str | Path) -> SweepResult:
     return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
 
 
+def peak_layer_of(td: pd.DataFrame, shots: int | None = None) -> int:
+    """The layer of the highest overall TD (at ``shots`` when the table has several shot counts)."""
+    overall = td[td["level"] == "overall"]
+    if shots is not None and "shots" in overall:
+        if shots not in set(overall["shots"]):
+            raise ValueError(f"the TD table has no {shots}-shot rows (has {sorted(set(overall['shots']))})")
+        overall = overall[overall["shots"] == shots]
+    if overall.empty:
+        raise ValueError("the TD table has no overall rows")
+    return int(overall.loc[overall["td"].idxmax(), "layer"])
+
+
 def fit_td_accuracy(
     td: pd.DataFrame, accuracy: pd.DataFrame, layer: int | None = None, include_null: bool = False,
 ) -> dict:
