@@ -1,10 +1,14 @@
 """Sites and plain hook functions. Knows tensors only: no model, no backend.
 
-A hook is a plain function ``fn(activation, ctx) -> activation | None`` attached to a named
-site, as in TransformerLens. ``activation`` is ``[batch, seq_chunk, d_model]``; ``ctx`` is a
-:class:`HookContext` saying which site fired, which generation step this is, and how the chunk's
-columns map onto prompt positions. Returning ``None`` leaves the activation unchanged; returning a
-tensor replaces it (it must keep the shape, dtype and device).
+A hook is a plain function ``fn(activation, hook) -> activation | None`` attached to a named
+site, as in TransformerLens. ``activation`` is ``[batch, seq_chunk, d_model]``; ``hook`` is a
+:class:`HookContext` saying which site fired (``hook.name``, ``hook.layer()``, as on a TransformerLens
+``HookPoint``), which generation step this is, and how the chunk's columns map onto prompt positions.
+Returning ``None`` leaves the activation unchanged; returning a tensor replaces it (it must keep the
+shape, dtype and device). A TransformerLens hook written as ``fn(act, hook)`` or one that takes ``hook``
+by keyword (``functools.partial(fn, vec=v)`` with ``def fn(act, vec, hook)``) runs as it is; our
+factories run in TransformerLens through :func:`as_tl_hook`, and activations captured elsewhere (a
+TransformerLens cache, nnsight-saved tensors) reach the prompt's last token through :func:`last_token`.
 
 Positions are given in *prompt coordinates*, the same on every backend and independent of padding:
 
@@ -22,7 +26,9 @@ effect forward. Backends that recompute the prefix every step (TransformerLens, 
 
 from __future__ import annotations
 
+import inspect
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -35,6 +41,8 @@ COMPONENTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "mixer_out", 
 """Components a site may name, in forward order within a block."""
 
 _SITE_RE = re.compile(r"^blocks\.(-?\d+)\.hook_([a-z_]+)$")
+TL_ALIASES = {"in": "resid_pre", "out": "resid_post"}
+"""TransformerBridge's canonical names for the residual stream (``blocks.3.hook_out`` is ``resid_post``)."""
 
 Position = Union[int, Sequence[int], Tensor, None]
 
@@ -87,7 +95,11 @@ def parse_site(site: str | Site | int, n_layers: int | None = None) -> Site:
             raise ValueError(
                 f"unknown site {site!r}: expected 'blocks.<layer>.hook_<component>' with component in {COMPONENTS}"
             )
-        out = Site(int(m.group(1)), m.group(2))
+        comp = TL_ALIASES.get(m.group(2), m.group(2))
+        if comp not in COMPONENTS:
+            raise ValueError(f"unknown site component {m.group(2)!r} in {site!r}; known components: {COMPONENTS} "
+                             f"(or TransformerBridge's {tuple('hook_' + a for a in TL_ALIASES)})")
+        out = Site(int(m.group(1)), comp)
     else:
         raise TypeError(f"a site must be a str, Site or int, got {type(site).__name__}")
     if n_layers is not None:
@@ -110,15 +122,26 @@ def resolve_layers(layers: str | int | Sequence[int], n_layers: int) -> list[int
     return [parse_site(int(layer), n_layers).layer for layer in seq]
 
 
+class LayerIndex(int):
+    """A layer number that is also callable: ``hook.layer`` and TransformerLens's ``hook.layer()`` both work."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
 @dataclass
 class HookContext:
-    """What a hook knows about the call it runs in.
+    """What a hook knows about the call it runs in (the ``hook`` argument of a hook function).
 
-    ``pad[b]`` is the number of left-padding tokens of row ``b``; ``prompt_len`` the padded prompt
-    length; ``offset`` the absolute column of the chunk's first token (0 in the prefill);
-    ``step`` the generation step (0 = prefill / plain forward); ``indices[b]`` the index of row
-    ``b`` among the ``n_prompts`` prompts of the call (the adapter sorts and batches prompts:
-    per-prompt positions and vectors are given in call order and looked up through ``indices``).
+    ``pad[b]`` is the column of row ``b``'s first real token (its left padding); ``prompt_len`` the
+    padded prompt length; ``lengths[b]`` the number of real prompt tokens of row ``b`` (default
+    ``prompt_len - pad``: left padding; a right-padded batch has ``pad = 0`` and shorter lengths);
+    ``offset`` the absolute column of the chunk's first token (0 in the prefill); ``step`` the
+    generation step (0 = prefill / plain forward); ``indices[b]`` the index of row ``b`` among the
+    ``n_prompts`` prompts of the call (the adapter sorts and batches prompts: per-prompt positions and
+    vectors are given in call order and looked up through ``indices``).
+
+    Build one yourself for activations from elsewhere with :meth:`from_attention_mask`.
     """
 
     site: Site
@@ -128,6 +151,7 @@ class HookContext:
     offset: int = 0
     indices: Int[Tensor, " batch"] | None = None
     n_prompts: int | None = None
+    lengths: Int[Tensor, " batch"] | None = None
 
     def __post_init__(self) -> None:
         if self.indices is None:
@@ -135,13 +159,23 @@ class HookContext:
         if self.n_prompts is None:
             self.n_prompts = int(self.pad.shape[0])
 
+    @classmethod
+    def from_attention_mask(cls, attention_mask: Tensor, site: str | Site | int = 0) -> HookContext:
+        """The context of a forward pass over a batch with this ``attention_mask`` (``[batch, seq]``, left or
+        right padded; each row's real tokens contiguous), at ``site`` (a name such as
+        ``"blocks.3.hook_resid_post"``, a :class:`Site` or a layer). Lets the hook factories and
+        :func:`last_token` work on activations captured by TransformerLens or nnsight."""
+        pad, lengths = mask_spans(attention_mask)
+        return cls(site=parse_site(site), pad=pad, prompt_len=int(attention_mask.shape[1]), lengths=lengths)
+
     @property
     def name(self) -> str:
         return self.site.name
 
     @property
-    def layer(self) -> int:
-        return self.site.layer
+    def layer(self) -> LayerIndex:
+        """The block index; callable too (``hook.layer()``), as on a TransformerLens ``HookPoint``."""
+        return LayerIndex(self.site.layer)
 
     def per_prompt(self, values: Tensor, what: str) -> Tensor:
         """Rows of a per-prompt tensor (first dim = n_prompts, call order) for this batch."""
@@ -165,7 +199,7 @@ class HookContext:
             return rows, cols
         if not (isinstance(position, int) and not isinstance(position, bool)):
             position = self.per_prompt(torch.as_tensor(position), "positions")
-        absolute = resolve_positions(position, self.pad, self.prompt_len)
+        absolute = resolve_positions(position, self.pad, self.prompt_len, self.lengths)
         rel = absolute - self.offset
         keep = (rel >= 0) & (rel < chunk_len)
         rows = torch.arange(batch, device=device)
@@ -174,11 +208,51 @@ class HookContext:
         return rows[keep], rel[keep]
 
 
-def resolve_positions(position: int | Sequence[int] | Tensor, pad: Int[Tensor, " batch"], prompt_len: int) -> Int[Tensor, " batch"]:
-    """Prompt coordinates -> absolute column per row of a left-padded batch (see module doc).
+def mask_spans(attention_mask: Tensor) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """Each row's first real column and number of real tokens, from a ``[batch, seq]`` attention mask
+    (left or right padding). ``ValueError`` for a row with no real token or with a hole in it."""
+    if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be a [batch, seq] tensor, got "
+                         f"{list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__}")
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0, 0])} has no real token")
+    first = mask.int().argmax(1)
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    inside = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])
+    if not bool((inside == mask).all()):
+        row = int((inside != mask).any(1).nonzero()[0, 0])
+        raise ValueError(f"attention_mask row {row} is not one contiguous run of real tokens: {mask[row].int().tolist()}")
+    return first.long(), lengths.long()
+
+
+def last_token(acts: Float[Tensor, "*lead batch seq d"], attention_mask: Tensor | None = None
+               ) -> Float[Tensor, "*lead batch d"]:
+    """Each row's last real token of ``[..., batch, seq, d]`` activations (e.g. a TransformerLens cache's
+    ``stack_activation("resid_post")`` ``[layer, batch, seq, d]`` or an nnsight-saved block output),
+    given the batch's ``attention_mask`` (left or right padding; ``None``: no padding, the last column).
+    The result ``[..., batch, d]`` is what :func:`taskvec_interp.probes.task_decodability` reads."""
+    if not isinstance(acts, Tensor) or acts.ndim < 3:
+        raise ValueError(f"activations must be [..., batch, seq, d], got "
+                         f"{list(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__}")
+    batch, seq = acts.shape[-3], acts.shape[-2]
+    if attention_mask is None:
+        return acts[..., -1, :]
+    if tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, the activations' batch and "
+                         f"sequence are [{batch}, {seq}]")
+    first, lengths = mask_spans(attention_mask.to(acts.device))
+    return acts[..., torch.arange(batch, device=acts.device), first + lengths - 1, :]
+
+
+def resolve_positions(position: int | Sequence[int] | Tensor, pad: Int[Tensor, " batch"], prompt_len: int,
+                      lengths: Int[Tensor, " batch"] | None = None) -> Int[Tensor, " batch"]:
+    """Prompt coordinates -> absolute column per row of a padded batch (see module doc).
 
     ``position`` is an int, one position per row (``[batch]``) or several per row (``[batch, m]``,
-    e.g. every demonstration's answer-preceding token); the result has the same shape.
+    e.g. every demonstration's answer-preceding token); the result has the same shape. ``pad`` is each
+    row's first real column and ``lengths`` its number of real tokens (default ``prompt_len - pad``).
     """
     batch = pad.shape[0]
     if isinstance(position, int) and not isinstance(position, bool):
@@ -190,22 +264,50 @@ def resolve_positions(position: int | Sequence[int] | Tensor, pad: Int[Tensor, "
         pos = pos.long()
         if pos.ndim not in (1, 2) or pos.shape[0] != batch:
             raise ValueError(f"per-prompt positions must have shape [{batch}] or [{batch}, m], got {list(pos.shape)}")
-    lengths = (prompt_len - pad).view(-1, *([1] * (pos.ndim - 1)))
+    real = prompt_len - pad if lengths is None else lengths.to(pad.device)
+    lengths = real.view(-1, *([1] * (pos.ndim - 1)))
     too_far = (pos >= lengths) | (pos < -lengths)
     if bool(too_far.any()):
         b = int(too_far.nonzero()[0, 0])
         raise ValueError(f"position {int(pos[b].flatten()[0]) if pos.ndim == 1 else pos[b].tolist()} out of range "
                          f"for prompt {b} of {int(lengths[b].flatten()[0])} tokens")
-    return torch.where(pos < 0, prompt_len + pos, pad.view_as(lengths) + pos)
+    start = pad.view_as(lengths)
+    return torch.where(pos < 0, start + lengths + pos, start + pos)
 
 
 HookFn = Callable[[Tensor, HookContext], Tensor | None]
-"""The one hook signature: ``fn(activation [batch, seq, d], ctx) -> activation | None``."""
+"""The one hook signature: ``fn(activation [batch, seq, d], hook) -> activation | None``."""
+
+_BY_KEYWORD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _takes_hook_keyword(fn: HookFn) -> bool:
+    """Whether ``fn`` is called with ``hook=`` by keyword, as TransformerLens calls hooks: a function or
+    partial with a parameter named ``hook`` that is not its first. Cached per function (weakly)."""
+    try:
+        return _BY_KEYWORD[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        by_kw = False
+    else:
+        hook = next((p for p in params if p.name == "hook"), None)
+        by_kw = hook is not None and hook.kind in (hook.POSITIONAL_OR_KEYWORD, hook.KEYWORD_ONLY) \
+            and params.index(hook) > 0
+    try:
+        _BY_KEYWORD[fn] = by_kw
+    except TypeError:  # not weak-referenceable: recomputed next time
+        pass
+    return by_kw
 
 
 def checked_call(fn: HookFn, act: Tensor, ctx: HookContext) -> Tensor:
-    """Run a user hook and check what it returns: same shape, dtype and device, never a broadcast."""
-    out = fn(act, ctx)
+    """Run a user hook and check what it returns: same shape, dtype and device, never a broadcast.
+
+    A hook with a parameter named ``hook`` (TransformerLens style) gets the context by keyword."""
+    out = fn(act, hook=ctx) if _takes_hook_keyword(fn) else fn(act, ctx)
     if out is None:
         return act
     if not isinstance(out, Tensor):
@@ -332,6 +434,40 @@ def ablate(position: Position = -1, value: float | Tensor = 0.0) -> HookFn:
         return out
 
     return _tag(hook, position)
+
+
+def as_tl_hook(fn: HookFn, attention_mask: Tensor | None = None) -> Callable[..., Tensor | None]:
+    """Our hook function (e.g. ``hooks.add(vec)``) as a TransformerLens hook ``(act, hook)``, for
+    ``bridge.run_with_hooks(tokens, fwd_hooks=[(name, as_tl_hook(fn, mask))])`` or ``bridge.hooks(...)``.
+
+    The context comes from the TransformerLens hook point's name (``blocks.3.hook_resid_post``, the
+    bridge's ``blocks.3.hook_out`` ...) and from ``attention_mask`` (``[batch, seq]`` of the tokens you
+    run, left or right padded; ``None``: no padding), so prompt positions (``-1`` = each row's last real
+    token) mean what they mean in our adapters. Meant for a forward pass over the whole prompt: a chunk
+    whose shape does not match the mask (e.g. a cached generation step) is refused.
+    """
+    if not callable(fn):
+        raise TypeError(f"as_tl_hook needs a callable hook function, got {type(fn).__name__}")
+    spans = mask_spans(attention_mask) if attention_mask is not None else None
+
+    def tl_hook(act: Tensor, hook: object) -> Tensor | None:
+        name = getattr(hook, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"as_tl_hook: the hook point has no name (got {type(hook).__name__})")
+        if spans is None:
+            pad = torch.zeros(act.shape[0], dtype=torch.long, device=act.device)
+            ctx = HookContext(parse_site(name), pad=pad, prompt_len=int(act.shape[1]))
+        else:
+            if tuple(attention_mask.shape) != tuple(act.shape[:2]):
+                raise ValueError(f"as_tl_hook at {name}: activation [batch, seq] = {list(act.shape[:2])} does not "
+                                 f"match the attention_mask {list(attention_mask.shape)} (a cached generation step?)")
+            pad, lengths = (t.to(act.device) for t in spans)
+            ctx = HookContext(parse_site(name), pad=pad, prompt_len=int(act.shape[1]), lengths=lengths)
+        out = checked_call(fn, act, ctx)
+        return None if out is act else out
+
+    tl_hook.position = getattr(fn, "position", None)  # type: ignore[attr-defined]
+    return tl_hook
 
 
 HookSpec = Sequence[tuple[str | Site | int, HookFn]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -33,6 +33,10 @@ from ..hooks import (
 )
 
 LogitsMode = Literal["all", "last", "none"]
+
+
+def _noop(act: Tensor, ctx: HookContext) -> None:
+    return None
 
 
 @dataclass
@@ -315,24 +319,78 @@ class Adapter(ABC):
         order. Extra ``hooks`` (e.g. an intervention) run in the same pass, before the capture at
         each site. ``position`` may also give several positions per prompt (``[n_prompts, m]``, e.g.
         every demonstration's answer-preceding token): the result is then ``[layer, n, m, d_model]``.
+        For several components at once, or TransformerLens-style ``names_filter`` selection, see
+        :meth:`capture_sites`.
         """
+        sites = [Site(layer, component) for layer in resolve_layers(layers, self.n_layers)]
+        return self._capture(prompts, sites, position, hooks, batch_size, dtype, progress)
+
+    def site_names(self) -> list[str]:
+        """Every site this adapter can hook, as TransformerLens-style names in forward order."""
+        return [Site(layer, comp).name for layer in range(self.n_layers) for comp in self.components]
+
+    def capture_sites(
+        self,
+        prompts: Sequence[str] | ModelInputs,
+        names_filter: str | Sequence[str | Site] | Callable[[str], bool] | None = None,
+        position: Position = -1,
+        hooks: HookSpec = (),
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ) -> dict[str, Tensor]:
+        """Activations at ``position`` of the sites ``names_filter`` selects, all in ONE pass per batch:
+        ``{site name: [n_prompts, d_model]}`` in forward order, like a TransformerLens cache.
+
+        ``names_filter`` as in TransformerLens's ``run_with_cache``: ``None`` (every site of
+        :meth:`site_names`), one name, a list of names / :class:`Site` s (``blocks.3.hook_resid_post``;
+        the bridge's ``blocks.3.hook_out`` is accepted too), or a predicate over the names.
+        """
+        sites = self._select_sites(names_filter)
+        acts = self._capture(prompts, sites, position, hooks, batch_size, dtype, progress)
+        return {site.name: a for site, a in zip(sites, acts, strict=True)}
+
+    def _select_sites(self, names_filter: object) -> list[Site]:
+        every = [Site(layer, comp) for layer in range(self.n_layers) for comp in self.components]
+        if names_filter is None:
+            return every
+        if callable(names_filter):
+            chosen = [s for s in every if names_filter(s.name)]
+            if not chosen:
+                raise ValueError(f"names_filter selected none of this model's {len(every)} sites "
+                                 f"(e.g. {every[0].name!r} ... {every[-1].name!r})")
+            return chosen
+        if isinstance(names_filter, (str, Site)):
+            names_filter = [names_filter]
+        if not isinstance(names_filter, Sequence) or len(names_filter) == 0:
+            raise ValueError(f"names_filter must be None, a site name, a non-empty list of names or a predicate, "
+                             f"got {names_filter!r}")
+        sites = [s for s, _ in normalize_hooks([(n, _noop) for n in names_filter], self.n_layers, self.components)]
+        dup = sorted({s.name for s in sites if sites.count(s) > 1})
+        if dup:
+            raise ValueError(f"names_filter names {dup} more than once")
+        return sites
+
+    def _capture(self, prompts: Sequence[str] | ModelInputs, sites: list[Site], position: Position,
+                 hooks: HookSpec, batch_size: int, dtype: torch.dtype, progress: bool) -> Tensor:
+        """``[len(sites), n_prompts, (m,) d_model]``: every site captured in one pass per batch."""
         if position is None:
             raise ValueError("capture needs a position (int or one per prompt); use hooks.capture for whole sequences")
-        layer_list = resolve_layers(layers, self.n_layers)
-        sites = [Site(layer, component) for layer in layer_list]
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"capture dtype must be a floating-point torch.dtype, got {dtype!r}")
         user_hooks = self._all_hooks(hooks)
-        normalize_hooks([(s, capture({}, None)) for s in sites], self.n_layers, self.components)
+        normalize_hooks([(s, _noop) for s in sites], self.n_layers, self.components)
         n, batches = self._batches(prompts, batch_size)
         multi = () if isinstance(position, int) else tuple(torch.as_tensor(position).shape[1:])
         out = torch.empty((len(sites), n, *multi, self.d_model), dtype=dtype)
-        bar = tqdm(batches, desc=f"capture {len(sites)} layers", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"capture {len(sites)} sites", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
                 store: dict = {}
-                cap = [(s, capture(store, s.layer, position, dtype)) for s in sites]
+                cap = [(s, capture(store, s, position, dtype)) for s in sites]
                 all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
                 self._forward(inputs, all_hooks, self._state(inputs, idx, n), "none")
-                out[:, idx] = torch.stack([store[s.layer] for s in sites])
+                out[:, idx] = torch.stack([store[s] for s in sites])
         return out
 
     def generate(
