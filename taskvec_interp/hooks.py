@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -278,29 +277,17 @@ def resolve_positions(position: int | Sequence[int] | Tensor, pad: Int[Tensor, "
 HookFn = Callable[[Tensor, HookContext], Tensor | None]
 """The one hook signature: ``fn(activation [batch, seq, d], hook) -> activation | None``."""
 
-_BY_KEYWORD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _takes_hook_keyword(fn: HookFn) -> bool:
     """Whether ``fn`` is called with ``hook=`` by keyword, as TransformerLens calls hooks: a function or
-    partial with a parameter named ``hook`` that is not its first. Cached per function (weakly)."""
-    try:
-        return _BY_KEYWORD[fn]
-    except (KeyError, TypeError):
-        pass
+    partial with a parameter named ``hook`` that is not its first. (Not cached: a module-level cache
+    would not pickle into a remote nnsight run, and the lookup costs microseconds.)"""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        by_kw = False
-    else:
-        hook = next((p for p in params if p.name == "hook"), None)
-        by_kw = hook is not None and hook.kind in (hook.POSITIONAL_OR_KEYWORD, hook.KEYWORD_ONLY) \
-            and params.index(hook) > 0
-    try:
-        _BY_KEYWORD[fn] = by_kw
-    except TypeError:  # not weak-referenceable: recomputed next time
-        pass
-    return by_kw
+        return False
+    hook = next((p for p in params if p.name == "hook"), None)
+    return hook is not None and hook.kind in (hook.POSITIONAL_OR_KEYWORD, hook.KEYWORD_ONLY) \
+        and params.index(hook) > 0
 
 
 def checked_call(fn: HookFn, act: Tensor, ctx: HookContext) -> Tensor:
@@ -356,6 +343,7 @@ def capture(
         store[k] = got if m is None else got.view(act.shape[0], m, act.shape[-1])
         return None
 
+    hook.store = store  # type: ignore[attr-defined]  # where it writes: a remote backend sends it back
     return hook
 
 

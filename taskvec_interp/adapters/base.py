@@ -157,9 +157,15 @@ class Adapter(ABC):
         params = getattr(module, "parameters", None)
         n_params = sum(p.numel() for p in params()) if callable(params) else None
         name = self.name or getattr(cfg, "_name_or_path", None) or type(module).__name__
+        first = next(params(), None) if callable(params) else None
+        device_map = getattr(module, "hf_device_map", None)
         return {"name": str(name), "backend": self.backend, "model_class": type(module).__name__,
                 "model_type": getattr(cfg, "model_type", None), "revision": self.revision,
-                "n_layers": self.n_layers, "d_model": self.d_model, "n_params": n_params}
+                "n_layers": self.n_layers, "d_model": self.d_model, "n_params": n_params,
+                "dtype": None if first is None else str(first.dtype).removeprefix("torch."),
+                "device": str(self.device),
+                "placement": None if not device_map else sorted({str(v) for v in device_map.values()}),
+                "remote": getattr(self, "remote", False) or False}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backend={self.backend!r}, n_layers={self.n_layers}, d_model={self.d_model}, "

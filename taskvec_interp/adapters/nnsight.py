@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from itertools import groupby
 
-import torch
+import nnsight
 from torch import Tensor, nn
 
 from ..hooks import HookFn, Site, checked_call
 from .arch import find_arch
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
-from .torch_hooks import config_d_model, config_n_ctx, model_logits
+from .torch_hooks import config_d_model, config_n_ctx, input_device, model_logits
 
 
 class NNsightAdapter(Adapter):
@@ -27,8 +27,15 @@ class NNsightAdapter(Adapter):
     def __init__(
         self, model: nn.Module | object, tokenizer: object | None = None, blocks: str | None = None,
         d_model: int | None = None, n_ctx: int | None = None, add_special_tokens: bool = True,
+        remote: bool | str = False,
     ) -> None:
-        import nnsight
+        if remote not in (False, True, "local") and not (isinstance(remote, str) and remote.startswith("http")):
+            raise ValueError(f"remote must be False, True (NDIF), 'local' (nnsight's local simulation of a remote "
+                             f"run) or an NDIF host URL, got {remote!r}")
+        self.remote = remote
+        if remote:
+            # our hook functions run on the server: ship taskvec_interp's code with the request
+            nnsight.register("taskvec_interp")
 
         if isinstance(model, nnsight.NNsight):
             self.nn = model
@@ -45,7 +52,6 @@ class NNsightAdapter(Adapter):
             raise TypeError(f"NNsightAdapter needs an nn.Module or nnsight model, got {type(model).__name__}")
         self.module = module
         self.arch = find_arch(module, blocks)
-        param = next(module.parameters(), None)
         d = d_model or config_d_model(module)
         if d is None:
             raise ValueError("cannot infer d_model of this module: pass d_model=")
@@ -55,7 +61,7 @@ class NNsightAdapter(Adapter):
         self._blocks = blocks_envoy
         super().__init__(
             model=self.nn, n_layers=len(blocks_envoy), d_model=d, tokenizer=tokenizer,
-            device=param.device if param is not None else torch.device("cpu"),
+            device=input_device(module),
             n_ctx=n_ctx or config_n_ctx(module), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
         )
@@ -71,37 +77,35 @@ class NNsightAdapter(Adapter):
                 env = getattr(env, part)
         return env
 
-    def _apply(self, hooks: list[tuple[Site, HookFn]], state: _CallState) -> None:
-        """Run the hooks on the live activations, in forward order (call inside a trace)."""
-        for site, group in groupby(hooks, key=lambda p: p[0]):
-            fns = [f for _, f in group]
-            env = self._envoy(site)
-            if site.component == "resid_pre":
-                act = env.input
-                new = _run(fns, act, site, state)
-                if new is not act:
-                    env.input = new
-                continue
-            out = env.output
-            act = out[0] if isinstance(out, tuple) else out
-            new = _run(fns, act, site, state)
-            if new is not act:
-                env.output = (new, *out[1:]) if isinstance(out, tuple) else new
+    def _plan(self, hooks: list[tuple[Site, HookFn]]) -> list[tuple[object, bool, list[HookFn], Site]]:
+        """(envoy, reads its input, hook functions, site) per site in forward order: resolved outside the
+        trace, so the trace body refers to envoys and hook functions only (what a remote run ships)."""
+        return [(self._envoy(site), site.component == "resid_pre", [f for _, f in group], site)
+                for site, group in groupby(hooks, key=lambda p: p[0])]
+
+    def _trace_kwargs(self) -> dict:
+        return {} if not self.remote else {"remote": self.remote}
 
     def _forward(self, inputs: ModelInputs, hooks: list[tuple[Site, HookFn]], state: _CallState,
                  logits: LogitsMode) -> Tensor | None:
         kwargs = dict(inputs.kwargs)
         if logits != "all" and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        plan = self._plan(hooks)
+        stores = _stores(hooks)
         if logits == "none" and hooks:
             # only the hooks' side effects are wanted: stop the model after the last hooked site
-            with self.nn.trace(**kwargs) as tracer:
-                self._apply(hooks, state)
+            with self.nn.trace(**kwargs, **self._trace_kwargs()) as tracer:
+                _apply(plan, state)
+                back = nnsight.save(stores)
                 tracer.stop()
+            _merge(stores, back)
             return None
-        with self.nn.trace(**kwargs):
-            self._apply(hooks, state)
+        with self.nn.trace(**kwargs, **self._trace_kwargs()):
+            _apply(plan, state)
+            back = nnsight.save(stores)
             out = self.nn.output.save()
+        _merge(stores, back)
         lg = model_logits(out)
         return lg[:, -1] if (logits == "last" and lg.ndim == 3) else lg
 
@@ -116,18 +120,58 @@ class NNsightAdapter(Adapter):
         # No EOS stop inside generate: every step runs, so the bounded step loop below always
         # completes and the result can be read after it. Rows are cut at EOS by the caller.
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        plan = self._plan(hooks)
+        stores = _stores(hooks)
         with self.nn.generate(
             input_ids=inputs.kwargs["input_ids"], attention_mask=inputs.kwargs["attention_mask"],
-            generation_config=gen_cfg,
+            generation_config=gen_cfg, **self._trace_kwargs(),
         ) as tracer:
             for _ in tracer.iter[:max_new_tokens]:
                 state.advance(prompt_len if state.calls == 0 else 1)
-                self._apply(hooks, state)
+                _apply(plan, state)
+            back = nnsight.save(stores)
             ids = tracer.result.save()
+        _merge(stores, back)
         return ids[:, prompt_len:]
+
+
+def _apply(plan: list[tuple[object, bool, list[HookFn], Site]], state: _CallState) -> None:
+    """Run the hooks on the live activations, in forward order (call inside a trace). Remote-safe: it
+    touches only envoys, hook functions and the call state, no adapter or Python state outside them."""
+    for env, is_input, fns, site in plan:
+        if is_input:
+            act = env.input
+            new = _run(fns, act, site, state)
+            if new is not act:
+                env.input = new
+            continue
+        out = env.output
+        act = out[0] if isinstance(out, tuple) else out
+        new = _run(fns, act, site, state)
+        if new is not act:
+            env.output = (new, *out[1:]) if isinstance(out, tuple) else new
 
 
 def _run(fns: list[HookFn], act: Tensor, site: Site, state: _CallState) -> Tensor:
     for fn in fns:
         act = checked_call(fn, act, state.context(site))
     return act
+
+
+def _stores(hooks: list[tuple[Site, HookFn]]) -> list[dict]:
+    """The dicts capture hooks write into (``hooks.capture`` tags them): saved out of the trace, so a
+    remote run (where the hooks run on the server) sends what they captured back."""
+    out, seen = [], set()
+    for _, fn in hooks:
+        store = getattr(fn, "store", None)
+        if isinstance(store, dict) and id(store) not in seen:
+            seen.add(id(store))
+            out.append(store)
+    return out
+
+
+def _merge(stores: list[dict], back: object) -> None:
+    """Copy what came back from the trace into the local stores (the same objects when run locally)."""
+    for local, remote in zip(stores, back, strict=True):
+        if remote is not local:
+            local.update(remote)

@@ -51,6 +51,28 @@ def config_d_model(model: nn.Module) -> int | None:
     return getattr(model, "d_model", None)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the input embedding's execution device for a model dispatched with
+    accelerate (``device_map``: its weights may sit on other devices, the CPU or disk, as ``meta``
+    parameters), else the first real parameter's device; the CPU for a parameterless or all-meta model
+    (e.g. an nnsight model whose weights live on a remote NDIF server)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for p in ([*emb.parameters()] if isinstance(emb, nn.Module) else []) + [*model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def config_n_ctx(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) in ("mamba", "mamba2"):
@@ -77,10 +99,8 @@ class TorchHooksAdapter(Adapter):
         d = d_model or config_d_model(model)
         if d is None:
             raise ValueError("cannot infer d_model of this module: pass d_model=")
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
         super().__init__(
-            model=model, n_layers=len(self.blocks), d_model=d, tokenizer=tokenizer, device=device,
+            model=model, n_layers=len(self.blocks), d_model=d, tokenizer=tokenizer, device=input_device(model),
             n_ctx=n_ctx or config_n_ctx(model), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
         )
