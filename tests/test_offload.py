@@ -167,6 +167,8 @@ def test_bad_placements_are_refused_before_loading(word_tokenizer, tmp_path, mon
         load_model(model, tokenizer=word_tokenizer, backend="transformer_lens", device_map="auto")
     with pytest.raises(ValueError, match="revision='step1000' applies to hub ids"):
         load_model(str(tmp_path), revision="step1000")
+    with pytest.raises(ValueError, match="hub id 'allenai/no-such-model' at revision 'step1000-tokens4B'"):
+        load_model("allenai/no-such-model", revision="step1000-tokens4B")  # offline here: not found
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
         load_model(tmp_path / "empty")
