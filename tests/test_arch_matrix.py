@@ -21,7 +21,7 @@ from taskvec_interp.adapters.arch import discover_arch, find_arch
 
 MODEL_TYPES = AM.causal_lm_model_types()
 MIN_VERIFIED_FRACTION = 0.75
-"""Of the model types that build, the fraction verified on both backends. Measured 115 of 146 (0.79) on
+"""Of the model types that build, the fraction verified on both backends. Measured 116 of 146 (0.79) on
 transformers 5.24; the refusals are real (mostly BART-style decoders with absolute positions and no
 position_ids, and RoBERTa-style offset positions: left padding would shift them; see docs/architectures.md)."""
 _ROWS: dict[str, AM.MatrixRow] = {}
