@@ -9,6 +9,11 @@ Memory: capturing 2,000 prompts (in a subprocess each, peak RSS above the loaded
 torch adapter vs keeping HF's full hidden-state cache; the adapter's result is layers x prompts x
 d_model floats, the cache is layers x prompts x tokens x d_model.
 
+Discovered architecture: the real SmolLM2-135M (``load_model("smollm2-135m")``) captured through an
+architecture found by :func:`~taskvec_interp.adapters.arch.discover_arch` (``find_arch(model,
+discover=True)``: its table row is skipped) vs plain ``output_hidden_states``, on a left-padded batch of
+random token rows; the ratio should stay within 1.05x (``--discovered-only`` runs just this part).
+
 The last printed line is JSON.
 """
 
@@ -135,6 +140,40 @@ def speed(repeats: int, batch: int, length: int) -> dict:
     }
 
 
+def discovered(repeats: int, batch: int, length: int) -> dict:
+    """All-layer capture on SmolLM2-135M through a discovered architecture vs HF ``output_hidden_states``."""
+    from taskvec_interp.adapters import ARCHS, TorchHooksAdapter, load_model
+    from taskvec_interp.adapters.arch import find_arch, get_module
+    from taskvec_interp.adapters.arch_matrix import random_inputs
+
+    model = load_model("smollm2-135m").model
+    t0 = time.perf_counter()
+    spec = find_arch(model, discover=True)
+    discover_s = time.perf_counter() - t0
+    adapter = TorchHooksAdapter(model)
+    adapter.arch, adapter.blocks = spec, get_module(model, spec.blocks)  # capture through the discovered spec
+    g = torch.Generator().manual_seed(0)
+    lengths = tuple(int(x) for x in torch.randint(length // 2, length + 1, (batch,), generator=g))
+    inputs = random_inputs(model, spec.position_ids, lengths=(length, *lengths[1:]))
+
+    def baseline():
+        with torch.no_grad():
+            hs = model(**inputs.kwargs, output_hidden_states=True).hidden_states
+            return torch.stack([h[:, -1] for h in hs[1:]])
+
+    def capture():
+        return adapter.capture(inputs, batch_size=batch, progress=False)
+
+    diff = (capture()[:-1] - baseline()[:-1]).abs().max().item()
+    times = interleaved_medians({"hf_output_hidden_states": baseline, "discovered_capture": capture}, repeats)
+    return {"model": "smollm2-135m", "spec": str(spec), "same_as_table_row": spec == ARCHS[model.config.model_type],
+            "discover_seconds": round(discover_s, 3), "batch": [batch, length],
+            "seconds": {k: round(v, 4) for k, v in times.items()},
+            "ratio": round(times["discovered_capture"] / times["hf_output_hidden_states"], 3),
+            "within_1_05x": times["discovered_capture"] <= 1.05 * times["hf_output_hidden_states"],
+            "max_abs_diff_vs_hf": diff}
+
+
 def memory_child(mode: str, n: int, length: int, batch: int) -> None:
     """Run in a subprocess: print peak RSS (MiB) above the loaded model for one capture strategy."""
     from taskvec_interp.adapters import TorchHooksAdapter
@@ -181,11 +220,16 @@ def main() -> None:
     parser.add_argument("--mem-batch", type=int, default=50)
     parser.add_argument("--memory-child", choices=["adapter", "full_cache"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--discovered-only", action="store_true", help="only the discovered-architecture part")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.mem_prompts, args.mem_length, args.mem_batch)
         return
     torch.set_num_threads(args.threads)
+    if args.discovered_only:
+        print(json.dumps({"benchmark": "capture_overhead/discovered", "repeats": args.repeats,
+                          "discovered_smollm2": discovered(args.repeats, args.batch, args.length)}))
+        return
     result = {
         "benchmark": "capture_overhead",
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -194,6 +238,7 @@ def main() -> None:
         "repeats": args.repeats,
         **speed(args.repeats, args.batch, args.length),
         "memory_2000_prompts": memory(args.mem_prompts, args.mem_length, args.mem_batch),
+        "discovered_smollm2": discovered(args.repeats, args.batch, args.length),
     }
     print(json.dumps(result))
 

@@ -1,15 +1,22 @@
-"""Where the blocks and sublayers live in each architecture: a small table, one row per family.
+"""Where the blocks and sublayers live in each architecture: a small table, one row per family, and
+discovery (:func:`discover_arch`) for any other Hugging Face causal LM.
 
-Adding a model family is adding a row (keyed by ``config.model_type``), not an if/elif chain.
+Adding a model family is adding a row (keyed by ``config.model_type``), not an if/elif chain; a model
+without a row is discovered from its own structure (transformers' declared block classes, small tables
+of sublayer and norm names) and validated by one forward pass on random tokens before it is used.
 Paths are dotted attribute paths: ``blocks`` from the model root to the ``nn.ModuleList`` of blocks,
 the others relative to one block. ``None`` means the family has no such sublayer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import weakref
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -64,24 +71,326 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def find_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
-    """The table row for ``model``; or a row built from an explicit ``blocks`` path (custom models).
+def find_arch(model: nn.Module, blocks: str | None = None, discover: bool = False) -> ArchSpec:
+    """The table row for ``model``; else a row built from an explicit ``blocks`` path (custom models);
+    else :func:`discover_arch` (any Hugging Face causal LM; validated by one forward pass).
 
     Custom modules may also declare ``blocks_path`` (a str attribute), as the synthetic models do.
+    ``discover=True`` skips the table (discovery even for a known family).
     """
     if blocks is None:
         blocks = getattr(model, "blocks_path", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if blocks is not None:
-        spec = ArchSpec(blocks=blocks, position_ids=False)
-    else:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in ARCHS:
-            raise ValueError(
-                f"no architecture row for model_type {model_type!r} ({type(model).__name__}); known: "
-                f"{sorted(ARCHS)}. Pass blocks='path.to.ModuleList' or add a row to taskvec_interp.adapters.arch.ARCHS"
-            )
+        params = inspect.signature(model.forward).parameters
+        spec = ArchSpec(blocks=blocks, position_ids="position_ids" in params)
+        if getattr(model, "config", None) is not None:  # a transformers model: fill in the rest if it validates
+            with contextlib.suppress(ValueError):
+                spec = discover_arch(model, blocks=blocks)
+    elif model_type in ARCHS and not discover:
         spec = ARCHS[model_type]
+    elif getattr(model, "config", None) is not None:
+        spec = discover_arch(model)
+    else:
+        raise ValueError(
+            f"no architecture row for {type(model).__name__} (no transformers config, model_type {model_type!r}); "
+            f"known: {sorted(ARCHS)}. Pass blocks='path.to.ModuleList' or give the module a blocks_path attribute"
+        )
     mods = get_module(model, spec.blocks)
     if not isinstance(mods, (nn.ModuleList, nn.Sequential)) or len(mods) == 0:
         raise ValueError(f"{spec.blocks!r} of {type(model).__name__} is not a non-empty ModuleList of blocks")
     return spec
+
+
+# ---------------------------------------------------------------- discovery
+# Candidate names, tried in this order; discovery is these tables plus one validating forward pass.
+SUBLAYER_NAMES: dict[str, tuple[str, ...]] = {
+    "attn": ("self_attn", "attn", "attention", "self_attention", "attn_layer", "mha", "attention_block"),
+    "mlp": ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "feedforward", "mlp_block", "ff", "moe_block"),
+    "mixer": ("mixer", "mamba", "linear_attn", "ssm", "conv", "temporal_block", "recurrent"),
+}
+"""Direct children of a block that may be its attention / MLP / sequence mixer (first that validates wins)."""
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm", "final_norm", "layer_norm",
+                    "layernorm", "ln_out", "final_ln", "norm_out")
+"""Names of the final norm after the blocks (any module whose class name contains 'norm' is tried after these)."""
+_LEAF_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Conv1d, nn.Identity)
+_DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_names(model: nn.Module) -> set[str]:
+    """Block class names transformers itself declares: ``_no_split_modules`` and the hidden-states recorder."""
+    names = {n for n in (getattr(model, "_no_split_modules", None) or []) if isinstance(n, str)}
+    record = getattr(model, "_can_record_outputs", None)
+    hs = record.get("hidden_states") if isinstance(record, dict) else None
+    for item in hs if isinstance(hs, (list, tuple)) else [hs]:
+        if isinstance(item, type):
+            names.add(item.__name__)
+        elif item is not None:
+            cls = getattr(item, "target_class", None)
+            names.update(n for n in (getattr(cls, "__name__", None), getattr(item, "class_name", None)) if n)
+    return names
+
+
+def _block_candidates(model: nn.Module) -> list[tuple[str, str]]:
+    """(path, why) of module lists that may be the blocks: transformers' declared block classes first,
+    then lists of identical non-leaf modules; longer lists first, then shallower paths."""
+    declared = _class_names(model)
+    named, same = [], []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 1 or not path:
+            continue
+        classes = {type(m).__name__ for m in mod}
+        if declared and classes <= declared:
+            named.append((path, len(mod)))
+        elif len(classes) == 1 and not isinstance(mod[0], _LEAF_TYPES) and any(True for _ in mod[0].children()):
+            same.append((path, len(mod)))
+    order = sorted(named, key=lambda p: (-p[1], p[0].count("."))) + sorted(same, key=lambda p: (-p[1], p[0].count(".")))
+    return [(p, "declared block class" if (p, n) in named else "identical blocks") for p, n in order]
+
+
+def _first_tensor(x: object) -> Tensor | None:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, tuple) and x and isinstance(x[0], Tensor):  # (the adapters rewrite tuples, not lists)
+        return x[0]
+    return None
+
+
+def _close(a: Tensor, b: Tensor, rtol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1.0)
+    return (a - b).abs().max().item() <= 1e-5 + rtol * scale
+
+
+def _same(a: Tensor | None, b: Tensor) -> bool:
+    return a is b or (a is not None and a.shape == b.shape and bool(torch.equal(a, b)))
+
+
+def _probe_inputs(model: nn.Module, position_ids: bool, lengths: tuple[int, ...] = (6, 4)) -> dict[str, Tensor]:
+    """A left-padded batch of random token ids (no tokenizer): attention mask and, where taken, position ids."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    n = max(lengths)
+    ids = torch.randint(1, max(2, int(vocab)), (len(lengths), n), generator=g)
+    mask = torch.zeros((len(lengths), n), dtype=torch.long)
+    for b, length in enumerate(lengths):
+        mask[b, n - length:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if position_ids:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {k: v.to(device) for k, v in kwargs.items()}
+
+
+def _call_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    extra = {"output_hidden_states": True, "return_dict": True}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    return extra
+
+
+@contextlib.contextmanager
+def _recording(modules: dict[str, nn.Module], store: dict[str, list]):
+    """Record (first input tensor, first output tensor) of every module, per call."""
+    def make(key):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args and isinstance(args[0], Tensor) else kwargs.get("hidden_states")
+            y = _first_tensor(output)  # copies: some blocks add into a sublayer's output in place
+            store.setdefault(key, []).append((None if x is None else x.clone(), None if y is None else y.clone()))
+            store.setdefault("#order", []).append(key)
+        return hook
+
+    handles = [m.register_forward_hook(make(k), with_kwargs=True) for k, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _norm_candidates(model: nn.Module, blocks_path: str) -> list[str]:
+    named = [(p, m) for p, m in model.named_modules()
+             if p and not (p == blocks_path or p.startswith(blocks_path + "."))
+             and not any(True for _ in m.children())]
+    by_name = [p for p, _ in named if p.rsplit(".", 1)[-1] in FINAL_NORM_NAMES]
+    by_name.sort(key=lambda p: FINAL_NORM_NAMES.index(p.rsplit(".", 1)[-1]))
+    by_class = [p for p, m in reversed(named) if "norm" in type(m).__name__.lower() and p not in by_name]
+    return by_name + by_class
+
+
+def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
+    """An :class:`ArchSpec` for any Hugging Face causal LM, found from the model's own structure and validated.
+
+    Blocks: the module list whose items are the block classes transformers declares (``_no_split_modules``,
+    the ``hidden_states`` recorder), else the longest list of identical blocks (or ``blocks=``). Sublayers:
+    the block's direct children named as in :data:`SUBLAYER_NAMES`, kept only when every block has one, it
+    outputs ``[batch, seq, d_model]`` (or a tuple starting with it) and the block's output is its input
+    plus the kept sublayers' outputs (each possibly through a norm child of the block: post-norms).
+    Validation, one forward on random token rows: every block's output equals the model's own
+    ``output_hidden_states`` (the last through the final norm found here), and a left-padded row equals
+    the same row unpadded. Raises ``ValueError`` saying what was tried and failed.
+    """
+    if blocks is None and model in _DISCOVERED:
+        return _DISCOVERED[model]
+    name = type(model).__name__
+    if getattr(model, "config", None) is None:
+        raise ValueError(f"cannot discover the architecture of {name}: it has no transformers config; pass "
+                         "blocks='path.to.ModuleList' (or give the module a blocks_path attribute)")
+    hint = f"pass blocks='path.to.ModuleList' (e.g. {name}'s decoder layers) or add a row to ARCHS"
+    candidates = [(blocks, "blocks=")] if blocks is not None else _block_candidates(model)
+    if not candidates:
+        raise ValueError(f"no block list found in {name} (model_type {model.config.model_type!r}): no ModuleList of "
+                         f"its declared block classes {sorted(_class_names(model)) or '(none declared)'} nor of "
+                         f"identical blocks; {hint}")
+    position_ids = "position_ids" in inspect.signature(model.forward).parameters
+    inputs = _probe_inputs(model, position_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        spec, why = _validate(model, candidates, inputs, position_ids)
+    finally:
+        model.train(was_training)
+    if spec is None:
+        raise ValueError(f"architecture discovery failed for {name} (model_type {model.config.model_type!r}): "
+                         f"{why}; {hint}")
+    if blocks is None:
+        _DISCOVERED[model] = spec
+    return spec
+
+
+def _validate(model: nn.Module, candidates: list[tuple[str, str]], inputs: dict[str, Tensor], position_ids: bool
+              ) -> tuple[ArchSpec | None, str]:
+    extra = _call_kwargs(model)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    rtol = max(1e-4, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    lists = {p: get_module(model, p) for p, _ in candidates[:4]}
+    watched = {}
+    for p, mods in lists.items():
+        for i, block in enumerate(mods):
+            watched[f"{p}|{i}"] = block
+            for child, sub in block.named_children():
+                watched[f"{p}|{i}|{child}"] = sub
+    rec: dict[str, list] = {}
+    try:
+        with torch.no_grad(), _recording(watched, rec):
+            out = model(**inputs, **extra)
+    except Exception as err:  # e.g. a model that needs inputs beyond token ids (pixels, audio)
+        return None, f"its forward on random token ids failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    hs = getattr(out, "hidden_states", None)
+    if not hs:
+        return None, "its forward returned no hidden_states to validate against (output_hidden_states=True)"
+    tried = []
+    for path, why in candidates[:4]:
+        n = len(lists[path])
+        calls = [rec.get(f"{path}|{i}", []) for i in range(n)]
+        if any(len(c) != 1 or c[0][1] is None for c in calls):
+            tried.append(f"{path!r} ({why}): its blocks did not each run once returning a tensor")
+            continue
+        outs = [c[0][1] for c in calls]
+        if len(hs) not in (n, n + 1):
+            tried.append(f"{path!r} ({why}): {n} blocks but {len(hs)} hidden_states")
+            continue
+        # n + 1 entries: the embeddings first (GPT-2, Llama) or the blocks then a final normed copy (Mamba-2)
+        firsts = [f for f in dict.fromkeys((len(hs) - n, 0))
+                  if all(_close(outs[i], hs[f + i], rtol) for i in range(n - 1))]
+        if not firsts:
+            tried.append(f"{path!r} ({why}): block 0's output differs from hidden_states[{len(hs) - n}] "
+                         "(and the blocks' outputs from hidden_states in order)")
+            continue
+        first = firsts[0]
+        final_norm, ok = None, _close(outs[-1], hs[-1], rtol)
+        norms = _norm_candidates(model, path)
+        if not ok:
+            with torch.no_grad():
+                for cand in norms:
+                    try:
+                        ok = _close(get_module(model, cand)(outs[-1]), hs[-1], rtol)
+                    except Exception:  # a norm-named module that is not a plain norm of the residual
+                        ok = False
+                    if ok:
+                        final_norm = cand
+                        break
+        if not ok:
+            tried.append(f"{path!r} ({why}): hidden_states[-1] is neither the last block's output nor a final norm "
+                         f"of it (tried {norms[:6]})")
+            continue
+        blocks = lists[path]
+        subs = _sublayers(blocks, path, rec, outs)
+        spec = ArchSpec(blocks=path, final_norm=final_norm, position_ids=position_ids,
+                        hidden_states_has_embeddings=first == 1, **subs)
+        try:
+            padded = _padding_mismatch(model, blocks, inputs, extra, outs, rtol)
+        except Exception as err:  # the one-row forward itself failed
+            padded = f"its forward on one unpadded row failed ({type(err).__name__}: {str(err)[:200]})"
+        if padded:
+            return None, f"{path!r} validates, but {padded}"
+        return spec, ""
+    return None, "; ".join(tried)
+
+
+def _sublayers(blocks: nn.ModuleList, path: str, rec: dict, outs: list[Tensor]) -> dict[str, str | None]:
+    """The attn / mlp / mixer children every block has, that fire with the block's output shape, kept only
+    when every block is residual around its recognised children: out = in + sum(child (or its post-norm))."""
+    n = len(blocks)
+
+    def fired(i: int, child: str) -> Tensor | None:
+        calls = rec.get(f"{path}|{i}|{child}", [])
+        ok = len(calls) == 1 and calls[0][1] is not None and calls[0][1].shape == outs[i].shape
+        return calls[0][1] if ok else None
+
+    all_names = [c for names in SUBLAYER_NAMES.values() for c in names]
+    found = {comp: next((c for c in names if all(fired(i, c) is not None for i in range(n))), None)
+             for comp, names in SUBLAYER_NAMES.items()}
+    # hooks run in the components' fixed order (attn, mlp, mixer): keep only those that fire in that order
+    order = rec.get("#order", [])
+    last = -1
+    for comp, child in found.items():
+        pos = order.index(f"{path}|0|{child}") if child else -1
+        if child and pos < last:
+            found[comp] = None
+        elif child:
+            last = pos
+    if not any(found.values()):
+        return found
+    for i in range(n):
+        x = rec[f"{path}|{i}"][0][0]
+        if x is None or x.shape != outs[i].shape:
+            return dict.fromkeys(found)
+        kids = [k for k, _ in blocks[i].named_children()]
+        norms = [k for k in kids if "norm" in k.lower() and rec.get(f"{path}|{i}|{k}")]
+        total = x.float()
+        for child in [k for k in kids if k in all_names and fired(i, k) is not None]:  # hybrids: per block
+            y = fired(i, child)
+            post = [rec[f"{path}|{i}|{k}"][0][1] for k in norms if _same(rec[f"{path}|{i}|{k}"][0][0], y)]
+            total = total + (post[0] if post else y).float()
+        if not _close(total, outs[i], 1e-4):
+            return dict.fromkeys(found)
+    return found
+
+
+def _padding_mismatch(model: nn.Module, blocks: nn.ModuleList, inputs: dict[str, Tensor], extra: dict,
+                      outs: list[Tensor], rtol: float) -> str | None:
+    """Why a left-padded row's block outputs differ from the same row run alone (``None`` if they agree)."""
+    row = 1
+    keep = inputs["attention_mask"][row].bool()
+    # the reference is the model's own call on the row alone, with its own default positions
+    single = {k: v[row:row + 1][:, keep] for k, v in inputs.items() if k != "position_ids"}
+    rec: dict[str, list] = {}
+    with torch.no_grad(), _recording({str(i): b for i, b in enumerate(blocks)}, rec):
+        model(**single, **extra)
+    for i in range(len(blocks)):
+        alone = rec[str(i)][0][1][0, -1]
+        if not _close(outs[i][row, -1], alone, max(rtol, 1e-4)):
+            diff = (outs[i][row, -1].float() - alone.float()).abs().max().item()
+            how = ("takes position_ids, but its own default positions differ from the mask-derived 0, 1, 2, ... "
+                   "(e.g. offset by the padding index)" if "position_ids" in inputs else "takes no position_ids")
+            return (f"a left-padded row differs from the same row alone at block {i} (max abs diff {diff:.3g}; the "
+                    f"model {how}), so batches of prompts of different lengths would be wrong")
+    return None

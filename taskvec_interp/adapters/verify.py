@@ -9,6 +9,11 @@ carry residual entries in the hundreds, where fp32 batching noise is ~1e-6 relat
   block output; the last layer through the model's final norm);
 * ``logits_vs_model``: last-token logits equal the model's own forward;
 * ``identity_hooks``: a hook returning a copy at every site leaves the logits unchanged.
+
+What the model comparison needs (where the blocks are, the final norm, whether ``hidden_states``
+starts with the embeddings) comes from the adapter's own ``adapter.arch`` (a table row or a discovered
+architecture alike); an adapter without one (TransformerLens) gets the padding and hook checks only.
+``prompts`` may be strings or, for a model without a tokenizer, a left-padded :class:`ModelInputs`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import pandas as pd
 import torch
 
 from ..hooks import Site
-from .arch import ARCHS, get_module
-from .base import Adapter
+from .arch import ArchSpec, get_module
+from .base import Adapter, ModelInputs
 from .torch_hooks import model_logits
 
 DEFAULT_PROMPTS = (
@@ -43,8 +48,22 @@ def _plain_model(adapter: Adapter) -> torch.nn.Module | None:
     return adapter.model
 
 
+def _rows(prompts: list[str] | ModelInputs) -> list[list[str] | ModelInputs]:
+    """Each prompt on its own (a ``ModelInputs`` row is re-trimmed to its own length)."""
+    if isinstance(prompts, ModelInputs):
+        return [prompts.rows(torch.tensor([i], device=prompts.pad.device)) for i in range(prompts.batch)]
+    return [[p] for p in prompts]
+
+
+def _token_ids(adapter: Adapter, prompts: list[str] | ModelInputs) -> list[list[int]]:
+    if isinstance(prompts, ModelInputs):
+        ids = prompts.kwargs["input_ids"]
+        return [ids[b, int(prompts.pad[b]):].tolist() for b in range(prompts.batch)]
+    return adapter.encode(prompts)
+
+
 def verify_adapter(
-    adapter: Adapter, prompts: Sequence[str] | None = None, atol: float = 1e-4, rtol: float = 1e-5,
+    adapter: Adapter, prompts: Sequence[str] | ModelInputs | None = None, atol: float = 1e-4, rtol: float = 1e-5,
     raise_on_fail: bool = True,
 ) -> pd.DataFrame:
     """Run the checks above on ``prompts`` (defaults: a few sentences of different lengths).
@@ -52,24 +71,27 @@ def verify_adapter(
     Returns a tidy DataFrame (backend, check, max_abs_diff, scale, tol, ok); raises :class:`AdapterMismatchError`
     on failure unless ``raise_on_fail=False``.
     """
-    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-    if len(prompts) < 2:
-        raise ValueError("verify_adapter needs at least 2 prompts (of different lengths) to test padding")
+    if prompts is None:
+        prompts = list(DEFAULT_PROMPTS)
+    elif not isinstance(prompts, ModelInputs):
+        prompts = list(prompts)
+    n = prompts.batch if isinstance(prompts, ModelInputs) else len(prompts)
+    if n < 2:
+        raise ValueError(f"verify_adapter needs at least 2 prompts (of different lengths) to test padding, got {n}")
     rows = []
-    batched = adapter.capture(prompts, batch_size=len(prompts), progress=False)
-    single = torch.cat([adapter.capture([p], progress=False) for p in prompts], dim=1)
+    batched = adapter.capture(prompts, batch_size=n, progress=False)
+    single = torch.cat([adapter.capture(p, progress=False) for p in _rows(prompts)], dim=1)
     rows.append(("padded_vs_single", (batched - single).abs().max().item(), single.abs().max().item()))
 
     model = _plain_model(adapter)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model is not None and model_type in ARCHS:
-        spec = ARCHS[model_type]
-        ids = adapter.encode(prompts)
+    spec = getattr(adapter, "arch", None)
+    if isinstance(spec, ArchSpec) and getattr(model, "config", None) is not None:
+        ids = _token_ids(adapter, prompts)
         resid_diff, logit_diff, resid_scale, logit_scale = 0.0, 0.0, 0.0, 0.0
         logits = adapter.forward(prompts)
         device = adapter.device
         with torch.no_grad():
-            norm = get_module(model, spec.final_norm)
+            norm = get_module(model, spec.final_norm) if spec.final_norm else torch.nn.Identity()
             for i, row in enumerate(ids):
                 out = model(input_ids=torch.tensor([row], device=device), output_hidden_states=True)
                 hs = out.hidden_states
