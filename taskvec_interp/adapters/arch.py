@@ -30,6 +30,10 @@ class ArchSpec:
     """Whether the model's forward takes ``position_ids`` (left padding needs them)."""
     hidden_states_has_embeddings: bool = True
     """Whether ``output_hidden_states`` starts with the embeddings (GPT-2/Llama) or not (Mamba)."""
+    left_padding: bool = True
+    """Whether a left-padded row equals the same prompt run alone. ``False`` for models whose positions
+    cannot follow the padding (absolute positions without ``position_ids``, as BART-style decoders; their
+    own offset positions, as RoBERTa): the adapters then batch only prompts of equal token length."""
 
     @property
     def components(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import ClassVar, Literal
 
 import torch
@@ -123,6 +124,7 @@ class Adapter(ABC):
     def __init__(
         self, *, model: object, n_layers: int, d_model: int, tokenizer: object | None, device: torch.device,
         n_ctx: int | None, components: Sequence[str], position_ids: bool = True, add_special_tokens: bool = True,
+        left_padding: bool = True,
     ) -> None:
         self.model = model
         self.n_layers = int(n_layers)
@@ -132,6 +134,8 @@ class Adapter(ABC):
         self.n_ctx = n_ctx
         self.components = tuple(components)
         self.uses_position_ids = position_ids
+        self.left_padding = left_padding
+        """``False``: padding would change this model's numbers; batches hold prompts of one token length."""
         self.add_special_tokens = add_special_tokens
         self._context_hooks: list[tuple[Site, HookFn]] = []
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
@@ -229,6 +233,11 @@ class Adapter(ABC):
         """
         tok = self._require_tokenizer()
         length = max(len(r) for r in token_ids)
+        if not self.left_padding and min(len(r) for r in token_ids) != length:
+            raise ValueError(
+                f"{type(self._hf_module()).__name__} cannot take a padded batch (its positions do not follow the "
+                f"attention mask), and these prompts have {sorted({len(r) for r in token_ids})} tokens: pass prompts "
+                "of one token length, or use capture / generate / generate_branches, which batch by length")
         if self.n_ctx is not None and length + extra > self.n_ctx:
             raise ValueError(f"{length} prompt tokens + {extra} new tokens exceed the context window of {self.n_ctx}")
         batch = len(token_ids)
@@ -279,10 +288,15 @@ class Adapter(ABC):
         ids = self.encode(prompts)
         n = len(ids)
         order = sorted(range(n), key=lambda i: -len(ids[i]))
+        if self.left_padding:
+            groups = [order]
+        else:  # no padding: one group per token length, longest first
+            groups = [list(g) for _, g in groupby(order, key=lambda i: len(ids[i]))]
         out = []
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            out.append((torch.tensor(idx, dtype=torch.long), self.collate([ids[i] for i in idx], extra=extra)))
+        for group in groups:
+            for start in range(0, len(group), batch_size):
+                idx = group[start:start + batch_size]
+                out.append((torch.tensor(idx, dtype=torch.long), self.collate([ids[i] for i in idx], extra=extra)))
         return n, out
 
     @staticmethod

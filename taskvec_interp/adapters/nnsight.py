@@ -64,6 +64,7 @@ class NNsightAdapter(Adapter):
             device=input_device(module),
             n_ctx=n_ctx or config_n_ctx(module), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
+            left_padding=self.arch.left_padding,
         )
         import inspect
 

@@ -44,10 +44,21 @@ def model_logits(out: object) -> Tensor:
 
 
 def config_d_model(model: nn.Module) -> int | None:
+    """The residual width from the model's config: its own, else its text model's (multimodal models keep
+    it in ``text_config``), else a ``d_model`` attribute of the module."""
     cfg = getattr(model, "config", None)
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if cfg is not None and isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
+    configs = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            configs.append(get_text())
+        except (TypeError, ValueError, AttributeError):
+            pass
+    for c in configs:
+        for attr in ("hidden_size", "n_embd", "d_model"):
+            value = getattr(c, attr, None) if c is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
     return getattr(model, "d_model", None)
 
 
@@ -103,6 +114,7 @@ class TorchHooksAdapter(Adapter):
             model=model, n_layers=len(self.blocks), d_model=d, tokenizer=tokenizer, device=input_device(model),
             n_ctx=n_ctx or config_n_ctx(model), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
+            left_padding=self.arch.left_padding,
         )
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params

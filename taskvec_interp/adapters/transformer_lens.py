@@ -14,6 +14,7 @@ once in a cached prefill.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shutil
 import tempfile
 import weakref
@@ -77,7 +78,11 @@ class TransformerLensAdapter(Adapter):
         components = [c for c, h in HOOK_NAMES.items() if f"blocks.0.{h}" in names]
         original = getattr(bridge, "original_model", None)
         model_type = getattr(getattr(original, "config", None), "model_type", None)
-        position_ids = ARCHS[model_type].position_ids if model_type in ARCHS else False
+        if model_type in ARCHS:
+            position_ids = ARCHS[model_type].position_ids
+        else:  # a model without a table row takes position ids if its forward says so (boot_native: none)
+            forward = getattr(original, "forward", None)
+            position_ids = forward is not None and "position_ids" in inspect.signature(forward).parameters
         param = next(bridge.parameters(), None)
         cfg = bridge.cfg
         super().__init__(
