@@ -2,18 +2,23 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` and ``checkpoints/step_XXXXXXX/``; each
 checkpoint directory is written under a temporary name and renamed whole, so a kill never leaves a
-half-written checkpoint behind. Tensors are safetensors (no pickle); optimizer state is split into
-its tensors (safetensors) and the rest (JSON). The learning-rate schedule is a pure function of the
-step, so it needs no state.
+half-written checkpoint behind, and it carries ``manifest.json`` (every file's size and sha256),
+written last: resume takes the newest checkpoint whose files match their manifest and falls back to
+the one before it otherwise (a truncated or bit-flipped file, an empty ``step_*`` folder), saying
+which it skipped and why. Tensors are safetensors (no pickle); optimizer state is split into its
+tensors (safetensors) and the rest (JSON). The learning-rate schedule is a pure function of the
+step, so it needs no state. ``metrics.jsonl`` tolerates a torn last line (a kill mid-write).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +47,80 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The metrics records of a run (one dict per logged step, from ``metrics.jsonl``)."""
+    """The metrics records of a run (one dict per logged step, from ``metrics.jsonl``).
+
+    A torn LAST line (the process was killed while writing it) is dropped with a warning; a bad line
+    anywhere else is a ``ValueError`` naming the file and line."""
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(i + 1, line) for i, line in enumerate(p.read_text(errors="replace").splitlines()) if line.strip()]
+    out = []
+    for pos, (lineno, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a record with an int 'step'")
+        except ValueError as err:
+            if pos == len(lines) - 1:
+                warnings.warn(f"{p}: dropped a torn last line {lineno} ({line[:60]!r}): the run was killed "
+                              "while writing it", stacklevel=2)
+                break
+            raise ValueError(f"{p} line {lineno} is not a metrics record ({err}): {line[:80]!r}") from None
+        out.append(rec)
+    return out
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: every other file's size and sha256 (written last: its presence marks a whole set)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be trusted (``None``: every file matches its manifest)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        have = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        return f"no {MANIFEST} (an incomplete write; holds {have or 'nothing'})"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({type(err).__name__})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def latest_good_checkpoint(run_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies (``(step, path)`` or ``None``) and the newer ones skipped, with why.
+    Each skipped one is reported with a warning, naming it."""
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return (step, path), skipped
+        warnings.warn(f"skipping checkpoint {path}: {problem}; resuming from an earlier one", stacklevel=2)
+        skipped.append((path, problem))
+    return None, skipped
 
 
 def optimizer_to_disk(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -96,6 +170,7 @@ def save_checkpoint(run_dir: Path, step: int, opt: torch.optim.Optimizer, tensor
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     for name, text in texts.items():
         (tmp / name).write_text(text)
+    write_manifest(tmp)
     if final.exists():  # e.g. re-running the final step after extending; replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

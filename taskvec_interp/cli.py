@@ -166,6 +166,7 @@ def patch(
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(16),
     n_boot: int = typer.Option(1000, help="bootstrap resamples of the accuracy CIs"),
+    k: int = typer.Option(10, help="neighbours of the baseline TD's leave-one-out k-NN"),
     chunk: int = typer.Option(16, help="conditions per saved chunk (a killed run resumes from the last one)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
 ) -> None:
@@ -179,7 +180,7 @@ def patch(
                       definition=vectors, layers=_parse_layers(layers),
                       modes=_parse_choice(mode, "--mode", MODES, both="both"),
                       directions=_parse_choice(directions, "--directions", DIRECTIONS), scale=scale,
-                      zero_shot=zero_shot, logprob=logprob, center=center, batch_size=batch_size, n_boot=n_boot)
+                      zero_shot=zero_shot, logprob=logprob, center=center, batch_size=batch_size, n_boot=n_boot, k=k)
     sweep_td = load_sweep(td_sweep).td if td_sweep is not None else None
     fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
     from .adapters import load_model
@@ -240,6 +241,7 @@ def finetune_cmd(
     include_null: bool = typer.Option(False, help="train on the Null task too"),
     td_sweep: Path = typer.Option(None, help="a `taskvec td` output of this model (for td:encoder)"),
     eval_n_per_task: int = typer.Option(50, help="evaluation prompts per task (test split)"),
+    k: int = typer.Option(10, help="neighbours of the evaluation TD's leave-one-out k-NN"),
     eval_before: bool = typer.Option(True, help="also evaluate the pretrained model (once per run directory)"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -254,7 +256,7 @@ def finetune_cmd(
                          n_train=n_train, batch_size=batch_size, grad_accum=grad_accum, lr=lr, rank=rank,
                          alpha=float(rank) if alpha is None else alpha, dropout=dropout, include_null=include_null,
                          td_sweep=None if td_sweep is None else str(td_sweep), eval_n_per_task=eval_n_per_task,
-                         eval_before=eval_before, seed=seed)
+                         k=k, eval_before=eval_before, seed=seed)
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs, split="train")  # a bad family fails before the model loads

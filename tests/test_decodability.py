@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import math
@@ -62,7 +64,9 @@ def _loo_into(out: np.ndarray, x: torch.Tensor, yn: np.ndarray, k: int, metric: 
 @pytest.mark.parametrize("k", [1, 2, 5, 10])
 def test_matches_sklearn_leave_one_out(k: int, metric: str) -> None:
     x, y = _random(n_layers=3, n=45, d=6, n_classes=4, seed=k)
-    res = task_decodability(x, y, k=k, metric=metric, n_boot=0)
+    small = k >= int(torch.bincount(y).min()) - 1
+    with pytest.warns(UserWarning, match="not below the smallest class") if small else contextlib.nullcontext():
+        res = task_decodability(x, y, k=k, metric=metric, n_boot=0, small_classes="warn")  # the algorithm itself
     ref = _sklearn_loo(x, y, k, metric)
     np.testing.assert_array_equal(res.predictions.numpy(), ref)
     correct = ref == y.numpy()
@@ -99,11 +103,13 @@ def test_tie_break_follows_label_names_order() -> None:
     # 1-D: the point at 0 has one neighbour of each class at distance 1 (and 1.1); k = 2 -> a 1-1 tie.
     x = torch.tensor([[0.0], [1.0], [-1.1], [50.0], [51.0], [-50.0], [-51.0]], dtype=torch.float64)
     labels = ["a", "b", "c", "b", "b", "c", "c"]
-    first = task_decodability(x, labels, k=2, label_names=["b", "c", "a"], n_boot=0)
+    kw = {"k": 2, "n_boot": 0, "small_classes": "warn"}  # class "a" has one point: warned, computed
+    with pytest.warns(UserWarning):
+        first = task_decodability(x, labels, label_names=["b", "c", "a"], **kw)
+        swapped = task_decodability(x, labels, label_names=["c", "b", "a"], **kw)
+        inferred = task_decodability(x, labels, **kw)  # sorted: a, b, c
     assert first.label_names[first.predictions[0, 0]] == "b"
-    swapped = task_decodability(x, labels, k=2, label_names=["c", "b", "a"], n_boot=0)
     assert swapped.label_names[swapped.predictions[0, 0]] == "c"
-    inferred = task_decodability(x, labels, k=2, n_boot=0)  # sorted: a, b, c
     assert inferred.label_names == ("a", "b", "c")
     assert inferred.label_names[inferred.predictions[0, 0]] == "b"
 
@@ -291,10 +297,12 @@ def _with(x: torch.Tensor, index: tuple[int, ...], value: float) -> torch.Tensor
         ({"n_boot": -1}, "n_boot"),
         ({"ci_level": 1.0}, "ci_level"),
         ({"layers": [0, 1, 2]}, "layers has 3 entries"),
+        ({"small_classes": "ignore"}, "small_classes must be"),
+        ({"k": 3}, "task '1' has 4 points"),
     ],
 )
 def test_clear_errors(kwargs: dict, match: str) -> None:
-    args = {"acts": _X, "labels": _Y, "k": 3} | kwargs
+    args = {"acts": _X, "labels": _Y, "k": 2} | kwargs
     with pytest.raises(ValueError, match=match):
         task_decodability(**args)
 
@@ -303,7 +311,7 @@ def test_jaxtyping_shapes() -> None:
     # typeguard 4's @typechecked re-parses source and chokes on jaxtyping's string dims, so check the
     # annotations with check_type inside one jaxtyped context (dims must bind consistently).
     hints = typing.get_type_hints(task_decodability)
-    res = task_decodability(_X, _Y, k=3, n_boot=20)
+    res = task_decodability(_X, _Y, k=2, n_boot=20)
     with jaxtyped("context"):
         check_type(_X, hints["acts"])
         check_type(_Y, hints["labels"])
@@ -312,3 +320,21 @@ def test_jaxtyping_shapes() -> None:
     with jaxtyped("context"), pytest.raises(TypeCheckError):
         check_type(_X, hints["acts"])
         check_type(_Y[:10], hints["labels"])
+
+
+def test_k_too_large_for_a_class_is_refused_or_warned() -> None:
+    """Perfectly separable data: with k at a class's size minus one its points cannot win the vote, and TD would
+    read 0.0. Refused by default; with small_classes='warn' computed, warned, and the table says k and n."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    y = torch.tensor([0] * 4 + [1] * 20 + [2] * 20)
+    x = centres[y] + torch.randn(len(y), 2, generator=g)
+    assert task_decodability(x, y, k=2, n_boot=0).td.item() == 1.0  # k below 4 - 1: separable reads 1.0
+    with pytest.raises(ValueError, match=r"k = 3 is not below .* task '0' has 4 points.*use k <= 2"):
+        task_decodability(x, y, k=3, n_boot=0)
+    with pytest.warns(UserWarning, match="task '0' has 4 points"):
+        res = task_decodability(x, y, k=10, n_boot=0, small_classes="warn")
+    assert res.td_task[0, 0].item() == 0.0  # what the refusal protects against
+    frame = res.to_frame()
+    assert set(frame["k"]) == {10}
+    assert frame[(frame["level"] == "task") & (frame["task"] == "0")]["n"].item() == 4

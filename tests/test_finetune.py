@@ -45,7 +45,7 @@ def _tiny(arch: str, tok, layers: int = 4):
 
 
 FAST = {"n_train": 6, "steps": 6, "batch_size": 4, "lr": 5e-2, "warmup_steps": 2, "ckpt_every": 3,
-        "eval_n_per_task": 3, "shots": 2}
+        "eval_n_per_task": 3, "shots": 2, "k": 1}
 
 
 def test_layer_specs():
@@ -229,7 +229,7 @@ def test_finetune_cli_trains_resumes_and_compares(smol_tokenizer, tmp_path):
     smol_tokenizer.save_pretrained(model_dir)
     runner = CliRunner()
     args = ["finetune", "--model", str(model_dir), "--layers", "first:2", "--steps", "4", "--n-train", "4",
-            "--batch-size", "2", "--shots", "2", "--eval-n-per-task", "3", "--lr", "0.01"]
+            "--batch-size", "2", "--shots", "2", "--eval-n-per-task", "3", "--k", "1", "--lr", "0.01"]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert (tmp_path / "a" / "trained.safetensors").exists()

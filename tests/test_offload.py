@@ -61,7 +61,7 @@ def test_offloaded_model_gives_identical_numbers(smollm2, offloaded):
 
 @pytest.mark.slow
 def test_offloaded_sweep_equals_in_memory(smollm2, offloaded):
-    cfg = SweepConfig(family="bitwise", shots=(2,), n_per_task=3, n_boot=0, layers=[3, 9, 15, 21, 27])
+    cfg = SweepConfig(family="bitwise", shots=(2,), n_per_task=3, n_boot=0, k=1, layers=[3, 9, 15, 21, 27])
     a = run_sweep(smollm2, cfg, progress=False)
     b = run_sweep(offloaded, cfg, progress=False)
     assert a.td.equals(b.td)
@@ -93,7 +93,7 @@ def test_bf16_model(smollm2):
 
 
 def test_dispatched_module_with_disk_offload(word_tokenizer, tmp_path):
-    prompts = random_prompts(5, seed=2)
+    prompts = random_prompts(6, seed=2)
     ref = load_model(build_tiny("llama"), tokenizer=word_tokenizer)
     dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
           "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
@@ -102,9 +102,9 @@ def test_dispatched_module_with_disk_offload(word_tokenizer, tmp_path):
     assert any((tmp_path / "w").iterdir())
     assert torch.equal(ref.capture(prompts, progress=False), off.capture(prompts, progress=False))
     acts = off.capture(prompts, progress=False)
-    torch.testing.assert_close(task_decodability(acts, [0, 1, 0, 1, 0], k=1, n_boot=0).td,
-                               task_decodability(ref.capture(prompts, progress=False), [0, 1, 0, 1, 0], k=1,
-                                                 n_boot=0).td)
+    labels = [0, 1, 0, 1, 0, 1]
+    torch.testing.assert_close(task_decodability(acts, labels, k=1, n_boot=0).td,
+                               task_decodability(ref.capture(prompts, progress=False), labels, k=1, n_boot=0).td)
 
 
 def test_nnsight_remote_local_simulation_equals_local(word_tokenizer):

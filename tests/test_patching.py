@@ -285,7 +285,7 @@ def test_run_patching_hits_the_right_rows(tiny_smol, bitwise, tmp_path):
     last = tiny_smol.n_layers - 1
     vectors = _forced_vectors(tiny_smol, bitwise, [1, last])
     cfg = PatchConfig(n_per_task=4, layers=[1, last], modes=("replace",), directions=("positive", "negative"),
-                      n_boot=50, batch_size=5)
+                      n_boot=50, batch_size=5, k=2)
     res = run_patching(tiny_smol, cfg, bitwise, vectors=vectors, progress=False)
     model = tiny_smol.model
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_run_patching_hits_the_right_rows(tiny_smol, bitwise, tmp_path):
 
 def test_run_patching_matrix_zero_shot_and_peak(tiny_smol, bitwise):
     cfg = PatchConfig(n_per_task=3, shots=2, layers="peak", modes=("add",), directions=("matrix",), scale=4.0,
-                      zero_shot=True, definition="mean", n_boot=20)
+                      zero_shot=True, definition="mean", n_boot=20, k=1)
     res = run_patching(tiny_smol, cfg, bitwise, progress=False)
     assert (res.predictions["generated"].notna()).all()
     assert res.summary["layer"] == res.summary["peak_layer"]
@@ -400,7 +400,7 @@ def test_patch_cli_writes_results_and_figures(tiny_smol, tmp_path):
     tiny_smol.model.save_pretrained(model_dir)
     tiny_smol.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["patch", "--model", str(model_dir), "--n-per-task", "3", "--shots", "2",
+    result = CliRunner().invoke(app, ["patch", "--model", str(model_dir), "--n-per-task", "3", "--shots", "2", "--k", "1",
                                       "--layers", "1,2", "--n-boot", "20", "--chunk", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     for name in ("config.json", "accuracy.parquet", "predictions.parquet", "td.parquet", "relation.parquet",
@@ -411,7 +411,7 @@ def test_patch_cli_writes_results_and_figures(tiny_smol, tmp_path):
     assert config["model"] == str(model_dir) and config["provenance"]["model"]["model_type"] == "llama"
     assert not (out / ".partial").exists()
     assert TaskVectors.load(out / "vectors.safetensors", tiny_smol, allow_other_model=True).layers == [1, 2]
-    again = CliRunner().invoke(app, ["patch", "--model", str(model_dir), "--n-per-task", "3", "--shots", "2",
+    again = CliRunner().invoke(app, ["patch", "--model", str(model_dir), "--n-per-task", "3", "--shots", "2", "--k", "1",
                                      "--layers", "2", "--n-boot", "20", "--vectors-file",
                                      str(out / "vectors.safetensors"), "--out", str(tmp_path / "again")])
     assert again.exit_code == 0, again.output + repr(again.exception)
@@ -515,7 +515,7 @@ def test_score_branches_equals_one_prompt_at_a_time(tiny_arch, word_tokenizer):
 
 
 def test_run_patching_scores_answer_logprobs(tiny_smol, bitwise):
-    cfg = PatchConfig(n_per_task=3, shots=2, layers=[1, 2], modes=("add",), scale=3.0, n_boot=20, logprob=True)
+    cfg = PatchConfig(n_per_task=3, shots=2, layers=[1, 2], modes=("add",), scale=3.0, n_boot=20, logprob=True, k=1)
     res = run_patching(tiny_smol, cfg, bitwise, progress=False)
     assert {"logprob", "logprob_ci_low", "logprob_delta", "logprob_delta_high"} <= set(res.accuracy.columns)
     base = res.accuracy[res.accuracy["direction"] == "baseline"]

@@ -148,7 +148,7 @@ def test_saved_sweeps_record_the_real_model_and_take_ready_made_prompts(tiny_smo
 
     fam = get_family("bitwise")
     prompts = PromptBuilder().build(fam, n_per_task=3, shots=2, seed=9)
-    cfg = SweepConfig(shots=(2,), n_per_task=50, n_boot=10)  # n_per_task is ignored for given prompts
+    cfg = SweepConfig(shots=(2,), n_per_task=50, n_boot=10, k=1)  # n_per_task is ignored for given prompts
     tiny_smol.name = "tiny-smol-test"
     try:
         res = run_sweep(tiny_smol, cfg, fam, progress=False, prompts=prompts)

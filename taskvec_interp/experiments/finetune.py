@@ -46,6 +46,7 @@ from ..checkpoints import (
     atomic_write_text,
     clean_partial,
     config_diffs,
+    latest_good_checkpoint,
     list_checkpoints,
     load_optimizer,
     read_metrics,
@@ -185,6 +186,8 @@ class FinetuneConfig:
     seed: int = 0
     ckpt_every: int = 50
     eval_n_per_task: int = 50
+    k: int = 10
+    """Neighbours of the evaluation TD's leave-one-out k-NN (needs k < eval_n_per_task - 1)."""
     eval_before: bool = True
     batch_size_eval: int = 16
     td_sweep: str | None = None
@@ -198,6 +201,11 @@ class FinetuneConfig:
                      "eval_n_per_task", "batch_size_eval"):
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)
+        check_int("k", self.k, 1)
+        if self.k >= self.eval_n_per_task - 1:
+            raise ValueError(f"k={self.k} is not below eval_n_per_task - 1 = {self.eval_n_per_task - 1}: the "
+                             f"evaluation TD would read low whatever the model does; use eval_n_per_task >= "
+                             f"{self.k + 2} or a smaller k")
         check_int("warmup_steps", self.warmup_steps, 0)
         check_number("alpha", self.alpha, 0.0, low_open=True)
         check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -223,7 +231,7 @@ class FinetuneConfig:
     def sweep_config(self, model_name: str) -> SweepConfig:
         """The evaluation sweep (TEST side of the family), the same before and after training."""
         return SweepConfig(model=model_name, family=self.family, shots=(self.shots,), n_per_task=self.eval_n_per_task,
-                           seed=self.seed, batch_size=self.batch_size_eval, template=dict(self.template),
+                           k=self.k, seed=self.seed, batch_size=self.batch_size_eval, template=dict(self.template),
                            family_kwargs={**self.family_kwargs, "split": "test"})
 
 
@@ -406,7 +414,7 @@ def finetune(
     check_disjoint(data.prompts, evaluation)
     # the run directory: same config to resume, nothing written before the checks above
     cfg_dict = asdict(config)
-    ckpts = list_checkpoints(out)
+    held = list_checkpoints(out)
     cfg_path = out / "config.json"
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
@@ -416,8 +424,13 @@ def finetune(
         if diffs:
             raise ValueError(f"{out} holds a fine-tuning run with another config; refusing to resume. "
                              "Differences: " + "; ".join(diffs))
-    elif ckpts:
+    elif held:
         raise ValueError(f"{out} has checkpoints but no config.json; refusing to resume")
+    if held and held[-1][0] > config.steps:
+        raise ValueError(f"{out} already holds checkpoints up to step {held[-1][0]}, beyond steps={config.steps}: "
+                         f"use steps >= {held[-1][0]} or a new output directory")
+    good, _ = latest_good_checkpoint(out) if held else (None, [])  # warns about each checkpoint it skips
+    ckpts = [good] if good is not None else []
     finished = ckpts and ckpts[-1][0] == config.steps and (out / "trained.safetensors").exists()
     if finished and (not evaluate or _done(out / "eval")):
         return out  # nothing left to do

@@ -229,6 +229,10 @@ class PatchConfig:
         for name in ("n_vector_prompts", "vector_seed", "max_new_tokens"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0 if name == "vector_seed" else 1)
+        if self.k >= self.n_per_task - 1:
+            raise ValueError(f"k={self.k} is not below n_per_task - 1 = {self.n_per_task - 1}: the TD of the baseline "
+                             f"prompts would read low whatever the model does; use n_per_task >= {self.k + 2} or a "
+                             "smaller k")
         if self.definition not in DEFINITIONS:
             raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
         self.modes, self.directions = tuple(self.modes), tuple(self.directions)

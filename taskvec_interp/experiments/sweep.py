@@ -20,10 +20,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..adapters.base import Adapter
+from ..adapters.load import BACKENDS
 from ..probes.accuracy import icl_accuracy
-from ..probes.decodability import task_decodability
+from ..probes.decodability import METRICS, task_decodability
 from ..results import check_out_dir, provenance
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
+from ..validate import check_bool, check_choice, check_int, check_str
 
 
 @dataclass
@@ -54,11 +56,43 @@ class SweepConfig:
     save_activations: bool = False
 
     def __post_init__(self) -> None:
-        self.shots = tuple(int(s) for s in self.shots)
-        if not self.shots or any(s < 0 for s in self.shots):
-            raise ValueError(f"shots must be a non-empty list of ints >= 0, got {self.shots}")
-        if self.n_per_task < 1:
-            raise ValueError(f"n_per_task must be >= 1, got {self.n_per_task}")
+        if isinstance(self.shots, (str, bytes)) or not isinstance(self.shots, (list, tuple)) or not self.shots:
+            raise ValueError(f"SweepConfig.shots must be a non-empty list of ints >= 0, got {self.shots!r}")
+        for s in self.shots:
+            check_int("SweepConfig.shots entries", s, 0)
+        if len(set(self.shots)) != len(self.shots):
+            raise ValueError(f"SweepConfig.shots lists a shot count twice: {list(self.shots)}")
+        self.shots = tuple(self.shots)
+        check_int("SweepConfig.n_per_task", self.n_per_task, 1)
+        check_int("SweepConfig.seed", self.seed, 0)
+        check_int("SweepConfig.k", self.k, 1)
+        check_int("SweepConfig.batch_size", self.batch_size, 1)
+        check_int("SweepConfig.n_boot", self.n_boot, 0)
+        if self.max_new_tokens is not None:
+            check_int("SweepConfig.max_new_tokens", self.max_new_tokens, 1)
+        if self.fit_layer is not None:
+            check_int("SweepConfig.fit_layer", self.fit_layer, 0)
+        check_choice("SweepConfig.metric", self.metric, METRICS)
+        check_choice("SweepConfig.backend", self.backend, BACKENDS)
+        check_str("SweepConfig.family", self.family)
+        check_bool("SweepConfig.fit_include_null", self.fit_include_null)
+        check_bool("SweepConfig.save_activations", self.save_activations)
+        if isinstance(self.layers, str):
+            check_choice("SweepConfig.layers", self.layers, ("all",))
+        elif not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise ValueError(f"SweepConfig.layers must be 'all' or a non-empty list of ints, got {self.layers!r}")
+        else:
+            for layer in self.layers:
+                if isinstance(layer, bool) or not isinstance(layer, int):
+                    raise ValueError(f"SweepConfig.layers entries must be ints, got {layer!r}")
+        for name in ("template", "family_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"SweepConfig.{name} must be a dict, got {getattr(self, name)!r}")
+        # leave-one-out k-NN over n_per_task points per task: each has n_per_task - 1 same-task neighbours
+        if self.k >= self.n_per_task - 1:
+            raise ValueError(f"SweepConfig.k={self.k} is not below n_per_task - 1 = {self.n_per_task - 1}: each "
+                             f"prompt has only {self.n_per_task - 1} same-task neighbours, so TD would read low "
+                             f"whatever the model does; use n_per_task >= {self.k + 2} or a smaller k")
 
 
 @dataclass

@@ -41,6 +41,7 @@ Conventions, chosen to be explicit and to match scikit-learn:
 import json
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,8 @@ from torch import Tensor
 __all__ = ["Metric", "TaskDecodability", "encode_labels", "knn_loo_predict", "task_decodability"]
 
 Metric = Literal["euclidean", "cosine"]
-_METRICS: tuple[str, ...] = ("euclidean", "cosine")
+METRICS: tuple[str, ...] = ("euclidean", "cosine")
+_METRICS = METRICS
 _BOOT_BLOCK = 256  # bootstrap samples drawn per block (fixed, so results never depend on memory)
 _FORMAT_VERSION = 1
 
@@ -384,6 +386,7 @@ def task_decodability(
     stratified: bool = False,
     dtype: torch.dtype = torch.float64,
     max_bytes: int = 2**28,
+    small_classes: Literal["error", "warn"] = "error",
 ) -> TaskDecodability:
     """Leave-one-out k-NN task decodability of ``acts`` at every layer (see the module docstring).
 
@@ -400,6 +403,10 @@ def task_decodability(
         stratified: build the overall CI from per-task resamples (fixed class sizes).
         dtype: compute dtype of the distances (float64 matches scikit-learn tie-for-tie).
         max_bytes: rough memory budget of one score block.
+        small_classes: a class with ``k + 1`` points or fewer leaves each of its points at most ``k``
+            same-class neighbours, fewer than the vote can need: its TD reads low (down to 0.0 on perfectly
+            separable data). ``"error"`` (default) refuses such a ``k``; ``"warn"`` warns and computes
+            (the result's table says ``k`` and each class's ``n``).
     """
     acts = _as_layers(acts)
     n_layers, n, _ = acts.shape
@@ -418,6 +425,19 @@ def task_decodability(
         raise ValueError(f"k must be >= 1, got k = {k}")
     if k >= n - 1:
         raise ValueError(f"too few points for k = {k}: leave-one-out k-NN needs k <= n - 2, got n = {n}")
+    if small_classes not in ("error", "warn"):
+        raise ValueError(f"small_classes must be 'error' or 'warn', got {small_classes!r}")
+    sizes = torch.bincount(y, minlength=n_classes)
+    present = sizes > 0
+    smallest = int(sizes[present].min())
+    if k >= smallest - 1:
+        c = int(torch.nonzero(present & (sizes == smallest))[0, 0])
+        msg = (f"k = {k} is not below the smallest class's size minus one: task {names[c]!r} has {smallest} points, "
+               f"so each has only {smallest - 1} same-task neighbours and its TD reads low whatever the "
+               f"representation; use k <= {max(smallest - 2, 0)} or more points per task")
+        if small_classes == "error":
+            raise ValueError(msg + " (small_classes='warn' computes it anyway)")
+        warnings.warn(msg, stacklevel=2)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     if not 0.0 < ci_level < 1.0:

@@ -47,12 +47,14 @@ from ..checkpoints import (
     atomic_write_text,
     clean_partial,
     config_diffs,
+    latest_good_checkpoint,
     list_checkpoints,
     load_optimizer,
     read_metrics,
     save_checkpoint,
     scheduled_lr,
 )
+from ..validate import check_bool, check_choice, check_int, check_number, check_str
 from .data import MSLRBatch, MSLRConfig, make_test_set, sample_batch
 from .model import ModelConfig, SyntheticRegressor, model_config
 
@@ -121,20 +123,25 @@ class TrainConfig:
                 f"(n_dims={self.data.n_dims}, n_points={self.data.n_points}) configs disagree"
             )
         for name in ("batch_size", "eval_every", "log_every", "n_test_per_basis", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.warmup_steps < 0 or self.ckpt_log_points < 0:
-            raise ValueError("TrainConfig.steps, warmup_steps and ckpt_log_points must be >= 0")
-        if not (self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+            check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+        for name in ("steps", "warmup_steps", "ckpt_log_points", "seed", "test_seed"):
+            check_int(f"TrainConfig.{name}", getattr(self, name), 0)
+        # optimiser settings: refused here, before anything is written (inside Adam it is too late)
+        check_number("TrainConfig.lr", self.lr, 0.0, low_open=True)
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_number(f"TrainConfig.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_number("TrainConfig.eps", self.eps, 0.0, low_open=True)
+        check_number("TrainConfig.weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip is not None:
+            check_number("TrainConfig.grad_clip", self.grad_clip, 0.0, low_open=True)
+        check_choice("TrainConfig.compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("TrainConfig.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_number("TrainConfig.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_choice("TrainConfig.autocast_dtype", self.autocast_dtype, (None, "bfloat16", "float16"))
+        check_bool("TrainConfig.compile", self.compile)
+        check_str("TrainConfig.device", self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -255,6 +262,13 @@ def _save_checkpoint(
     )
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); a run directory's config.json must be intact") from None
+
+
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
     now = cfg.to_dict()
     try:  # fill fields added since the run was saved with their defaults
@@ -291,11 +305,16 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     cfg_path = run_dir / "config.json"
-    ckpts = list_checkpoints(run_dir)
+    held = list_checkpoints(run_dir)
     if cfg_path.exists():
-        _check_same_config(json.loads(cfg_path.read_text()), cfg, run_dir)
-    elif ckpts:
+        _check_same_config(_read_json(cfg_path), cfg, run_dir)
+    elif held:
         raise ValueError(f"{run_dir} has checkpoints but no config.json; refusing to resume")
+    if held and held[-1][0] > cfg.steps:
+        raise ValueError(f"{run_dir} already holds checkpoints up to step {held[-1][0]}, beyond steps={cfg.steps}: "
+                         f"train with steps >= {held[-1][0]} or use a new run directory (its config.json is left as it is)")
+    good, _ = latest_good_checkpoint(run_dir)  # warns about each newer checkpoint it skips
+    ckpts = [good] if good is not None else []
     atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1))
     clean_partial(run_dir)  # leftovers of a killed save
 
@@ -343,6 +362,7 @@ def train(
     def lr_at(step: int) -> float:  # a pure function of the step: nothing to checkpoint
         return scheduled_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
+    last_loss: float | None = None
     try:
         if start == 0 and not ckpts:
             log(0, evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
@@ -368,14 +388,17 @@ def train(
             loss_count += 1
             rec: dict[str, Any] = {}
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rec["train_loss"] = float(loss_sum) / loss_count
+                rec["train_loss"] = last_loss = float(loss_sum) / loss_count
                 rec["lr"] = lr_at(step)
                 loss_sum.zero_()
                 loss_count = 0
-                bar.set_postfix(loss=f"{rec['train_loss']:.4f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}")
             if step % cfg.eval_every == 0 or step in ck_steps:
                 rec.update(evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
-                bar.set_postfix(loss=f"{rec.get('train_loss', float('nan')):.4f}", test=f"{rec['test_mse']:.4f}")
+                shown = {"test": f"{rec['test_mse']:.4f}"}
+                if last_loss is not None:  # the last logged training loss, never a NaN placeholder
+                    shown = {"loss": f"{last_loss:.4f}", **shown}
+                bar.set_postfix(**shown)
             if rec:
                 log(step, rec)
             if step in ck_steps:
