@@ -200,8 +200,13 @@ class CheckpointRun:
         return self.failed.empty
 
     def failure_message(self) -> str:
-        return "; ".join(f"checkpoint {r.index} (step {r.step}, {r.checkpoint}) failed at {r.stage}: {r.reason}"
-                         for r in self.failed.itertuples())
+        return failure_message(self.failed)
+
+
+def failure_message(failed: pd.DataFrame) -> str:
+    """One line per bad entry of a ``failed`` table, each named by its index."""
+    return "; ".join(f"checkpoint {r.index} (step {r.step}, {r.checkpoint}) failed at {r.stage}: {r.reason}"
+                     for r in failed.itertuples())
 
 
 def config_key(config: Mapping[str, Any]) -> str:
@@ -340,5 +345,260 @@ def run_checkpoints(
               else pd.DataFrame(columns=FAILED_COLUMNS))
     run = CheckpointRun(entries, tables, failed, models, time.perf_counter() - t0, ran)
     if len(failed) > len(bad):
-        warnings.warn(f"{len(failed) - len(bad)} checkpoint(s) failed: {run.failure_message()}", stacklevel=2)
+        warnings.warn(f"{len(failed) - len(bad)} checkpoint(s) failed: {failure_message(failed)}", stacklevel=2)
     return run
+
+
+# ------------------------------------------------------------------------------------------------
+# The default probe: TD at every layer + ICL accuracy, per checkpoint (paper Fig. 5)
+# ------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TABLES = ("td", "accuracy", "predictions", "trajectory", "summary", "failed")
+
+
+@dataclass
+class TrajectoryConfig:
+    """What decides a trajectory's numbers (saved in config.json): one shot count, the sweep's settings,
+    and how each checkpoint is loaded (``backend``, ``dtype``, ``device``).
+
+    ``summary_layer``: the layer of the summary's mean TD; ``None`` = each checkpoint's peak layer (the
+    highest overall TD; at an untrained checkpoint the maximum over layers sits slightly above chance).
+    """
+
+    family: str = "bitwise"
+    shots: int = 4
+    n_per_task: int = 100
+    seed: int = 0
+    k: int = 10
+    metric: str = "euclidean"
+    layers: str | list[int] = "all"
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    n_boot: int = 1000
+    template: dict = field(default_factory=dict)
+    family_kwargs: dict = field(default_factory=dict)
+    backend: str = "torch"
+    dtype: str | None = None
+    device: str | None = None
+    summary_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..adapters.load import BACKENDS
+
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise ValueError(f"shots must be one int >= 0, got {self.shots!r}")
+        if self.n_per_task < 1:
+            raise ValueError(f"n_per_task must be >= 1, got {self.n_per_task}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        if self.summary_layer is not None and self.summary_layer < 0:
+            raise ValueError(f"summary_layer must be >= 0 or None, got {self.summary_layer}")
+
+    def sweep_config(self, model: str = "") -> Any:
+        from .sweep import SweepConfig
+
+        return SweepConfig(model=model, backend=self.backend, family=self.family, shots=(self.shots,),
+                           n_per_task=self.n_per_task, seed=self.seed, k=self.k, metric=self.metric,
+                           layers=self.layers, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                           n_boot=self.n_boot, template=dict(self.template), family_kwargs=dict(self.family_kwargs))
+
+
+def language_model_loader(backend: str = "torch", dtype: str | None = None, device: str | None = None) -> Load:
+    """Load a ``local`` directory or a ``hub`` id at its revision through :func:`load_model`."""
+
+    def load(entry: Checkpoint) -> Any:
+        from ..adapters import load_model
+
+        if entry.kind == "synthetic":
+            raise ValueError(f"checkpoint {entry.index} is a synthetic-run checkpoint: it has no tokenizer; "
+                             "use taskvec_interp.synthetic.analysis.synthetic_trajectory")
+        return load_model(entry.location, backend=backend, dtype=DTYPES.get(dtype) if dtype else None,
+                          device=device, revision=entry.revision)
+
+    return load
+
+
+def sweep_probe(config: TrajectoryConfig, family: Any, progress: bool = False) -> Probe:
+    """``probe(adapter, entry)``: :func:`run_sweep` at ``config.shots``; tables td, accuracy, predictions."""
+    from .sweep import run_sweep
+
+    def probe(adapter: Any, entry: Checkpoint) -> dict[str, pd.DataFrame]:
+        res = run_sweep(adapter, config.sweep_config(entry.label), family, progress=progress)
+        return {"td": res.td, "accuracy": res.accuracy, "predictions": res.predictions}
+
+    return probe
+
+
+def trajectory_table(td: pd.DataFrame, outcome: pd.DataFrame, column: str = "exact",
+                     name: str = "accuracy") -> pd.DataFrame:
+    """Per-task TD at every layer joined with that task's outcome at the same step (``column`` of the
+    ``outcome`` table, renamed ``name``); overall rows get the mean over the tasks other than Null."""
+    from ..tasks import NULL_TASK
+
+    keys = ["step", "task"] + (["shots"] if "shots" in td and "shots" in outcome else [])
+    per_task = td[td["level"] == "task"].merge(outcome[keys + [column]].rename(columns={column: name}), on=keys,
+                                               how="left")
+    real = outcome[outcome["task"] != NULL_TASK].groupby("step")[column].mean().rename(name)
+    overall = td[td["level"] == "overall"].merge(real, left_on="step", right_index=True, how="left")
+    table = pd.concat([overall, per_task], ignore_index=True).sort_values(["step", "layer"], kind="stable",
+                                                                          ignore_index=True)
+    first = [c for c in ("step", "layer", "level", "task", "td", name, "chance", "ci_low", "ci_high", "shots",
+                         "family", "n") if c in table]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def trajectory_summary(table: pd.DataFrame, name: str = "accuracy", layer: int | None = None) -> pd.DataFrame:
+    """Per step: the layer (``layer``, or the step's peak of overall TD, earliest on ties), the mean and
+    s.d. over tasks (Null left out) of per-task TD there, the overall TD there, the mean and s.d. of the
+    outcome ``name``, and TD's chance level."""
+    from ..tasks import NULL_TASK
+
+    rows = []
+    for step, part in table.groupby("step", sort=True):
+        overall = part[part["level"] == "overall"].sort_values("layer")
+        if layer is None:
+            at = int(overall.loc[overall["td"].idxmax(), "layer"])
+        elif layer not in set(overall["layer"]):
+            raise ValueError(f"summary layer {layer} is not among the layers {sorted(set(overall['layer']))}")
+        else:
+            at = layer
+        tasks = part[(part["level"] == "task") & (part["layer"] == at) & (part["task"] != NULL_TASK)]
+        rows.append({"step": int(step), "layer": at, "td_mean": float(tasks["td"].mean()),
+                     "td_sd": float(tasks["td"].std(ddof=0)),
+                     "td_overall": float(overall.loc[overall["layer"] == at, "td"].iloc[0]),
+                     name: float(tasks[name].mean()), f"{name}_sd": float(tasks[name].std(ddof=0)),
+                     "chance": float(overall["chance"].iloc[0]), "n_tasks": len(tasks)})
+    return pd.DataFrame(rows)
+
+
+class TrajectoryError(RuntimeError):
+    """Some checkpoints failed; ``.result`` holds the good ones, ``.result.failed`` the bad ones."""
+
+    def __init__(self, result: TrajectoryResult) -> None:
+        super().__init__(result.failure_message())
+        self.result = result
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrajectoryResult:
+    """TD and an outcome (exact-match ``accuracy``, or ``mse`` for the synthetic model) per checkpoint.
+
+    ``tables``: ``td`` (step, layer, level, task, td, ...), the outcome's own table (``accuracy`` or
+    ``mse``), ``trajectory`` (:func:`trajectory_table`), ``summary`` (:func:`trajectory_summary`),
+    and whatever else the probe returned (``predictions``). ``failed``: index, step, checkpoint, stage,
+    reason of every bad entry.
+    """
+
+    config: dict
+    tables: dict[str, pd.DataFrame]
+    failed: pd.DataFrame
+    entries: list[Checkpoint]
+    models: dict[int, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    outcome: str = "accuracy"
+
+    @property
+    def td(self) -> pd.DataFrame:
+        return self.tables["td"]
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.tables["trajectory"]
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return self.tables["summary"]
+
+    @property
+    def ok(self) -> bool:
+        return self.failed.empty
+
+    def failure_message(self) -> str:
+        return failure_message(self.failed)
+
+    def raise_for_failed(self) -> TrajectoryResult:
+        """``TrajectoryError`` naming every bad entry by index; the result itself if there is none."""
+        if not self.ok:
+            raise TrajectoryError(self)
+        return self
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Tables as Parquet, then config.json (the configuration, every entry with its status and model
+        identity, library versions): written last, it marks a complete result."""
+        out = check_out_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in {**self.tables, "failed": self.failed}.items():
+            _write_parquet(table, out / f"{name}.parquet")
+        bad = dict(zip(self.failed["index"], self.failed["reason"], strict=True))
+        entries = [{**e.describe(), "status": "failed" if e.index in bad else "ok", "reason": bad.get(e.index),
+                    "model": self.models.get(e.step)} for e in self.entries]
+        record = {**self.config, "outcome": self.outcome, "checkpoints": entries,
+                  "tables": sorted([*self.tables, "failed"]), "seconds": round(self.seconds, 1),
+                  "provenance": {"versions": provenance({})["versions"]}}
+        atomic_write_text(out / "config.json", json.dumps(record, indent=2, default=str))
+        return out
+
+
+def trajectory_result(run: CheckpointRun, config: dict, outcome_table: str = "accuracy", column: str = "exact",
+                      outcome: str = "accuracy", layer: int | None = None) -> TrajectoryResult:
+    """Assemble a :class:`TrajectoryResult` from the loop's tables (td + ``outcome_table``)."""
+    tables = {n: t[["step"] + [c for c in t.columns if c != "step"]] for n, t in run.tables.items()}
+    if "td" in tables:
+        tables["trajectory"] = trajectory_table(tables["td"], tables[outcome_table], column, outcome)
+        tables["summary"] = trajectory_summary(tables["trajectory"], outcome, layer)
+    return TrajectoryResult(config, tables, run.failed, run.entries, run.models, run.seconds, outcome)
+
+
+def run_trajectory(
+    entries: Sequence[Checkpoint],
+    config: TrajectoryConfig | None = None,
+    family: Any = None,
+    *,
+    out: str | os.PathLike | None = None,
+    load: Load | None = None,
+    on_error: str = "record",
+    progress: bool = True,
+) -> TrajectoryResult:
+    """TD at every layer and ICL accuracy at ``config.shots`` shots, for every checkpoint (paper Fig. 5).
+
+    Everything that can be checked is checked before any model loads (the configuration, the family,
+    ``out``, the entries). With ``out``, finished checkpoints are saved as they complete (a rerun skips
+    them) and the whole result is saved at the end. Bad entries do not stop the others: they are in
+    ``result.failed`` (and a warning); call ``result.raise_for_failed()`` to make them an error, or pass
+    ``on_error="raise"``.
+    """
+    from ..tasks import get_family
+
+    config = config or TrajectoryConfig()
+    fam = family if family is not None else get_family(config.family, **config.family_kwargs)
+    n_points = config.n_per_task * len(fam.task_names)
+    if config.k >= n_points - 1:
+        raise ValueError(f"k={config.k} needs more than {config.k + 1} prompts ({config.n_per_task} per task x "
+                         f"{len(fam.task_names)} tasks = {n_points})")
+    synthetic = [e.index for e in entries if e.kind == "synthetic"]
+    if synthetic:
+        raise ValueError(f"checkpoints {synthetic} are synthetic-run checkpoints (no tokenizer): use "
+                         "taskvec_interp.synthetic.analysis.synthetic_trajectory")
+    if out is not None:
+        check_out_dir(out)
+    record = {"probe": "td_accuracy", **asdict(config), "family": fam.name}
+    run = run_checkpoints(entries, sweep_probe(config, fam, progress=False),
+                          load or language_model_loader(config.backend, config.dtype, config.device),
+                          config=record, out=out, on_error=on_error, progress=progress)
+    if not run.tables:
+        result = TrajectoryResult(record, {}, run.failed, run.entries, run.models, run.seconds)
+        raise TrajectoryError(result)
+    result = trajectory_result(run, record, layer=config.summary_layer)
+    if out is not None:
+        result.save(out)
+    return result

@@ -40,7 +40,14 @@ from .. import hooks as H
 from ..adapters.base import ModelInputs
 from ..adapters.torch_hooks import TorchHooksAdapter
 from ..experiments.patching import run_conditions
-from ..experiments.trajectory import Checkpoint, run_checkpoints, run_checkpoints_of
+from ..experiments.trajectory import (
+    Checkpoint,
+    TrajectoryError,
+    TrajectoryResult,
+    run_checkpoints,
+    run_checkpoints_of,
+    trajectory_result,
+)
 from ..probes.decodability import task_decodability
 from .data import MSLRBatch, make_test_set, oracle_summary
 from .model import SyntheticRegressor
@@ -333,3 +340,49 @@ def analysis_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
         paths.append(out / "patching.png")
         viz.plot_patching(result.patching, path=paths[-1])
     return paths
+
+
+def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = 4321,
+                         n_boot: int = 200, batch_size: int = 256, steps: Sequence[int] | None = None,
+                         out: str | Path | None = None, on_error: str = "record",
+                         progress: bool = True) -> TrajectoryResult:
+    """The trajectory of a synthetic run: per-basis TD at every layer (as :func:`analyze_run`) and the
+    per-basis test MSE of the last prediction (the synthetic model's outcome instead of ICL accuracy),
+    over its checkpoints (``steps``: only these), with the resume and bad-entry handling of
+    :func:`~taskvec_interp.experiments.trajectory.run_checkpoints`.
+
+    ``shots`` in the tables is ``K``, the number of in-context examples.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ValueError(f"no run in {run_dir}: train first (taskvec synthetic train)")
+    cfg = load_run_config(run_dir)
+    entries = run_checkpoints_of(run_dir, steps)
+    n_bases, n_points = cfg.data.n_bases, cfg.data.n_points
+    if k >= n_per_basis * n_bases - 1:
+        raise ValueError(f"k={k} needs more than {k + 1} test points ({n_per_basis} per basis x {n_bases} bases)")
+    test = make_test_set(cfg.data, n_per_basis=n_per_basis, seed=seed)
+    names = basis_names(n_bases)
+
+    def probe(model: SyntheticRegressor, entry: Checkpoint) -> dict[str, pd.DataFrame]:
+        acts = capture_checkpoint(model, test, batch_size=batch_size)
+        td = task_decodability(acts, test.basis, k=k, label_names=names, n_boot=n_boot, seed=seed)
+        with torch.no_grad():
+            preds = torch.cat([model(test.xs[i:i + batch_size], test.ys[i:i + batch_size])[:, -1]
+                               for i in range(0, len(test.basis), batch_size)])
+        err = (preds.float() - test.ys[:, -1]) ** 2
+        mse = pd.DataFrame({"task": names, "shots": n_points, "n": n_per_basis,
+                            "mse": [float(err[test.basis == b].mean()) for b in range(n_bases)]})
+        return {"td": td.to_frame().assign(shots=n_points), "mse": mse}
+
+    record = {"probe": "synthetic_td_mse", "run": str(run_dir), "n_per_basis": n_per_basis, "k": k, "seed": seed,
+              "n_boot": n_boot, "td_position": TD_POSITION, "n_layers": cfg.model.n_layer, "n_bases": n_bases,
+              "n_points": n_points}
+    run = run_checkpoints(entries, probe, load_synthetic, config=record, out=out, on_error=on_error,
+                          progress=progress)
+    if not run.tables:
+        raise TrajectoryError(TrajectoryResult(record, {}, run.failed, run.entries, run.models, run.seconds, "mse"))
+    result = trajectory_result(run, record, outcome_table="mse", column="mse", outcome="mse")
+    if out is not None:
+        result.save(out)
+    return result
