@@ -353,6 +353,105 @@ def synthetic_analyze(
     typer.echo(json.dumps({k: v for k, v in result.summary.items() if k != "oracles"}, indent=2))
 
 
+def _split(values: list[str] | str | None) -> list[str]:
+    values = [values] if isinstance(values, str) else values or []
+    return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
+
+@app.command()
+def trajectory(
+    checkpoints: list[str] = typer.Option(None, "--checkpoints", help="local HF model directories, comma-separated "
+                                                                      "or the option repeated"),
+    model: str = typer.Option(None, help="a hub id whose --revisions to run, e.g. allenai/OLMo-7B-0424-hf"),
+    revisions: str = typer.Option(None, help="comma-separated revisions of --model, e.g. "
+                                             "step1000-tokens4B,step10000-tokens41B"),
+    synthetic_run: Path = typer.Option(None, help="a `taskvec synthetic train` run: TD and MSE per basis"),
+    steps: str = typer.Option(None, help="comma-separated steps, one per checkpoint (default: read from the "
+                                         "revision or directory name, else the position)"),
+    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
+    shots: int = typer.Option(4, help="demonstrations per prompt"),
+    n_per_task: int = typer.Option(100, help="prompts per task, Null included (synthetic: test sequences per basis)"),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(10, help="neighbours of the leave-one-out k-NN"),
+    metric: str = typer.Option("euclidean", help="euclidean | cosine"),
+    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32)"),
+    device: str = typer.Option(None, help="e.g. cuda (default: cpu)"),
+    batch_size: int = typer.Option(16),
+    n_boot: int = typer.Option(1000, help="bootstrap resamples of the TD CIs"),
+    layer: int = typer.Option(None, help="layer of the summary's mean TD (default: each checkpoint's peak)"),
+    out: Path = typer.Option(Path("runs/trajectory"), help="output directory (a rerun skips finished checkpoints)"),
+    figures: bool = typer.Option(True, help="write PNG figures"),
+) -> None:
+    """TD and ICL accuracy over checkpoints (paper Fig. 5): local directories, hub revisions or a synthetic run.
+
+    Exits with status 1, naming each bad checkpoint by its index, after writing the good ones.
+    """
+    from .experiments.trajectory import (
+        TrajectoryConfig,
+        TrajectoryError,
+        check_checkpoints,
+        hub_checkpoints,
+        local_checkpoints,
+        run_checkpoints_of,
+        run_trajectory,
+    )
+
+    paths, revs = _split(checkpoints), _split(revisions)
+    if sum([bool(paths), model is not None or bool(revs), synthetic_run is not None]) != 1:
+        raise typer.BadParameter("give exactly one of --checkpoints, --model with --revisions, --synthetic-run")
+    if (model is None) != (not revs):
+        raise typer.BadParameter(f"--model and --revisions go together (got --model {model!r}, --revisions "
+                                 f"{revisions!r})")
+    _check_out_dir(out)
+    try:
+        given = [int(s) for s in _split(steps)] if steps is not None else None
+    except ValueError:
+        raise typer.BadParameter(f"--steps must be comma-separated ints, got {steps!r}") from None
+    try:
+        if synthetic_run is not None:
+            entries = run_checkpoints_of(synthetic_run, given)
+        elif paths:
+            entries = local_checkpoints(paths, given)
+        else:
+            entries = hub_checkpoints(model, revs, given)
+        cfg = TrajectoryConfig(family=family, shots=shots, n_per_task=n_per_task, seed=seed, k=k, metric=metric,
+                               backend=backend, dtype=dtype, device=device, batch_size=batch_size, n_boot=n_boot,
+                               summary_layer=layer)
+        if synthetic_run is None:
+            from .tasks import get_family
+
+            fam = get_family(cfg.family, **cfg.family_kwargs)
+        bad = check_checkpoints(entries)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for r in bad.itertuples():  # reported before any model loads; the others still run
+        typer.echo(f"checkpoint {r.index} (step {r.step}): {r.reason}", err=True)
+    try:
+        if synthetic_run is not None:
+            from .synthetic.analysis import synthetic_trajectory
+
+            result = synthetic_trajectory(synthetic_run, n_per_basis=n_per_task, k=k, seed=seed, n_boot=n_boot,
+                                          steps=given, out=out)
+        else:
+            result = run_trajectory(entries, cfg, fam, out=out)
+    except TrajectoryError as err:
+        typer.echo(f"every checkpoint failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(result.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if figures:
+        from .report import trajectory_figures
+
+        for path in trajectory_figures(result, out):
+            typer.echo(f"wrote {path}")
+    typer.echo(f"results in {out} ({result.seconds:.0f}s)")
+    if not result.ok:
+        for r in result.failed.itertuples():
+            typer.echo(f"FAILED checkpoint {r.index} (step {r.step}, {r.checkpoint}) at {r.stage}: {r.reason}",
+                       err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -9,6 +9,7 @@ import pandas as pd
 from . import viz
 from .experiments.patching import PatchResult
 from .experiments.sweep import SweepResult
+from .experiments.trajectory import TrajectoryResult
 
 
 def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> list[Path]:
@@ -66,4 +67,14 @@ def finetune_figures(per_task: pd.DataFrame, td: pd.DataFrame, out: str | Path, 
     paths = [out / "accuracy_per_task.png", out / "td_by_layer.png"]
     viz.plot_finetune_accuracy(per_task, path=paths[0], title=title)
     viz.plot_finetune_td(td, path=paths[1], title=title)
+    return paths
+
+
+def trajectory_figures(result: TrajectoryResult, out: str | Path, title: str | None = None) -> list[Path]:
+    """Fig. 5-like mean TD and accuracy (or the synthetic model's MSE) against the step, and the overall TD
+    as a layer x checkpoint heatmap."""
+    out = Path(out) / "figures"
+    paths = [out / "trajectory.png", out / "td_heatmap.png"]
+    viz.plot_trajectory(result.summary, outcome=result.outcome, path=paths[0], title=title)
+    viz.plot_td_heatmap_steps(result.td, path=paths[1])
     return paths

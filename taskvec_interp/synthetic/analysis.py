@@ -35,12 +35,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import hooks as H
 from ..adapters.base import ModelInputs
 from ..adapters.torch_hooks import TorchHooksAdapter
 from ..experiments.patching import run_conditions
+from ..experiments.trajectory import (
+    Checkpoint,
+    TrajectoryError,
+    TrajectoryResult,
+    run_checkpoints,
+    run_checkpoints_of,
+    trajectory_result,
+)
 from ..probes.decodability import task_decodability
 from .data import MSLRBatch, make_test_set, oracle_summary
 from .model import SyntheticRegressor
@@ -171,6 +178,25 @@ def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases
     return table[["layer", "mode", "position", "source", "target", "mse"]]
 
 
+def load_synthetic(entry: Checkpoint) -> SyntheticRegressor:
+    """The loader of :func:`~taskvec_interp.experiments.trajectory.run_checkpoints` for a run's checkpoints."""
+    return load_checkpoint(entry.location)
+
+
+def embedding_frame(embedding: np.ndarray, labels: np.ndarray, layer: int) -> pd.DataFrame:
+    """A UMAP embedding ``[n, 2]`` of one layer as a tidy table: layer, point, x, y, label."""
+    return pd.DataFrame({"layer": layer, "point": np.arange(len(labels)), "x": embedding[:, 0],
+                         "y": embedding[:, 1], "label": labels})
+
+
+def embeddings_of(table: pd.DataFrame) -> dict:
+    """``(layer, step) -> (embedding [n, 2], labels [n])`` from the tables :func:`embedding_frame` made."""
+    if table.empty:
+        return {}
+    return {(int(layer), int(step)): (part[["x", "y"]].to_numpy(), part["label"].to_numpy())
+            for (step, layer), part in table.groupby(["step", "layer"], sort=False)}
+
+
 def _pick(seq: Sequence[int], n: int) -> list[int]:
     if len(seq) <= n:
         return list(seq)
@@ -217,12 +243,7 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
     if not ckpts or not (run_dir / "config.json").exists():
         raise ValueError(f"no checkpoints in {run_dir}: train first (taskvec synthetic train)")
     cfg = load_run_config(run_dir)
-    if config.checkpoints is not None:
-        wanted = set(config.checkpoints)
-        missing = wanted - {s for s, _ in ckpts}
-        if missing:
-            raise ValueError(f"checkpoints {sorted(missing)} not in {run_dir} (have {[s for s, _ in ckpts]})")
-        ckpts = [(s, p) for s, p in ckpts if s in wanted]
+    entries = run_checkpoints_of(run_dir, config.checkpoints)
     n_layers, n_bases = cfg.model.n_layer, cfg.data.n_bases
     td_layer = n_layers // 2 if config.td_layer is None else config.td_layer
     # default: the TD layer, or the last block that still has a block after it to carry the patch on
@@ -234,31 +255,34 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
         raise ValueError(f"k={config.k} needs more than {config.k + 1} test points")
     test = make_test_set(cfg.data, n_per_basis=config.n_per_basis, seed=config.seed)
     names = basis_names(n_bases)
-    steps = [s for s, _ in ckpts]
+    steps = [e.step for e in entries]
     umap_steps = set(_pick(steps, config.umap_checkpoints)) if umap else set()
     umap_layers = list(config.umap_layers) if config.umap_layers is not None else _pick(list(range(n_layers)), 6)
     patch_steps = set(config.patch_checkpoints) if config.patch_checkpoints is not None else {steps[len(steps) // 2],
                                                                                              steps[-1]}
-    td_frames, patch_frames, embeddings = [], [], {}
-    t0 = time.perf_counter()
-    for step, path in tqdm(ckpts, desc="checkpoints", disable=not progress):
-        model = load_checkpoint(path)
+
+    def probe(model: SyntheticRegressor, entry: Checkpoint) -> dict[str, pd.DataFrame]:
         acts = capture_checkpoint(model, test, batch_size=config.batch_size)
         td = task_decodability(acts, test.basis, k=config.k, label_names=names, n_boot=config.n_boot,
                                seed=config.seed)
-        td_frames.append(td.to_frame().assign(step=step))
-        if step in umap_steps:
+        tables = {"td": td.to_frame()}
+        if entry.step in umap_steps:
             from ..viz import umap_embedding
 
-            for layer in umap_layers:
-                embeddings[(layer, step)] = (umap_embedding(acts[layer], seed=config.seed), test.basis.numpy())
-        if step in patch_steps:
-            patch_frames.append(patch_matrix(model, test, patch_layer, n_bases, config.patch_mode,
-                                             config.patch_position).assign(step=step))
-    td_all = pd.concat(td_frames, ignore_index=True)
+            tables["embeddings"] = pd.concat([embedding_frame(umap_embedding(acts[layer], seed=config.seed),
+                                                              test.basis.numpy(), layer) for layer in umap_layers],
+                                             ignore_index=True)
+        if entry.step in patch_steps:
+            tables["patching"] = patch_matrix(model, test, patch_layer, n_bases, config.patch_mode,
+                                              config.patch_position)
+        return tables
+
+    t0 = time.perf_counter()
+    run = run_checkpoints(entries, probe, load_synthetic, on_error="raise", progress=progress)
+    embeddings = embeddings_of(run.table("embeddings"))
+    td_all, patching = run.table("td"), run.table("patching")
     loss = pd.DataFrame([{"step": r["step"], "basis": names[b], "mse": r[f"test_mse_b{b}"]}
                          for r in read_metrics(run_dir) if "test_mse_b0" in r for b in range(n_bases)])
-    patching = pd.concat(patch_frames, ignore_index=True) if patch_frames else pd.DataFrame()
     summary = emergence_summary(td_all, loss, names, td_layer)
     summary["oracles"] = oracle_summary(cfg.data, make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed))
     for i, name in enumerate(names):  # share of the sparsity gap closed: 0 = basis-agnostic ridge, 1 = rank-r oracle
@@ -316,3 +340,49 @@ def analysis_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
         paths.append(out / "patching.png")
         viz.plot_patching(result.patching, path=paths[-1])
     return paths
+
+
+def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = 4321,
+                         n_boot: int = 200, batch_size: int = 256, steps: Sequence[int] | None = None,
+                         out: str | Path | None = None, on_error: str = "record",
+                         progress: bool = True) -> TrajectoryResult:
+    """The trajectory of a synthetic run: per-basis TD at every layer (as :func:`analyze_run`) and the
+    per-basis test MSE of the last prediction (the synthetic model's outcome instead of ICL accuracy),
+    over its checkpoints (``steps``: only these), with the resume and bad-entry handling of
+    :func:`~taskvec_interp.experiments.trajectory.run_checkpoints`.
+
+    ``shots`` in the tables is ``K``, the number of in-context examples.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ValueError(f"no run in {run_dir}: train first (taskvec synthetic train)")
+    cfg = load_run_config(run_dir)
+    entries = run_checkpoints_of(run_dir, steps)
+    n_bases, n_points = cfg.data.n_bases, cfg.data.n_points
+    if k >= n_per_basis * n_bases - 1:
+        raise ValueError(f"k={k} needs more than {k + 1} test points ({n_per_basis} per basis x {n_bases} bases)")
+    test = make_test_set(cfg.data, n_per_basis=n_per_basis, seed=seed)
+    names = basis_names(n_bases)
+
+    def probe(model: SyntheticRegressor, entry: Checkpoint) -> dict[str, pd.DataFrame]:
+        acts = capture_checkpoint(model, test, batch_size=batch_size)
+        td = task_decodability(acts, test.basis, k=k, label_names=names, n_boot=n_boot, seed=seed)
+        with torch.no_grad():
+            preds = torch.cat([model(test.xs[i:i + batch_size], test.ys[i:i + batch_size])[:, -1]
+                               for i in range(0, len(test.basis), batch_size)])
+        err = (preds.float() - test.ys[:, -1]) ** 2
+        mse = pd.DataFrame({"task": names, "shots": n_points, "n": n_per_basis,
+                            "mse": [float(err[test.basis == b].mean()) for b in range(n_bases)]})
+        return {"td": td.to_frame().assign(shots=n_points), "mse": mse}
+
+    record = {"probe": "synthetic_td_mse", "run": str(run_dir), "n_per_basis": n_per_basis, "k": k, "seed": seed,
+              "n_boot": n_boot, "td_position": TD_POSITION, "n_layers": cfg.model.n_layer, "n_bases": n_bases,
+              "n_points": n_points}
+    run = run_checkpoints(entries, probe, load_synthetic, config=record, out=out, on_error=on_error,
+                          progress=progress)
+    if not run.tables:
+        raise TrajectoryError(TrajectoryResult(record, {}, run.failed, run.entries, run.models, run.seconds, "mse"))
+    result = trajectory_result(run, record, outcome_table="mse", column="mse", outcome="mse")
+    if out is not None:
+        result.save(out)
+    return result
