@@ -12,7 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taskvec_interp.checkpoints import checkpoint_problem, latest_good_checkpoint, list_checkpoints, read_metrics
+from taskvec_interp.checkpoints import (
+    checkpoint_problem,
+    latest_good_checkpoint,
+    list_checkpoints,
+    read_metrics,
+)
 from taskvec_interp.synthetic import train, train_config
 from taskvec_interp.synthetic.train import load_run_config
 
