@@ -198,7 +198,7 @@ def test_run_dir_layout(reference_run) -> None:
     assert load_run_config(run) == cfg
     names = {p.name for p in last.iterdir()}
     assert names == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "state.safetensors",
-                     "state.json", "model_config.json"}
+                     "state.json", "model_config.json", "manifest.json"}
     assert json.loads((last / "state.json").read_text())["step"] == cfg.steps
     recs = read_metrics(run)
     evals = [r for r in recs if "test_mse" in r]

@@ -102,10 +102,11 @@ class NNsightAdapter(Adapter):
                 tracer.stop()
             _merge(stores, back)
             return None
-        with self.nn.trace(**kwargs, **self._trace_kwargs()):
+        model = self.nn  # the trace body names no adapter: a remote run ships only what it refers to
+        with model.trace(**kwargs, **self._trace_kwargs()):
             _apply(plan, state)
             back = nnsight.save(stores)
-            out = self.nn.output.save()
+            out = model.output.save()
         _merge(stores, back)
         lg = model_logits(out)
         return lg[:, -1] if (logits == "last" and lg.ndim == 3) else lg
