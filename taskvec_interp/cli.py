@@ -101,6 +101,9 @@ def td(
     _check_out_dir(out)
     cfg = SweepConfig(model=model, backend=backend, family=family, shots=_parse_shots(shots),
                       n_per_task=n_per_task, seed=seed, k=k, metric=metric, batch_size=batch_size)
+    from .tasks import get_family
+
+    get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails before the model loads
     adapter = load_model(cfg.model, backend=cfg.backend)
     result = run_sweep(adapter, cfg)
     result.save(out)
@@ -452,8 +455,19 @@ def trajectory(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``taskvec`` console script: a bad value anywhere (config, data, model spec) is one line naming it,
+    exit status 2, not a traceback (set TASKVEC_TRACEBACK=1 for the traceback)."""
+    import os
+    import sys
+
+    try:
+        app()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("TASKVEC_TRACEBACK"):
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

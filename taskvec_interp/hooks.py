@@ -27,6 +27,7 @@ effect forward. Backends that recompute the prefix every step (TransformerLens, 
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,9 +116,14 @@ def resolve_layers(layers: str | int | Sequence[int], n_layers: int) -> list[int
         if layers != "all":
             raise ValueError(f"layers must be 'all', an int or a list of ints, got {layers!r}")
         return list(range(n_layers))
-    seq = [layers] if isinstance(layers, int) else list(layers)
+    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence, Tensor)):
+        raise ValueError(f"layers must be 'all', an int or a list of ints, got {layers!r}")
+    seq = [layers] if isinstance(layers, int) else (layers.tolist() if isinstance(layers, Tensor) else list(layers))
     if not seq:
         raise ValueError("empty list of layers")
+    for layer in seq:  # never truncate: layers=[1.7] is an error, not layer 1 (numpy ints are fine)
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ValueError(f"layers must be ints, got {layer!r} ({type(layer).__name__}) in {seq!r}")
     return [parse_site(int(layer), n_layers).layer for layer in seq]
 
 

@@ -140,6 +140,10 @@ class Adapter(ABC):
         self._context_hooks: list[tuple[Site, HookFn]] = []
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             # Same convention as nnsight and HF generate: pad with EOS (padded columns are masked).
+            if getattr(tokenizer, "eos_token", None) is None:
+                raise ValueError(f"tokenizer {type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '?')!r}) "
+                                 "has neither a pad token nor an EOS token to pad with: set tokenizer.pad_token "
+                                 "(e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'})) before loading")
             tokenizer.pad_token = tokenizer.eos_token
 
     name: str | None = None

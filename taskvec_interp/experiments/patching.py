@@ -39,7 +39,7 @@ from ..hooks import resolve_layers
 from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
-from ..results import check_out_dir, provenance, write_json
+from ..results import check_out_dir, check_result_dir, provenance, read_json, read_parquet, write_json
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 from ..validate import check_int, check_number
 from .sweep import peak_layer_of
@@ -315,13 +315,14 @@ class PatchResult:
 
 def load_patching(directory: str | Path) -> PatchResult:
     """Read back what :meth:`PatchResult.save` wrote."""
-    d = Path(directory)
-    raw = json.loads((d / "config.json").read_text())
+    names = ("accuracy", "predictions", "td", "relation")
+    d = check_result_dir(directory, ("config.json", "summary.json", *(f"{n}.parquet" for n in names)), "patching")
+    raw = read_json(d / "config.json")
     model = raw.pop("provenance", {}).get("model", {})
     raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
     config = PatchConfig(**raw)
-    tables = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("accuracy", "predictions", "td", "relation")}
-    summary = json.loads((d / "summary.json").read_text())
+    tables = {name: read_parquet(d / f"{name}.parquet") for name in names}
+    summary = read_json(d / "summary.json")
     seconds = summary.pop("seconds", 0.0)
     return PatchResult(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
                        TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)

@@ -23,7 +23,7 @@ from ..adapters.base import Adapter
 from ..adapters.load import BACKENDS
 from ..probes.accuracy import icl_accuracy
 from ..probes.decodability import METRICS, task_decodability
-from ..results import check_out_dir, provenance
+from ..results import check_result_dir, provenance, read_json, read_parquet, replacing_dir
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 from ..validate import check_bool, check_choice, check_int, check_str
 
@@ -114,8 +114,11 @@ class SweepResult:
 
         Parquet, not CSV: it keeps dtypes, and a task named "null" would read back as NaN from CSV.
         """
-        out = check_out_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
+        with replacing_dir(out) as tmp:  # an older result in ``out`` is replaced whole, never mixed in
+            self._write(tmp)
+        return Path(out)
+
+    def _write(self, out: Path) -> None:
         config = asdict(self.config)
         if self.model:  # the model that produced the numbers, whatever the config's default said
             config |= {"model": self.model["name"], "backend": self.model["backend"],
@@ -130,24 +133,24 @@ class SweepResult:
         fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
         # fit.json last: its presence marks a complete result
         (out / "fit.json").write_text(json.dumps({**fit, "seconds": self.seconds}, indent=2))  # strict JSON
-        return out
 
 
 def load_sweep(directory: str | Path) -> SweepResult:
     """Read back what :meth:`SweepResult.save` wrote (activations only when they were saved)."""
     from safetensors.torch import load_file
 
-    d = Path(directory)
-    raw = json.loads((d / "config.json").read_text())
+    d = check_result_dir(directory, ("config.json", "fit.json", "td.parquet", "accuracy.parquet",
+                                     "predictions.parquet"), "TD sweep")
+    raw = read_json(d / "config.json")
     model = raw.pop("provenance", {}).get("model", {})
     config = SweepConfig(**raw)
-    fit = {k: (math.nan if v is None else v) for k, v in json.loads((d / "fit.json").read_text()).items()}
+    fit = {k: (math.nan if v is None else v) for k, v in read_json(d / "fit.json").items()}
     seconds = fit.pop("seconds", 0.0)
     acts = {}
     for path in sorted(d.glob("activations_*shot.safetensors")):
         t = load_file(str(path))
         acts[int(path.name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
-    tables = {name: pd.read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
+    tables = {name: read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
     return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
 
 

@@ -100,14 +100,16 @@ class AnalysisResult:
     embeddings: dict = field(default_factory=dict)  # (layer, step) -> ([n, 2], labels)
 
     def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "analysis_config.json").write_text(json.dumps(asdict(self.config), indent=2, default=list))
-        self.td.to_parquet(out / "td.parquet", index=False)
-        self.loss.to_parquet(out / "loss.parquet", index=False)
-        self.patching.to_parquet(out / "patching.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(self.summary, indent=2))
-        return out
+        """Write the tables, config and summary; an older analysis in ``out`` is replaced whole."""
+        from ..results import replacing_dir
+
+        with replacing_dir(out) as tmp:
+            (tmp / "analysis_config.json").write_text(json.dumps(asdict(self.config), indent=2, default=list))
+            self.td.to_parquet(tmp / "td.parquet", index=False)
+            self.loss.to_parquet(tmp / "loss.parquet", index=False)
+            self.patching.to_parquet(tmp / "patching.parquet", index=False)
+            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        return Path(out)
 
 
 def capture_checkpoint(model: SyntheticRegressor, test: MSLRBatch, position: int = TD_POSITION,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import (
     atomic_write_text,
+    checkpoint_problem,
     clean_partial,
     config_diffs,
     latest_good_checkpoint,
@@ -207,9 +208,18 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> SyntheticRegressor:
     """The model at a checkpoint directory (``run_dir/checkpoints/step_XXXXXXX``), in eval mode."""
     path = Path(path)
-    mcfg = ModelConfig(**json.loads((path / "model_config.json").read_text()))
+    problem = checkpoint_problem(path) if (path / "manifest.json").exists() or not path.is_dir() else None
+    if problem is None and not (path / "model.safetensors").is_file():
+        problem = "no model.safetensors"
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} cannot be loaded: {problem}")
+    mcfg = ModelConfig(**_read_json(path / "model_config.json"))
     model = SyntheticRegressor(mcfg, seed=0)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), strict=True)
+    try:
+        state = load_file(path / "model.safetensors", device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError for torn files
+        raise ValueError(f"checkpoint {path / 'model.safetensors'} is unreadable ({type(err).__name__}: {err})") from None
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
 
