@@ -18,6 +18,7 @@ from taskvec_interp.adapters import (
 )
 from taskvec_interp.adapters import arch_matrix as AM
 from taskvec_interp.adapters.arch import discover_arch, find_arch
+from taskvec_interp.hooks import Site
 
 MODEL_TYPES = AM.causal_lm_model_types()
 MIN_VERIFIED_FRACTION = 0.75
@@ -105,11 +106,35 @@ def test_explicit_blocks_on_a_transformers_model_fill_in_the_rest():
     assert spec.final_norm == "model.norm" and spec.position_ids and spec.attn == "self_attn"
 
 
-def test_left_padding_without_position_ids_is_refused():
-    """Absolute positions counted from the first column (BART-style decoders): padded rows would be wrong."""
-    model = AM.build_tiny("bart")
-    with pytest.raises(ValueError, match="left-padded row differs"):
-        make_adapter(model, None, "torch")
+@pytest.mark.parametrize("model_type", ["bart", "roberta"])
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_models_that_cannot_take_left_padding_batch_by_length(model_type, backend, word_tokenizer):
+    """Absolute positions without position_ids (BART-style decoders) or their own offset positions (RoBERTa):
+    discovery validates them on unpadded rows and sets left_padding=False; capture then batches by length."""
+    model = AM.build_tiny(model_type)
+    spec = discover_arch(model)
+    assert not spec.left_padding and not spec.position_ids, spec  # RoBERTa computes its own positions
+    adapter = make_adapter(model, word_tokenizer, backend)
+    assert adapter.left_padding is False and adapter.uses_position_ids is False
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(1)
+    prompts = [" ".join(f"w{int(t)}" for t in torch.randint(1, vocab, (n,), generator=g)) for n in (6, 3, 6, 4)]
+    batched = adapter.capture(prompts, batch_size=len(prompts), progress=False)
+    single = torch.cat([adapter.capture([p], progress=False) for p in prompts], dim=1)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot take a padded batch .* \[3, 4, 6\] tokens"):
+        adapter.forward(prompts)
+    verify_adapter(adapter, [prompts[0], prompts[2]])  # one length: one batch, as the model's own forward
+
+
+def test_blocks_returning_lists_are_rewritten():
+    """OpenAI GPT's blocks return a list: discovery accepts it and hooks can replace its first item."""
+    model = AM.build_tiny("openai-gpt")
+    adapter = make_adapter(model, None, "torch")
+    inputs = AM.random_inputs(model, adapter.uses_position_ids)
+    base = adapter.forward(inputs)
+    zeroed = adapter.forward(inputs, hooks=[(Site(0, "resid_post"), lambda act, ctx: act * 0)])
+    assert not torch.allclose(base, zeroed)
 
 
 def test_verify_adapter_uses_the_adapters_own_arch():

@@ -224,7 +224,9 @@ def check_backend(model: nn.Module, backend: str) -> Outcome:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             adapter = make_adapter(model, None, backend)
-            inputs = random_inputs(model, adapter.uses_position_ids)
+            # a model that cannot take left padding (adapter.left_padding False) gets rows of one length
+            lengths = (7, 4, 5) if adapter.left_padding else (6, 6, 6)
+            inputs = random_inputs(model, adapter.uses_position_ids, lengths)
             verify_adapter(adapter, prompts=inputs)
     except AdapterMismatchError as err:
         return Outcome("failed", str(err).splitlines()[-1][:300], time.perf_counter() - t0, True)
@@ -263,6 +265,8 @@ def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKEND
         source = "table" if model_type in ARCHS else "discovered"
         subs = ", ".join(f"{k}={v}" for k, v in (("attn", spec.attn), ("mlp", spec.mlp), ("mixer", spec.mixer)) if v)
         row.arch = f"{source}: `{spec.blocks}`" + (f" ({subs})" if subs else "")
+        if not spec.left_padding:
+            row.arch += "; no left padding" + ("" if spec.position_ids else ", own positions")
     return row
 
 
