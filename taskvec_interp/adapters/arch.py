@@ -238,7 +238,10 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
     plus the kept sublayers' outputs (each possibly through a norm child of the block: post-norms).
     Validation, one forward on random token rows: every block's output equals the model's own
     ``output_hidden_states`` (the last through the final norm found here), and a left-padded row equals
-    the same row unpadded. Raises ``ValueError`` saying what was tried and failed.
+    the same row unpadded. Where the padding is what fails (absolute positions without ``position_ids``,
+    RoBERTa's own offset positions, RWKV's recurrence), the validation is rerun on rows of one length and
+    the spec gets ``left_padding=False`` (``position_ids=False`` where the model's own positions are what
+    agree). Raises ``ValueError`` saying what was tried and failed.
     """
     if blocks is None and model in _DISCOVERED:
         return _DISCOVERED[model]
