@@ -21,10 +21,14 @@ from taskvec_interp.adapters.arch import discover_arch, find_arch
 from taskvec_interp.hooks import Site
 
 MODEL_TYPES = AM.causal_lm_model_types()
-MIN_VERIFIED_FRACTION = 0.75
-"""Of the model types that build, the fraction verified on both backends. Measured 116 of 146 (0.79) on
-transformers 5.24; the refusals are real (mostly BART-style decoders with absolute positions and no
-position_ids, and RoBERTa-style offset positions: left padding would shift them; see docs/architectures.md)."""
+MIN_VERIFIED_FRACTION = 0.9
+"""Of the model types that build, the fraction verified on both backends. Measured 151 of 160 (0.94) on
+transformers 5.24 (was 116 of 146 before the scaled tiny configs and left_padding=False); the 9 refusals
+are real: blocks whose outputs are not the model's hidden_states (XLM, CPM-Ant, ProphetNet), hidden_states
+that are no norm of the last block (hyper-connection heads: DeepSeek-V4, HY-V4, Inkling-2), blocks run
+other than once each (Dory, HRM); see docs/architectures.md."""
+MIN_BUILT = 150
+"""Model types that build as tiny models (measured 160 of 196)."""
 _ROWS: dict[str, AM.MatrixRow] = {}
 
 
@@ -62,7 +66,7 @@ def test_matrix_pass_rate():
     for mt in missing:  # when run alone (or with -k): build the rows here
         _ROWS[mt] = AM.check_model_type(mt)
     counts = AM.summary([_ROWS[mt] for mt in MODEL_TYPES])
-    assert counts["built"] >= 100, counts
+    assert counts["built"] >= MIN_BUILT, counts
     assert counts["verified"] >= MIN_VERIFIED_FRACTION * counts["built"], counts
 
 
