@@ -18,12 +18,17 @@ from taskvec_interp.adapters import (
 )
 from taskvec_interp.adapters import arch_matrix as AM
 from taskvec_interp.adapters.arch import discover_arch, find_arch
+from taskvec_interp.hooks import Site
 
 MODEL_TYPES = AM.causal_lm_model_types()
-MIN_VERIFIED_FRACTION = 0.75
-"""Of the model types that build, the fraction verified on both backends. Measured 116 of 146 (0.79) on
-transformers 5.24; the refusals are real (mostly BART-style decoders with absolute positions and no
-position_ids, and RoBERTa-style offset positions: left padding would shift them; see docs/architectures.md)."""
+MIN_VERIFIED_FRACTION = 0.9
+"""Of the model types that build, the fraction verified on both backends. Measured 151 of 160 (0.94) on
+transformers 5.24 (was 116 of 146 before the scaled tiny configs and left_padding=False); the 9 refusals
+are real: blocks whose outputs are not the model's hidden_states (XLM, CPM-Ant, ProphetNet), hidden_states
+that are no norm of the last block (hyper-connection heads: DeepSeek-V4, HY-V4, Inkling-2), blocks run
+other than once each (Dory, HRM); see docs/architectures.md."""
+MIN_BUILT = 150
+"""Model types that build as tiny models (measured 160 of 196)."""
 _ROWS: dict[str, AM.MatrixRow] = {}
 
 
@@ -61,7 +66,7 @@ def test_matrix_pass_rate():
     for mt in missing:  # when run alone (or with -k): build the rows here
         _ROWS[mt] = AM.check_model_type(mt)
     counts = AM.summary([_ROWS[mt] for mt in MODEL_TYPES])
-    assert counts["built"] >= 100, counts
+    assert counts["built"] >= MIN_BUILT, counts
     assert counts["verified"] >= MIN_VERIFIED_FRACTION * counts["built"], counts
 
 
@@ -105,11 +110,35 @@ def test_explicit_blocks_on_a_transformers_model_fill_in_the_rest():
     assert spec.final_norm == "model.norm" and spec.position_ids and spec.attn == "self_attn"
 
 
-def test_left_padding_without_position_ids_is_refused():
-    """Absolute positions counted from the first column (BART-style decoders): padded rows would be wrong."""
-    model = AM.build_tiny("bart")
-    with pytest.raises(ValueError, match="left-padded row differs"):
-        make_adapter(model, None, "torch")
+@pytest.mark.parametrize("model_type", ["bart", "roberta"])
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_models_that_cannot_take_left_padding_batch_by_length(model_type, backend, word_tokenizer):
+    """Absolute positions without position_ids (BART-style decoders) or their own offset positions (RoBERTa):
+    discovery validates them on unpadded rows and sets left_padding=False; capture then batches by length."""
+    model = AM.build_tiny(model_type)
+    spec = discover_arch(model)
+    assert not spec.left_padding and not spec.position_ids, spec  # RoBERTa computes its own positions
+    adapter = make_adapter(model, word_tokenizer, backend)
+    assert adapter.left_padding is False and adapter.uses_position_ids is False
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(1)
+    prompts = [" ".join(f"w{int(t)}" for t in torch.randint(1, vocab, (n,), generator=g)) for n in (6, 3, 6, 4)]
+    batched = adapter.capture(prompts, batch_size=len(prompts), progress=False)
+    single = torch.cat([adapter.capture([p], progress=False) for p in prompts], dim=1)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot take a padded batch .* \[3, 4, 6\] tokens"):
+        adapter.forward(prompts)
+    verify_adapter(adapter, [prompts[0], prompts[2]])  # one length: one batch, as the model's own forward
+
+
+def test_blocks_returning_lists_are_rewritten():
+    """OpenAI GPT's blocks return a list: discovery accepts it and hooks can replace its first item."""
+    model = AM.build_tiny("openai-gpt")
+    adapter = make_adapter(model, None, "torch")
+    inputs = AM.random_inputs(model, adapter.uses_position_ids)
+    base = adapter.forward(inputs)
+    zeroed = adapter.forward(inputs, hooks=[(Site(0, "resid_post"), lambda act, ctx: act * 0)])
+    assert not torch.allclose(base, zeroed)
 
 
 def test_verify_adapter_uses_the_adapters_own_arch():

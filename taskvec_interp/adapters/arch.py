@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +155,7 @@ def _block_candidates(model: nn.Module) -> list[tuple[str, str]]:
 def _first_tensor(x: object) -> Tensor | None:
     if isinstance(x, Tensor):
         return x
-    if isinstance(x, tuple) and x and isinstance(x[0], Tensor):  # (the adapters rewrite tuples, not lists)
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):  # the adapters rewrite both
         return x[0]
     return None
 
@@ -238,7 +238,10 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
     plus the kept sublayers' outputs (each possibly through a norm child of the block: post-norms).
     Validation, one forward on random token rows: every block's output equals the model's own
     ``output_hidden_states`` (the last through the final norm found here), and a left-padded row equals
-    the same row unpadded. Raises ``ValueError`` saying what was tried and failed.
+    the same row unpadded. Where the padding is what fails (absolute positions without ``position_ids``,
+    RoBERTa's own offset positions, RWKV's recurrence), the validation is rerun on rows of one length and
+    the spec gets ``left_padding=False`` (``position_ids=False`` where the model's own positions are what
+    agree). Raises ``ValueError`` saying what was tried and failed.
     """
     if blocks is None and model in _DISCOVERED:
         return _DISCOVERED[model]
@@ -253,11 +256,12 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
                          f"its declared block classes {sorted(_class_names(model)) or '(none declared)'} nor of "
                          f"identical blocks; {hint}")
     position_ids = "position_ids" in inspect.signature(model.forward).parameters
-    inputs = _probe_inputs(model, position_ids)
     was_training = model.training
     model.eval()
     try:
-        spec, why = _validate(model, candidates, inputs, position_ids)
+        spec, why, ran = _validate(model, candidates, _probe_inputs(model, position_ids), position_ids)
+        if (spec is not None and why) or not ran:  # padding (or the padded forward) fails: try unpadded rows
+            spec, why = _validate_unpadded(model, candidates, position_ids, why)
     finally:
         model.train(was_training)
     if spec is None:
@@ -268,8 +272,25 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
     return spec
 
 
+def _validate_unpadded(model: nn.Module, candidates: list[tuple[str, str]], position_ids: bool, padded_why: str
+                       ) -> tuple[ArchSpec | None, str]:
+    """After the left-padded probe failed: the same validation on rows of one length (no padding), first
+    with mask-derived position ids where the model takes them, then letting the model compute its own
+    (RoBERTa's start after the padding index). A spec found here has ``left_padding=False``."""
+    tried = []
+    for pos in dict.fromkeys((position_ids, False)):
+        spec, why, _ = _validate(model, candidates, _probe_inputs(model, pos, lengths=(6, 6)), pos)
+        if spec is not None and not why:
+            return replace(spec, left_padding=False), ""
+        tried.append(f"without padding{' and with' if pos else ', without'} position_ids: {why}")
+    return None, f"{padded_why}; " + "; ".join(tried)
+
+
 def _validate(model: nn.Module, candidates: list[tuple[str, str]], inputs: dict[str, Tensor], position_ids: bool
-              ) -> tuple[ArchSpec | None, str]:
+              ) -> tuple[ArchSpec | None, str, bool]:
+    """``(spec, "", True)`` if a candidate validates on ``inputs``; ``(spec, why, True)`` if one validates but
+    a padded row (or, unpadded, a row of the batch) differs from the same row alone; ``(None, why, ran)``
+    otherwise, ``ran`` saying whether the model's forward on ``inputs`` itself ran."""
     extra = _call_kwargs(model)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
@@ -282,20 +303,23 @@ def _validate(model: nn.Module, candidates: list[tuple[str, str]], inputs: dict[
             for child, sub in block.named_children():
                 watched[f"{p}|{i}|{child}"] = sub
     rec: dict[str, list] = {}
+    padded = bool((inputs["attention_mask"] == 0).any())
     try:
         with torch.no_grad(), _recording(watched, rec):
             out = model(**inputs, **extra)
     except Exception as err:  # e.g. a model that needs inputs beyond token ids (pixels, audio)
-        return None, f"its forward on random token ids failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        what = "a left-padded batch of random token ids" if padded else "random token ids"
+        return None, f"its forward on {what} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})", False
     hs = getattr(out, "hidden_states", None)
     if not hs:
-        return None, "its forward returned no hidden_states to validate against (output_hidden_states=True)"
+        return None, "its forward returned no hidden_states to validate against (output_hidden_states=True)", True
     tried = []
     for path, why in candidates[:4]:
         n = len(lists[path])
         calls = [rec.get(f"{path}|{i}", []) for i in range(n)]
         if any(len(c) != 1 or c[0][1] is None for c in calls):
-            tried.append(f"{path!r} ({why}): its blocks did not each run once returning a tensor")
+            tried.append(f"{path!r} ({why}): its blocks did not each run once returning a tensor (or a tuple or "
+                         "list starting with one)")
             continue
         outs = [c[0][1] for c in calls]
         if len(hs) not in (n, n + 1):
@@ -330,13 +354,11 @@ def _validate(model: nn.Module, candidates: list[tuple[str, str]], inputs: dict[
         spec = ArchSpec(blocks=path, final_norm=final_norm, position_ids=position_ids,
                         hidden_states_has_embeddings=first == 1, **subs)
         try:
-            padded = _padding_mismatch(model, blocks, inputs, extra, outs, rtol)
+            mismatch = _padding_mismatch(model, blocks, inputs, extra, outs, rtol)
         except Exception as err:  # the one-row forward itself failed
-            padded = f"its forward on one unpadded row failed ({type(err).__name__}: {str(err)[:200]})"
-        if padded:
-            return None, f"{path!r} validates, but {padded}"
-        return spec, ""
-    return None, "; ".join(tried)
+            mismatch = f"its forward on one unpadded row failed ({type(err).__name__}: {str(err)[:200]})"
+        return spec, f"{path!r} validates, but {mismatch}" if mismatch else "", True
+    return None, "; ".join(tried), True
 
 
 def _sublayers(blocks: nn.ModuleList, path: str, rec: dict, outs: list[Tensor]) -> dict[str, str | None]:
@@ -395,6 +417,9 @@ def _padding_mismatch(model: nn.Module, blocks: nn.ModuleList, inputs: dict[str,
             diff = (outs[i][row, -1].float() - alone.float()).abs().max().item()
             how = ("takes position_ids, but its own default positions differ from the mask-derived 0, 1, 2, ... "
                    "(e.g. offset by the padding index)" if "position_ids" in inputs else "takes no position_ids")
-            return (f"a left-padded row differs from the same row alone at block {i} (max abs diff {diff:.3g}; the "
-                    f"model {how}), so batches of prompts of different lengths would be wrong")
+            if not bool(keep.all()):
+                return (f"a left-padded row differs from the same row alone at block {i} (max abs diff {diff:.3g}; "
+                        f"the model {how}), so batches of prompts of different lengths would be wrong")
+            return (f"a row of an unpadded batch differs from the same row alone at block {i} (max abs diff "
+                    f"{diff:.3g}; the model {how})")
     return None

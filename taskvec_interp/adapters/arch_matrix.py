@@ -3,9 +3,10 @@ model, loaded through each adapter backend and verified (used by ``tests/test_ar
 ``scripts/arch_matrix.py``, which writes the table in ``docs/architectures.md``).
 
 The model types come from transformers' own auto mapping (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), not a
-hand-written list. A tiny config is the model type's default config (``AutoConfig.for_model``) with its
-common size fields shrunk (:data:`TINY_SIZES`, applied to sub-configs too); each build runs under a time
-limit. Every model that builds ends in one of three states per backend:
+hand-written list. A tiny config is the model type's default config (``AutoConfig.for_model``) made tiny
+by the first of :data:`RECIPES` that works: every width scaled by one common factor and the config rebuilt
+through its constructor (:func:`scaled_config`), else the :data:`TINY_SIZES` values set on it
+(:func:`shrink_config`); sub-configs too. Each build runs under a time limit. Every model that builds ends in one of three states per backend:
 
 * ``verified``: ``make_adapter`` accepted it and :func:`verify_adapter` passed (padded batch vs one row at
   a time, every layer's capture vs ``output_hidden_states``, logits, identity hooks at every site);
@@ -16,6 +17,7 @@ limit. Every model that builds ends in one of three states per backend:
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import time
 import traceback
@@ -69,13 +71,145 @@ def _shrink_per_layer(cfg: object, n_old: int | None, n_new: int) -> None:
         return
     for key, value in list(vars(cfg).items()):
         if isinstance(value, (list, str)) and len(value) == n_old and n_old != n_new and key not in ID_FIELDS:
-            if isinstance(value, str) and " " in value:
+            if isinstance(value, str) and not _is_pattern(key, value):
                 continue
             firsts = sorted({v: i for i, v in reversed(list(enumerate(value)))}.values())[:n_new]
             keep = sorted(firsts + [i for i in range(n_old) if i not in firsts][: n_new - len(firsts)])
             new = [value[i] for i in keep]
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(cfg, key, "".join(new) if isinstance(value, str) else new)
+
+
+def _is_pattern(key: str, value: str) -> bool:
+    """A per-layer pattern string (Nemotron-H's ``"M-M*-"``), not a name that happens to have as many
+    characters as there are layers (``"gelu"``, ``"block_sparse"``)."""
+    return "pattern" in key or not value.replace("_", "a").isalnum()
+
+
+WIDTH_RE = re.compile(r"hidden|intermediate|ffn|inner|embed|embd|d_model|^dim$|_dim$|dim_|headdim|d_head|rank"
+                      r"|channels|d_ssm|_size_per")
+"""Config fields that are widths (scaled together by :func:`scaled_overrides`) ..."""
+NOT_WIDTH_RE = re.compile(r"vocab|position|window|kernel|conv|chunk|token|layers|^num_|^n_|_num|head_dim_factor"
+                          r"|multiple|max_|seq|bucket|length|ctx|scale|factor|group|base|expert_num|top")
+"""... unless they match this (counts, vocabularies, context lengths, kernel sizes)."""
+HEAD_DIM_RE = re.compile(r"head_dim|headdim|d_head|kv_channels|rope|nope")
+"""Widths of one head (kept even: rotary embeddings rotate pairs)."""
+MIN_HIDDEN = 32
+MIN_HEAD_DIM = 2
+
+
+def _width_fields(cfg: object) -> dict[str, int]:
+    return {k: v for k, v in vars(cfg).items() if isinstance(v, int) and not isinstance(v, bool) and v > 0
+            and WIDTH_RE.search(k) and not NOT_WIDTH_RE.search(k)}
+
+
+MODEL_WIDTHS = ("hidden_size", "d_model", "n_embd", "n_embed", "dim", "embed_dim", "embedding_dim", "embedding_size")
+
+
+def width_factor(cfg: object) -> int:
+    """The largest power of two dividing the model width(s) of ``cfg`` (:data:`MODEL_WIDTHS`) that leaves the
+    hidden size at least :data:`MIN_HIDDEN` and every head width (given, or derived as hidden / heads) even
+    and at least :data:`MIN_HEAD_DIM` (``1`` if none). Other widths (MLP, low ranks) are divided by it
+    exactly where they can be, rounded up where not."""
+    widths = _width_fields(cfg)
+    hidden = next((widths[k] for k in ("hidden_size", "d_model", "n_embd", "n_embed", "dim") if k in widths), None)
+    if hidden is None:
+        return 1
+    heads = next((getattr(cfg, k) for k in ("num_attention_heads", "n_head", "n_heads", "num_heads")
+                  if isinstance(getattr(cfg, k, None), int)), None)
+    head_dims = [v for k, v in widths.items() if HEAD_DIM_RE.search(k)]
+    if heads and hidden % heads == 0 and not head_dims:
+        head_dims.append(hidden // heads)
+    model_widths = [v for k, v in widths.items() if k in MODEL_WIDTHS]
+    g = 1
+    while hidden // (2 * g) >= MIN_HIDDEN and all(v % (2 * g) == 0 for v in model_widths) and all(
+            v % (4 * g) == 0 and v // (2 * g) >= MIN_HEAD_DIM for v in head_dims):
+        g *= 2
+    return g
+
+
+def scaled_overrides(cfg: object) -> dict[str, object]:
+    """The fields to change to make ``cfg`` tiny, scaling every width by one common factor
+    (:func:`width_factor`: ratios and divisibility survive), leaving head counts as they are, and taking
+    counts (layers, experts, vocabulary, context) from :data:`TINY_SIZES`; per-layer lists and patterns
+    are cut keeping at least one layer of each kind (so the depth may exceed 2)."""
+    g = width_factor(cfg)
+    out: dict[str, object] = {k: -(-v // g) for k, v in _width_fields(cfg).items()}
+    for key, value in TINY_SIZES.items():
+        current = getattr(cfg, key, None)
+        if key in out or key in LAYER_FIELDS or WIDTH_RE.search(key) and not NOT_WIDTH_RE.search(key) or "head" in key:
+            continue
+        if isinstance(current, int) and not isinstance(current, bool):
+            out[key] = min(current, value) if key not in ("attn_layer_offset", "expert_layer_offset") else value
+    n_old = next((getattr(cfg, k) for k in LAYER_FIELDS if isinstance(getattr(cfg, k, None), int)), None)
+    if n_old:
+        n_new = min(n_old, max(TINY_SIZES["num_hidden_layers"], _layers_for_kinds(cfg, n_old)))
+        for key in LAYER_FIELDS:  # the stored fields only (not aliases: LongCat derives one from the other)
+            if isinstance(vars(cfg).get(key), int):
+                out[key] = n_new
+        out.update(_cut_per_layer(cfg, n_old, n_new))
+    vocab = out.get("vocab_size", getattr(cfg, "vocab_size", None))
+    if isinstance(vocab, int):
+        for key in ID_FIELDS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value >= vocab:
+                out[key] = vocab - 1
+    if getattr(cfg, "is_decoder", None) is False and not getattr(cfg, "is_encoder_decoder", False):
+        out["is_decoder"] = True
+    return out
+
+
+def _kinds_at(value: list | str) -> list[int]:
+    """The index of each distinct kind's first occurrence."""
+    return sorted({v: i for i, v in reversed(list(enumerate(value)))}.values())
+
+
+def _layers_for_kinds(cfg: object, n_old: int) -> int:
+    """Layers needed to keep one of each kind: per-layer lists and patterns (``layer_types``, ``"M*-"``)
+    keep their kinds in any depth >= their number of kinds; a shorter repeating list of kinds
+    (RecurrentGemma's ``block_types``) needs the depth that reaches each kind's first occurrence."""
+    need = 0
+    for key, value in vars(cfg).items():
+        if key in ID_FIELDS or not value or not isinstance(value, (list, tuple, str)):
+            continue
+        if isinstance(value, str) and not _is_pattern(key, value):
+            continue
+        if not all(isinstance(v, str) for v in value):
+            continue
+        firsts = _kinds_at(value)
+        need = max(need, len(firsts) if len(value) == n_old else firsts[-1] + 1)
+    return need
+
+
+def _cut_per_layer(cfg: object, n_old: int, n_new: int) -> dict[str, object]:
+    out = {}
+    for key, value in vars(cfg).items():
+        if key in ID_FIELDS or not isinstance(value, (list, str)) or len(value) != n_old or n_old == n_new:
+            continue
+        if isinstance(value, str) and not _is_pattern(key, value):
+            continue
+        firsts = _kinds_at(value)[:n_new]
+        keep = sorted(firsts + [i for i in range(n_old) if i not in firsts][: n_new - len(firsts)])
+        new = [value[i] for i in keep]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in new):  # per-layer widths (Gemma-3n)
+            g = width_factor(cfg)
+            new = [v // g if WIDTH_RE.search(key) and v % g == 0 else v for v in new]
+        out[key] = "".join(new) if isinstance(value, str) else new
+    return out
+
+
+def scaled_config(cfg: object) -> object:
+    """A new config of ``cfg``'s class built from :func:`scaled_overrides` (its constructor derives the
+    dependent fields, e.g. DeepSeek's ``qk_head_dim``); sub-configs (a multimodal model's text model) too."""
+    overrides = scaled_overrides(cfg)
+    for name in getattr(cfg, "sub_configs", None) or {}:
+        sub = getattr(cfg, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            overrides[name] = scaled_config(sub)
+    if type(cfg)().to_dict() == cfg.to_dict():  # the class defaults: give only what changes
+        return type(cfg)(**overrides)
+    return type(cfg)(**{**{k: v for k, v in cfg.to_dict().items() if k not in ("transformers_version",)},
+                        **overrides})
 
 
 def shrink_config(cfg: object) -> object:
@@ -105,11 +239,23 @@ def shrink_config(cfg: object) -> object:
     return cfg
 
 
-def tiny_config(model_type: str) -> object:
-    """The default config of ``model_type`` shrunk to a tiny model."""
+RECIPES = ("scaled", "fixed")
+"""How :func:`tiny_config` makes a default config tiny, tried in this order by :func:`build_tiny` (the first
+whose model builds and runs its own forward wins): ``scaled`` (:func:`scaled_config`: widths by one common
+factor, head counts kept, the constructor deriving the rest) and ``fixed`` (:func:`shrink_config`: the
+:data:`TINY_SIZES` values set on the default config)."""
+
+
+def tiny_config(model_type: str, recipe: str = RECIPES[0]) -> object:
+    """The default config of ``model_type`` made tiny by ``recipe`` (one of :data:`RECIPES`)."""
     from transformers import AutoConfig
 
-    return shrink_config(AutoConfig.for_model(model_type))
+    cfg = AutoConfig.for_model(model_type)
+    if recipe == "scaled":
+        return scaled_config(cfg)
+    if recipe == "fixed":
+        return shrink_config(cfg)
+    raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}")
 
 
 class TinyModelBroken(Exception):
@@ -139,22 +285,49 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def build_tiny(model_type: str, seed: int = 0, seconds: float = BUILD_SECONDS) -> nn.Module:
-    """A tiny random causal LM of ``model_type`` in eval mode, fp32, on CPU (``BuildTimeout`` past ``seconds``)."""
+def build_tiny(model_type: str, seed: int = 0, seconds: float = BUILD_SECONDS,
+               recipes: tuple[str, ...] = RECIPES) -> nn.Module:
+    """A tiny random causal LM of ``model_type`` in eval mode, fp32, on CPU: the first of ``recipes`` whose
+    model builds and runs its own forward (``BuildTimeout`` past ``seconds`` in all; else the first
+    recipe's error, naming each recipe's)."""
     from transformers import AutoModelForCausalLM
 
+    errors: list[tuple[str, Exception]] = []
+    t0 = time.perf_counter()
     with time_limit(seconds), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = tiny_config(model_type)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        ids = torch.randint(1, model.get_input_embeddings().num_embeddings, (1, 4), generator=torch.Generator())
-        with torch.no_grad():
+        for recipe in recipes:
             try:
-                model(input_ids=ids)
+                cfg = tiny_config(model_type, recipe)
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            except BuildTimeout:
+                raise
             except Exception as err:
-                raise TinyModelBroken(f"the tiny model's own forward fails ({_first_line(err)})") from err
-    return model
+                errors.append((recipe, err))
+                continue
+            ids = torch.randint(1, model.get_input_embeddings().num_embeddings, (1, 4), generator=torch.Generator())
+            with torch.no_grad():
+                try:
+                    model(input_ids=ids)
+                except BuildTimeout:
+                    raise
+                except Exception as err:
+                    errors.append((recipe, TinyModelBroken(f"the tiny model's own forward fails ({_first_line(err)})")))
+                    continue
+            model.tiny_recipe = recipe
+            break
+        else:
+            model = None
+    if model is not None:
+        if time.perf_counter() - t0 > seconds:  # (a C call the alarm could not interrupt)
+            raise BuildTimeout(f"over {seconds:g} s")
+        return model
+    first = errors[0][1]
+    why = "; ".join(f"{r}: {_first_line(e) if not isinstance(e, TinyModelBroken) else e}" for r, e in errors)
+    if all(isinstance(e, TinyModelBroken) for _, e in errors):
+        raise TinyModelBroken(why) from first
+    raise RuntimeError(why) from first
 
 
 def random_inputs(model: nn.Module, position_ids: bool, lengths: tuple[int, ...] = (7, 4, 5), seed: int = 0
@@ -194,6 +367,8 @@ class MatrixRow:
     build: Outcome = field(default_factory=lambda: Outcome("not built"))
     backends: dict[str, Outcome] = field(default_factory=dict)
     arch: str = ""
+    recipe: str = ""
+    """Which of :data:`RECIPES` made the tiny model."""
 
     @property
     def built(self) -> bool:
@@ -224,7 +399,9 @@ def check_backend(model: nn.Module, backend: str) -> Outcome:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             adapter = make_adapter(model, None, backend)
-            inputs = random_inputs(model, adapter.uses_position_ids)
+            # a model that cannot take left padding (adapter.left_padding False) gets rows of one length
+            lengths = (7, 4, 5) if adapter.left_padding else (6, 6, 6)
+            inputs = random_inputs(model, adapter.uses_position_ids, lengths)
             verify_adapter(adapter, prompts=inputs)
     except AdapterMismatchError as err:
         return Outcome("failed", str(err).splitlines()[-1][:300], time.perf_counter() - t0, True)
@@ -249,13 +426,11 @@ def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKEND
     except BuildTimeout as err:
         row.build = Outcome("not built", f"build over the time limit ({err})", time.perf_counter() - t0)
         return row
-    except TinyModelBroken as err:
-        row.build = Outcome("not built", str(err), time.perf_counter() - t0)
-        return row
-    except Exception as err:
-        row.build = Outcome("not built", f"config does not build ({_first_line(err)})", time.perf_counter() - t0)
+    except Exception as err:  # TinyModelBroken, or a config / model that does not build: each recipe's error
+        row.build = Outcome("not built", str(err)[:400], time.perf_counter() - t0)
         return row
     row.build = Outcome("built", "", time.perf_counter() - t0)
+    row.recipe = getattr(model, "tiny_recipe", "")
     for backend in backends:
         row.backends[backend] = check_backend(model, backend)
     with contextlib.suppress(Exception):
@@ -263,6 +438,10 @@ def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKEND
         source = "table" if model_type in ARCHS else "discovered"
         subs = ", ".join(f"{k}={v}" for k, v in (("attn", spec.attn), ("mlp", spec.mlp), ("mixer", spec.mixer)) if v)
         row.arch = f"{source}: `{spec.blocks}`" + (f" ({subs})" if subs else "")
+        if not spec.left_padding:
+            row.arch += "; no left padding" + ("" if spec.position_ids else ", own positions")
+    if row.recipe != RECIPES[0]:
+        row.arch += f" (tiny: {row.recipe})"
     return row
 
 

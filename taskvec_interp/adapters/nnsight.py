@@ -148,10 +148,11 @@ def _apply(plan: list[tuple[object, bool, list[HookFn], Site]], state: _CallStat
                 env.input = new
             continue
         out = env.output
-        act = out[0] if isinstance(out, tuple) else out
+        seq = isinstance(out, (tuple, list))  # (lists: OpenAI GPT's blocks)
+        act = out[0] if seq else out
         new = _run(fns, act, site, state)
         if new is not act:
-            env.output = (new, *out[1:]) if isinstance(out, tuple) else new
+            env.output = ([new, *out[1:]] if isinstance(out, list) else (new, *out[1:])) if seq else new
 
 
 def _run(fns: list[HookFn], act: Tensor, site: Site, state: _CallState) -> Tensor:

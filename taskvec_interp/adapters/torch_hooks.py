@@ -287,9 +287,10 @@ def _pre_hook(run):
 
 def _post_hook(run):
     def hook(module: nn.Module, args: tuple, output):
-        if isinstance(output, tuple):
+        if isinstance(output, (tuple, list)):  # (lists: OpenAI GPT's blocks)
             new = run(output[0])
-            return output if new is output[0] else (new, *output[1:])
+            rest = output[1:]
+            return output if new is output[0] else ([new, *rest] if isinstance(output, list) else (new, *rest))
         new = run(output)
         return None if new is output else new
 
