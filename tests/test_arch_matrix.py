@@ -150,3 +150,17 @@ def test_verify_adapter_uses_the_adapters_own_arch():
     adapter.arch = dataclasses.replace(adapter.arch, hidden_states_has_embeddings=False)  # off by one layer
     with pytest.raises(AdapterMismatchError, match="resid_vs_model"):
         verify_adapter(adapter, inputs)
+
+
+def test_verify_adapter_groups_prompts_by_length_when_padding_would_be_wrong(word_tokenizer):
+    from transformers import BartConfig, BartForCausalLM
+
+    torch.manual_seed(0)
+    model = BartForCausalLM(BartConfig(vocab_size=300, d_model=32, decoder_layers=2, encoder_layers=2,
+                                       decoder_attention_heads=4, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    adapter = TorchHooksAdapter(model, word_tokenizer)
+    assert adapter.left_padding is False
+    prompts = ["w1 w2 w3 w4 w5", "w6 w7", "w8 w9 w10", "w11 w12"]  # lengths 5, 2, 3, 2
+    df = verify_adapter(adapter, prompts)
+    assert set(df["check"]) == {"padded_vs_single", "resid_vs_model", "logits_vs_model", "identity_hooks"}
+    assert bool(df["ok"].all())

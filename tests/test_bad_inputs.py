@@ -201,7 +201,7 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
     ("load-spec-type", TypeError, r"model spec must be .* got int", lambda e: load_model(42)),
     ("tokenizer-no-pad-no-eos", ValueError, r"tokenizer NoPadTokenizer \('bare'\) has neither a pad token nor an EOS",
      lambda e: TorchHooksAdapter(build_tiny("gpt2"), NoPadTokenizer())),
-    ("no-block-list", ValueError, r"pass blocks='path.to.ModuleList'", lambda e: find_arch(torch.nn.Linear(3, 3))),
+    ("no-block-list", ValueError, r"no architecture row for Linear .* Pass blocks='path.to.ModuleList'", lambda e: find_arch(torch.nn.Linear(3, 3))),
     # --- readers of results and checkpoints
     ("load-sweep-missing", ValueError, r"TD sweep directory '.*nowhere' does not exist", lambda e: load_sweep(e.tmp / "nowhere")),
     ("load-sweep-incomplete", ValueError, r"not a complete TD sweep result: missing \['fit\.json'",

@@ -118,6 +118,7 @@ class TorchHooksAdapter(Adapter):
         )
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self._use_cache = "use_cache" in params  # a plain forward builds no KV cache it would throw away
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
 
     @contextlib.contextmanager
@@ -145,6 +146,8 @@ class TorchHooksAdapter(Adapter):
         kwargs = dict(inputs.kwargs)
         if logits != "all" and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        if self._use_cache:
+            kwargs.setdefault("use_cache", False)
         stop = max(s.layer for s, _ in hooks) if (logits == "none" and hooks) else None
         try:
             with self._attached(hooks, state, stop):

@@ -62,6 +62,20 @@ def _token_ids(adapter: Adapter, prompts: list[str] | ModelInputs) -> list[list[
     return adapter.encode(prompts)
 
 
+def _forward(adapter: Adapter, prompts: Sequence[str] | ModelInputs, hooks: list = ()) -> torch.Tensor:
+    """Last-token logits of every prompt, in order; an adapter that cannot take a padded batch
+    (``left_padding=False``) runs one forward per group of prompts of equal token length."""
+    if isinstance(prompts, ModelInputs) or getattr(adapter, "left_padding", True):
+        return adapter.forward(prompts, hooks=hooks)
+    lengths = [len(r) for r in adapter.encode(prompts)]
+    out: list = [None] * len(prompts)
+    for length in sorted(set(lengths)):
+        idx = [i for i, n in enumerate(lengths) if n == length]
+        for i, row in zip(idx, adapter.forward([prompts[i] for i in idx], hooks=hooks), strict=True):
+            out[i] = row
+    return torch.stack(out)
+
+
 def verify_adapter(
     adapter: Adapter, prompts: Sequence[str] | ModelInputs | None = None, atol: float = 1e-4, rtol: float = 1e-5,
     raise_on_fail: bool = True,
@@ -88,7 +102,7 @@ def verify_adapter(
     if isinstance(spec, ArchSpec) and getattr(model, "config", None) is not None:
         ids = _token_ids(adapter, prompts)
         resid_diff, logit_diff, resid_scale, logit_scale = 0.0, 0.0, 0.0, 0.0
-        logits = adapter.forward(prompts)
+        logits = _forward(adapter, prompts)
         device = adapter.device
         with torch.no_grad():
             norm = get_module(model, spec.final_norm) if spec.final_norm else torch.nn.Identity()
@@ -108,10 +122,10 @@ def verify_adapter(
         rows.append(("resid_vs_model", resid_diff, resid_scale))
         rows.append(("logits_vs_model", logit_diff, logit_scale))
 
-    base = adapter.forward(prompts)
+    base = _forward(adapter, prompts)
     identity = [(Site(layer, comp), lambda act, ctx: act.clone())
                 for layer in range(adapter.n_layers) for comp in adapter.components]
-    hooked = adapter.forward(prompts, hooks=identity)
+    hooked = _forward(adapter, prompts, identity)
     rows.append(("identity_hooks", (hooked - base).abs().max().item(), base.abs().max().item()))
 
     df = pd.DataFrame(rows, columns=["check", "max_abs_diff", "scale"])
