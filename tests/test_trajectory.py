@@ -247,11 +247,11 @@ def test_trajectory_bad_entries_kept_and_raised(model_steps, tmp_path):
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert [c["status"] for c in saved["checkpoints"]] == ["ok", "failed", "ok"]
     assert pd.read_parquet(tmp_path / "o" / "failed.parquet")["index"].tolist() == [1]
-    with pytest.raises(ValueError, match="k=40 needs more"):
+    with pytest.raises(ValueError, match="k=40 is not below n_per_task - 1 = 2"):
         run_trajectory(entries, TrajectoryConfig(n_per_task=3, k=40), progress=False)
     with pytest.raises(ValueError, match="synthetic"):
         run_trajectory([Checkpoint(0, 0, "synthetic", str(tmp_path))], CFG, progress=False)
-    with pytest.raises(ValueError, match="shots must be one int"):
+    with pytest.raises(ValueError, match="TrajectoryConfig.shots must be an int >= 0"):
         TrajectoryConfig(shots=-1)
     with pytest.raises(ValueError, match="dtype"):
         TrajectoryConfig(dtype="fp8")

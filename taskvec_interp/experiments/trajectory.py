@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import atomic_write_text, list_checkpoints
 from ..results import check_out_dir, provenance
+from ..validate import check_choice, check_int
 
 KINDS = ("local", "hub", "synthetic")
 """``local``: a Hugging Face model directory; ``hub``: a hub id at a revision; ``synthetic``: a
@@ -385,18 +386,14 @@ class TrajectoryConfig:
     def __post_init__(self) -> None:
         from ..adapters.load import BACKENDS
 
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
-            raise ValueError(f"shots must be one int >= 0, got {self.shots!r}")
-        if self.n_per_task < 1:
-            raise ValueError(f"n_per_task must be >= 1, got {self.n_per_task}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
-        if self.summary_layer is not None and self.summary_layer < 0:
-            raise ValueError(f"summary_layer must be >= 0 or None, got {self.summary_layer}")
+        check_int("TrajectoryConfig.shots", self.shots, 0)
+        check_int("TrajectoryConfig.n_per_task", self.n_per_task, 1)
+        check_int("TrajectoryConfig.k", self.k, 1)
+        check_choice("TrajectoryConfig.backend", self.backend, BACKENDS)
+        check_choice("TrajectoryConfig.dtype", self.dtype, (None, *sorted(DTYPES)))
+        if self.summary_layer is not None:
+            check_int("TrajectoryConfig.summary_layer", self.summary_layer, 0)
+        self.sweep_config()  # the sweep it runs checks the rest (k against n_per_task, metric, ...) up front
 
     def sweep_config(self, model: str = "") -> Any:
         from .sweep import SweepConfig
@@ -581,10 +578,6 @@ def run_trajectory(
 
     config = config or TrajectoryConfig()
     fam = family if family is not None else get_family(config.family, **config.family_kwargs)
-    n_points = config.n_per_task * len(fam.task_names)
-    if config.k >= n_points - 1:
-        raise ValueError(f"k={config.k} needs more than {config.k + 1} prompts ({config.n_per_task} per task x "
-                         f"{len(fam.task_names)} tasks = {n_points})")
     synthetic = [e.index for e in entries if e.kind == "synthetic"]
     if synthetic:
         raise ValueError(f"checkpoints {synthetic} are synthetic-run checkpoints (no tokenizer): use "

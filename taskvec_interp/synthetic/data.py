@@ -45,6 +45,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..validate import check_int, check_number
+
 __all__ = [
     "MSLRConfig",
     "MSLRBatch",
@@ -76,9 +78,8 @@ class MSLRConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_dims", "rank", "n_bases", "n_points"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MSLRConfig.{name} must be an int >= 1, got {v!r}")
+            check_int(f"MSLRConfig.{name}", getattr(self, name), 1)
+        check_int("MSLRConfig.basis_seed", self.basis_seed, 0)
         if self.rank > self.n_dims:
             raise ValueError(f"MSLRConfig.rank ({self.rank}) must be <= n_dims ({self.n_dims})")
         if self.layout == "disjoint":
@@ -100,10 +101,8 @@ class MSLRConfig:
                 )
         else:
             raise ValueError(f"unknown basis layout {self.layout!r}; expected 'disjoint' or 'overlapping'")
-        if not (self.noise_var >= 0 and math.isfinite(self.noise_var)):
-            raise ValueError(f"MSLRConfig.noise_var must be finite and >= 0, got {self.noise_var}")
-        if not (self.prior_var > 0 and math.isfinite(self.prior_var)):
-            raise ValueError(f"MSLRConfig.prior_var must be finite and > 0, got {self.prior_var}")
+        check_number("MSLRConfig.noise_var", self.noise_var, 0.0)
+        check_number("MSLRConfig.prior_var", self.prior_var, 0.0, low_open=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..validate import check_choice, check_int
+
 __all__ = [
     "ModelConfig",
     "SyntheticRegressor",
@@ -85,12 +87,9 @@ class ModelConfig:
     chunk_size: int = 16  # SSD chunk; on CPU (reference path) smaller is faster for 2K = 40 tokens
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
+        check_choice("ModelConfig.backbone", self.backbone, BACKBONES)
         for name in ("n_layer", "d_model", "n_head", "n_dims", "n_points", "d_state", "head_dim", "expand"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be an int >= 1, got {v!r}")
+            check_int(f"ModelConfig.{name}", getattr(self, name), 1)
         if self.backbone == "gpt2" and self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.backbone == "gpt2":
