@@ -563,6 +563,25 @@ def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
     return df.astype({"prompt_id": "int64", "label": "int64", "n_shots": "int64"})
 
 
+def decode_utf8(raw: bytes, source: object, *, what: str = "") -> str:
+    """``raw`` decoded as UTF-8 (a leading byte-order mark dropped); a ValueError names ``source``, the
+    first bad byte, its offset and its line. ``what`` qualifies the offset (e.g. "of the decompressed text")."""
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        e = UnicodeDecodeError("utf-8", raw, err.start + bom, err.end + bom, err.reason)
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        hint = " (it looks gzip-compressed: name it .gz)" if raw[:2] == b"\x1f\x8b" else ""
+        where = f" {what}" if what else ""
+        raise ValueError(
+            f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}{where} "
+            f"(line {line}, byte {col} of the line) is not valid UTF-8 ({e.reason}); re-encode the file as "
+            f"UTF-8{hint}"
+        ) from err
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenization checks
 # --------------------------------------------------------------------------------------------------
