@@ -597,6 +597,10 @@ class AnswerTokens:
     tokenizing the answer alone gives the same ids (false e.g. for SentencePiece tokenizers that
     prepend a word-start marker; informative only). ``roundtrip_ok``: decoding prompt + answer ids
     gives back decode(prompt) + answer. ``n_budget``: new tokens a generator needs to emit it.
+    ``first_content``: the text of the answer's first *content* token, i.e. ``decode(answer_ids[:j + 1])``
+    stripped of whitespace for the smallest ``j`` where that is non-empty and holds no partial character
+    (U+FFFD); leading tokens that decode to whitespace only (SmolLM2 splits ``" 01101"`` into ``" "``,
+    ``"0"``, ...) are skipped. First-token accuracy compares it with the generation.
     """
 
     answer_ids: tuple[int, ...]
@@ -605,11 +609,21 @@ class AnswerTokens:
     standalone_ok: bool
     roundtrip_ok: bool
     n_budget: int
+    first_content: str = ""
 
     @property
     def ok(self) -> bool:
         """The answer is a clean continuation of the prompt's tokens."""
         return self.prefix_ok and self.roundtrip_ok
+
+
+def first_content_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of the first content token of ``ids`` (see :attr:`AnswerTokens.first_content`)."""
+    for j in range(len(ids)):
+        text = tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True).strip()
+        if text and "\ufffd" not in text:
+            return text
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -651,6 +665,7 @@ def check_tokenization(
                 standalone_ok=ai == cont,
                 roundtrip_ok=roundtrip_ok,
                 n_budget=max(len(cont), len(ai), len(fi) - len(pi)),
+                first_content=first_content_text(tokenizer, cont),
             )
         )
     if strict:
