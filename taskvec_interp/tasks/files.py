@@ -93,7 +93,7 @@ def files_family(
         names = list(tasks)
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
-            raise ValueError(f"tasks names {dups} more than once (task folder {folder}); each task once")
+            raise ValueError(f"tasks= names {dups} more than once (task folder {folder}); each task once")
         missing = [n for n in names if n not in available]
         if missing:
             raise ValueError(f"no task file for {missing} in {folder}; available: {sorted(available)}")

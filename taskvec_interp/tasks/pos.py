@@ -177,7 +177,8 @@ def download_ud_english_ewt(
             try:
                 read_conllu(tmp)
             except ValueError as e:
-                raise ValueError(f"downloaded {src} is not a usable treebank, not cached: {e}") from e
+                why = str(e).removeprefix(f"{tmp}: ")  # the temporary file is gone: name the source
+                raise ValueError(f"downloaded {src} is not a usable treebank, not cached: {why}") from e
         os.replace(tmp, target)
     finally:
         if tmp.exists():
