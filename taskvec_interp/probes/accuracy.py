@@ -3,8 +3,16 @@
 One generation per prompt set; its prefill is the forward pass whose hidden states TD reads, so
 accuracy and TD cost one pass (``capture_layers``). Exact match compares the generated text, cut at
 the template's example separator (the model's next demonstration would start there) and
-whitespace-normalised, with the whole answer. First-token accuracy compares the first generated
-token id with the answer's first token id (in-context tokenization, see ``check_tokenization``).
+whitespace-normalised, with the whole answer.
+
+First-token accuracy scores the first token that carries content: leading tokens that decode to
+whitespace only are skipped on both sides. The answer's side is ``AnswerTokens.first_content``, the
+stripped text of its first non-whitespace token in the in-context tokenization (``check_tokenization``);
+the generation is correct when its text, cut at the separator like exact match and with leading
+whitespace removed, starts with that text. So SmolLM2's bitwise answer ``" 01101"`` (tokens ``" "``,
+``"0"``, ...) scores the first digit, not the space token every generation starts with, and a
+generation that spells the space differently (``" "`` + ``"apples"`` for the answer token
+``" apples"``, or no space at all) is aligned with the answer by its content.
 """
 
 from __future__ import annotations
@@ -94,11 +102,18 @@ def answer_budget(adapter: Adapter, prompts: Sequence[Prompt],
     return checks, max_new_tokens
 
 
+def first_token_match(generated: str, first_content: str, stop: str | None = "\n") -> bool:
+    """Whether ``generated`` (cut at ``stop`` as in :func:`normalize_answer`, leading whitespace removed)
+    starts with the answer's first content token ``first_content`` (never true for an empty one)."""
+    if stop and stop.strip(" ") and stop in generated:
+        generated = generated[: generated.index(stop)]
+    return bool(first_content) and generated.lstrip().startswith(first_content)
+
+
 def score_generation(prompts: Sequence[Prompt], gen: Generation, checks: Sequence[AnswerTokens],
                      stop: str | None = "\n") -> pd.DataFrame:
-    """One row per prompt: its task, answer, the generated text, exact match and first-token match."""
-    first_ids = torch.tensor([c.answer_ids[0] if c.answer_ids else -1 for c in checks])
-    got_first = torch.tensor([row[0] if row else -2 for row in gen.tokens])
+    """One row per prompt: its task, answer, the generated text, exact match and first-token match
+    (the first content token, see the module docstring)."""
     rows = {
         "prompt_id": list(range(len(prompts))),
         "task": [p.task for p in prompts],
@@ -109,7 +124,8 @@ def score_generation(prompts: Sequence[Prompt], gen: Generation, checks: Sequenc
         "generated": gen.texts,
         "exact": [normalize_answer(g, stop) == normalize_answer(p.answer, stop) for g, p in
                   zip(gen.texts, prompts, strict=True)],
-        "first_token": (first_ids == got_first).tolist(),
+        "first_token": [first_token_match(g, c.first_content, stop) for g, c in
+                        zip(gen.texts, checks, strict=True)],
         "clean_tokenization": [c.ok for c in checks],
     }
     return pd.DataFrame(rows)

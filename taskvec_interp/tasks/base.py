@@ -563,6 +563,25 @@ def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
     return df.astype({"prompt_id": "int64", "label": "int64", "n_shots": "int64"})
 
 
+def decode_utf8(raw: bytes, source: object, *, what: str = "") -> str:
+    """``raw`` decoded as UTF-8 (a leading byte-order mark dropped); a ValueError names ``source``, the
+    first bad byte, its offset and its line. ``what`` qualifies the offset (e.g. "of the decompressed text")."""
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        e = UnicodeDecodeError("utf-8", raw, err.start + bom, err.end + bom, err.reason)
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        hint = " (it looks gzip-compressed: name it .gz)" if raw[:2] == b"\x1f\x8b" else ""
+        where = f" {what}" if what else ""
+        raise ValueError(
+            f"{source}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}{where} "
+            f"(line {line}, byte {col} of the line) is not valid UTF-8 ({e.reason}); re-encode the file as "
+            f"UTF-8{hint}"
+        ) from err
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenization checks
 # --------------------------------------------------------------------------------------------------
@@ -578,6 +597,10 @@ class AnswerTokens:
     tokenizing the answer alone gives the same ids (false e.g. for SentencePiece tokenizers that
     prepend a word-start marker; informative only). ``roundtrip_ok``: decoding prompt + answer ids
     gives back decode(prompt) + answer. ``n_budget``: new tokens a generator needs to emit it.
+    ``first_content``: the text of the answer's first *content* token, i.e. ``decode(answer_ids[:j + 1])``
+    stripped of whitespace for the smallest ``j`` where that is non-empty and holds no partial character
+    (U+FFFD); leading tokens that decode to whitespace only (SmolLM2 splits ``" 01101"`` into ``" "``,
+    ``"0"``, ...) are skipped. First-token accuracy compares it with the generation.
     """
 
     answer_ids: tuple[int, ...]
@@ -586,11 +609,21 @@ class AnswerTokens:
     standalone_ok: bool
     roundtrip_ok: bool
     n_budget: int
+    first_content: str = ""
 
     @property
     def ok(self) -> bool:
         """The answer is a clean continuation of the prompt's tokens."""
         return self.prefix_ok and self.roundtrip_ok
+
+
+def first_content_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of the first content token of ``ids`` (see :attr:`AnswerTokens.first_content`)."""
+    for j in range(len(ids)):
+        text = tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True).strip()
+        if text and "\ufffd" not in text:
+            return text
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -632,6 +665,7 @@ def check_tokenization(
                 standalone_ok=ai == cont,
                 roundtrip_ok=roundtrip_ok,
                 n_budget=max(len(cont), len(ai), len(fi) - len(pi)),
+                first_content=first_content_text(tokenizer, cont),
             )
         )
     if strict:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import NULL_TASK, Example, ExampleTask, RandomOutputTask, TaskFamily, split_indices
+from .base import NULL_TASK, Example, ExampleTask, RandomOutputTask, TaskFamily, decode_utf8, split_indices
 
 __all__ = ["files_family", "load_task_file"]
 
@@ -29,12 +29,14 @@ __all__ = ["files_family", "load_task_file"]
 def load_task_file(path: str | os.PathLike[str], *, strip: bool = True) -> list[Example]:
     """Read and validate one task file; ValueError names the file and the problem."""
     path = Path(path)
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file ({len(raw)} bytes): expected a JSON list of examples")
+    text = decode_utf8(raw, path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     if not isinstance(data, list):
         raise ValueError(
             f"{path}: expected a JSON list of {{'input', 'output'}} objects, got {type(data).__name__}"
@@ -56,7 +58,11 @@ def load_task_file(path: str | os.PathLike[str], *, strip: bool = True) -> list[
         if strip:
             x, y = x.strip(), y.strip()
         if not x or not y:
-            raise ValueError(f"{path}: item {i} has an empty input or output")
+            which = " and ".join(k for k, v in (("'input'", x), ("'output'", y)) if not v)
+            raise ValueError(
+                f"{path}: item {i} has an empty input or output ({which} empty"
+                f"{' after stripping whitespace' if strip else ''})"
+            )
         out.append(Example(x, y))
     return out
 
@@ -76,11 +82,18 @@ def files_family(
         raise FileNotFoundError(f"task folder {folder} does not exist or is not a folder")
     available = {p.stem: p for p in sorted(folder.glob("*.json")) if p.is_file()}
     if not available:
-        raise ValueError(f"task folder {folder} holds no .json files")
+        subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.json")))
+        hint = f" (its subfolders {', '.join(subs)} do: pass one of them)" if subs else ""
+        raise ValueError(f"task folder {folder} holds no .json files{hint}")
     if tasks is None:
         names = sorted(available)
     else:
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
         names = list(tasks)
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"tasks= names {dups} more than once (task folder {folder}); each task once")
         missing = [n for n in names if n not in available]
         if missing:
             raise ValueError(f"no task file for {missing} in {folder}; available: {sorted(available)}")

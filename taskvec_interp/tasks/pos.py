@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import conllu
 
-from .base import ExampleTask, RandomOutputTask, TaskFamily, split_indices
+from .base import ExampleTask, RandomOutputTask, TaskFamily, decode_utf8, split_indices
 
 __all__ = [
     "NON_WORD_UPOS",
@@ -123,8 +125,10 @@ def download_ud_english_ewt(
     The file is written atomically (temporary file + rename) after its SHA-256 matches ``sha256``
     or the pinned :data:`UD_EWT_SHA256` entry; a cached file is re-verified and re-downloaded if it
     does not match. Splits without a pinned checksum need ``sha256=`` or ``verify=False``.
-    ``url`` overrides the GitHub address (any URL urllib opens, e.g. ``file://``).
-    Raises :class:`ChecksumError` on a mismatch and ``ConnectionError`` when the download fails.
+    ``url`` overrides the GitHub address (any URL urllib opens, e.g. ``file://``). With ``verify=False``
+    the download is parsed before it is cached, and a file :func:`read_conllu` refuses is not kept.
+    Raises :class:`ChecksumError` on a mismatch, ``ValueError`` on an unverified download that is not
+    CoNLL-U and ``ConnectionError`` when the download fails.
     """
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
@@ -169,6 +173,12 @@ def download_ud_english_ewt(
         got = h.hexdigest()
         if verify and got != expected:
             raise ChecksumError(f"checksum mismatch for {src}: expected sha256 {expected}, got {got}")
+        if not verify:  # unverified bytes: cache them only if they are a complete CoNLL-U file
+            try:
+                read_conllu(tmp)
+            except ValueError as e:
+                why = str(e).removeprefix(f"{tmp}: ")  # the temporary file is gone: name the source
+                raise ValueError(f"downloaded {src} is not a usable treebank, not cached: {why}") from e
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -213,10 +223,67 @@ def resolve_ud_paths(
 # --------------------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path) -> TextIO:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+_COLUMN_SPLIT = re.compile(r"\t| {2,}")  # how conllu splits a token line into its fields
+N_COLUMNS = 10
+
+
+def _read_treebank_text(path: Path) -> str:
+    """The whole text of a .conllu or .conllu.gz file (universal newlines, as ``open`` reads).
+
+    ValueError names the file and the problem: a truncated or corrupted gzip stream, bytes that are not
+    UTF-8 (offset and line), an empty file.
+    """
+    gz = path.name.endswith(".gz")
+    with open(path, "rb") as f:  # a missing file stays a FileNotFoundError
+        if gz:
+            try:
+                raw = gzip.GzipFile(fileobj=f, mode="rb").read()
+            except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise ValueError(f"{path}: not a readable gzip file, truncated or corrupted ({e})") from e
+        else:
+            raw = f.read()
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file{' (decompresses to nothing)' if gz else ''}: no sentences")
+    text = decode_utf8(raw, path, what="of the decompressed text" if gz else "")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _check_conllu_lines(path: Path, text: str) -> None:
+    """Every token line holds 10 fields (or as many as ``# global.columns``) and every sentence, the last
+    one included, ends with a blank line; ValueError names the file and the line.
+
+    A file cut mid-line leaves either a short last token line or a last sentence without its closing
+    blank line, so both rules together refuse a truncated file wherever the cut falls.
+    """
+    expected = N_COLUMNS
+    open_at: int | None = None  # line of the current sentence's first token line
+    complete = text.endswith("\n")  # else the last line is cut
+    lines = text.split("\n")
+    if complete:
+        lines.pop()  # what follows the last newline is not a line
+    for n, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s:
+            open_at = None
+            continue
+        if s.startswith("#"):
+            if s.startswith("# global.columns ="):
+                expected = len(s.split("=", 1)[1].split())
+            continue
+        cols = len(_COLUMN_SPLIT.split(s))
+        if cols != expected:
+            raise ValueError(
+                f"{path}: line {n} has {cols} tab-separated columns, expected {expected} (a cut or malformed "
+                f"token line): {s[:80]!r}"
+            )
+        if open_at is None:
+            open_at = n
+    if open_at is not None:
+        cut = "ends after line" if complete else "ends in the middle of line"
+        raise ValueError(
+            f"{path}: {cut} {len(lines)} inside the sentence that starts at line {open_at} (no closing blank "
+            f"line): the file looks truncated"
+        )
 
 
 def _rebuild_text(tokens: conllu.TokenList) -> str:
@@ -235,28 +302,38 @@ def _rebuild_text(tokens: conllu.TokenList) -> str:
 
 
 def read_conllu(paths: Path | str | Iterable[Path | str]) -> list[Sentence]:
-    """Parse CoNLL-U files (plain or gzipped) into sentences of syntactic words."""
+    """Parse CoNLL-U files (plain or gzipped) into sentences of syntactic words.
+
+    Each file is read and checked whole before it is parsed; a ValueError names the file and what is
+    wrong: a truncated or corrupted gzip stream, bytes that are not UTF-8 (byte offset and line), an
+    empty file or one without token lines, a token line without its 10 fields or a last sentence without
+    its closing blank line (line number: a file cut mid-way), or what ``conllu`` refuses.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     sentences: list[Sentence] = []
     for path in map(Path, paths):
-        with _open_text(path) as f:
-            try:
-                for toks in conllu.parse_incr(f):
-                    words = [t for t in toks if isinstance(t["id"], int)]
-                    if not words:
-                        continue
-                    text = toks.metadata.get("text") or _rebuild_text(toks)
-                    sentences.append(
-                        Sentence(
-                            text=text,
-                            words=tuple(t["form"] for t in words),
-                            upos=tuple(t["upos"] for t in words),
-                            sent_id=toks.metadata.get("sent_id"),
-                        )
+        text = _read_treebank_text(path)
+        _check_conllu_lines(path, text)
+        n_before = len(sentences)
+        try:
+            for toks in conllu.parse_incr(io.StringIO(text)):
+                words = [t for t in toks if isinstance(t["id"], int)]
+                if not words:
+                    continue
+                text_line = toks.metadata.get("text") or _rebuild_text(toks)
+                sentences.append(
+                    Sentence(
+                        text=text_line,
+                        words=tuple(t["form"] for t in words),
+                        upos=tuple(t["upos"] for t in words),
+                        sent_id=toks.metadata.get("sent_id"),
                     )
-            except conllu.exceptions.ParseException as e:
-                raise ValueError(f"{path}: not valid CoNLL-U: {e}") from e
+                )
+        except conllu.exceptions.ParseException as e:
+            raise ValueError(f"{path}: not valid CoNLL-U: {e}") from e
+        if len(sentences) == n_before:
+            raise ValueError(f"{path}: holds no sentence with a word (no token lines)")
     return sentences
 
 
