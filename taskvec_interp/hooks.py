@@ -330,6 +330,7 @@ def capture(
     chunk (mind the memory). With several positions per prompt (``[n_prompts, m]``) records
     ``[batch, m, d]``.
     """
+    check_position(position)
     m = None
     if position is not None and not isinstance(position, int):
         shape = torch.as_tensor(position).shape
@@ -351,6 +352,27 @@ def capture(
 
     hook.store = store  # type: ignore[attr-defined]  # where it writes: a remote backend sends it back
     return hook
+
+
+def check_position(position: object, what: str = "position") -> None:
+    """A hook factory's ``position``: ``None``, an int, or ints per prompt (a sequence or an integer tensor,
+    ``[n]`` or ``[n, m]``). Floats and bools are refused when the hook is built, never truncated."""
+    if position is None or (isinstance(position, int) and not isinstance(position, bool)):
+        return
+    if not isinstance(position, Tensor) and hasattr(position, "dtype") and hasattr(position, "shape"):
+        position = torch.as_tensor(position)  # a numpy array
+    if isinstance(position, Tensor):
+        if position.dtype.is_floating_point or position.dtype == torch.bool or position.dtype.is_complex:
+            raise TypeError(f"{what} must hold integers, got a tensor of dtype {position.dtype}")
+        if position.ndim not in (1, 2):
+            raise ValueError(f"{what} must be an int or [n_prompts] / [n_prompts, m] ints, got shape {list(position.shape)}")
+        return
+    if isinstance(position, (str, bytes)) or not isinstance(position, Sequence):
+        raise TypeError(f"{what} must be None, an int or a list of ints, got {position!r}")
+    flat = [x for row in position for x in (row if isinstance(row, Sequence) else [row])]
+    bad = [x for x in flat if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{what} must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
 
 
 def _tag(hook: HookFn, position: Position) -> HookFn:
@@ -388,6 +410,8 @@ def add(vector: Float[Tensor, "*batch d_model"], position: Position = -1, scale:
     in the order the prompts were given to the adapter call).
     """
 
+    check_position(position)
+
     def hook(act: Tensor, ctx: HookContext) -> Tensor | None:
         rows, cols = ctx.columns(position, act.shape[0], act.shape[1])
         if rows.numel() == 0:
@@ -402,6 +426,8 @@ def add(vector: Float[Tensor, "*batch d_model"], position: Position = -1, scale:
 def replace(vector: Float[Tensor, "*batch d_model"], position: Position = -1) -> HookFn:
     """Hook that overwrites the activation at ``position`` with ``vector`` (``[d]`` or ``[n_prompts, d]``)."""
 
+    check_position(position)
+
     def hook(act: Tensor, ctx: HookContext) -> Tensor | None:
         rows, cols = ctx.columns(position, act.shape[0], act.shape[1])
         if rows.numel() == 0:
@@ -415,6 +441,8 @@ def replace(vector: Float[Tensor, "*batch d_model"], position: Position = -1) ->
 
 def ablate(position: Position = -1, value: float | Tensor = 0.0) -> HookFn:
     """Hook that sets the activation at ``position`` to ``value`` (zero by default, or a mean vector)."""
+
+    check_position(position)
 
     def hook(act: Tensor, ctx: HookContext) -> Tensor | None:
         rows, cols = ctx.columns(position, act.shape[0], act.shape[1])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import viz
+from .activations import Activations
 from .experiments.patching import PatchResult
 from .experiments.sweep import SweepResult
 from .experiments.trajectory import TrajectoryResult
@@ -32,7 +33,8 @@ def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> li
         layers = result.td["layer"].drop_duplicates().tolist()
         names = result.td.loc[result.td["level"] == "task", "task"].drop_duplicates().tolist()
         path = out / f"umap_layer{peak}_{shots}shot.png"
-        viz.plot_umap(acts[layers.index(peak)], labels.tolist(), label_names=names, seed=result.config.seed,
+        at_peak = acts[peak] if isinstance(acts, Activations) else acts[layers.index(peak)]
+        viz.plot_umap(at_peak, labels.tolist(), label_names=names, seed=result.config.seed,
                       path=path, title=f"{fam}, layer {peak}, {shots}-shot")
         paths.append(path)
     return paths

@@ -96,7 +96,7 @@ def test_per_prompt_vectors_follow_prompts_through_sorting_and_batching(word_tok
     vecs = torch.randn(len(PROMPTS), adapter.d_model, generator=g)
     hook = [("blocks.1.hook_resid_post", H.replace(vecs, position=-1))]
     batched = adapter.capture(PROMPTS, layers=[1], hooks=hook, batch_size=3, progress=False)
-    torch.testing.assert_close(batched[0], vecs)
+    torch.testing.assert_close(batched[1], vecs)
     one_by_one = torch.stack([adapter.forward([p], hooks=[("blocks.1.hook_resid_post", H.replace(vecs[i]))])[0]
                               for i, p in enumerate(PROMPTS)])
     torch.testing.assert_close(adapter.forward(PROMPTS, hooks=hook), one_by_one, atol=ATOL, rtol=0)

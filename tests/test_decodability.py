@@ -223,6 +223,7 @@ def test_to_frame_is_tidy() -> None:
         "ci_low",
         "ci_high",
         "n",
+        "n_per_class",
         "k",
         "metric",
         "chance",
@@ -234,6 +235,8 @@ def test_to_frame_is_tidy() -> None:
     per = df[df.level == "task"].pivot(index="layer", columns="task", values="td")[["AND", "OR", "Null"]]
     np.testing.assert_allclose(per.to_numpy(), res.td_task.numpy())
     assert (df[df.level == "task"].n == 20).all() and (df.k == 10).all() and (df.metric == "euclidean").all()
+    overall = df[df["level"] == "overall"]
+    assert (overall["n_per_class"] == 20).all() and (df[df["level"] == "task"]["n_per_class"] == 20).all()
 
 
 def test_save_load_roundtrip(tmp_path) -> None:

@@ -147,3 +147,30 @@ def test_finetune_run_resumes_past_a_torn_checkpoint(smol_tokenizer, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert losses == [r["loss"] for r in read_metrics(cut)]
+
+
+def test_progress_bar_never_shows_a_nan_loss(tmp_path, monkeypatch):
+    """Evaluation steps before the first logged training loss used to show loss=nan."""
+    import tqdm.std
+
+    shown: list[dict] = []
+    real = tqdm.std.tqdm.set_postfix
+
+    def spy(self, ordered_dict=None, refresh=True, **kwargs):
+        shown.append(dict(kwargs))
+        return real(self, ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "set_postfix", spy)
+    train(_cfg(steps=12, eval_every=3, log_every=5, ckpt_every=6), tmp_path / "run", progress=True)
+    assert shown and all("nan" not in str(v) for d in shown for v in d.values())
+    assert shown[0] == {"test": shown[0]["test"]}  # step 3: evaluated, no training loss logged yet
+    assert any("loss" in d and "test" in d for d in shown)  # later evaluations show the last logged loss
+
+
+def test_positions_are_refused_when_the_hook_is_built():
+    from taskvec_interp import hooks as H
+
+    for bad, match in [(1.5, "got 1.5"), (True, "got True"), ([1, 2.5], r"got 2\.5 \(float\)"),
+                       (torch.tensor([1.0]), "dtype torch.float32")]:
+        with pytest.raises(TypeError, match=match):
+            H.add(torch.zeros(4), position=bad)

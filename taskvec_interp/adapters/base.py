@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..activations import Activations
 from ..hooks import (
     HookContext,
     HookFn,
@@ -335,19 +336,21 @@ class Adapter(ABC):
         batch_size: int = 16,
         dtype: torch.dtype = torch.float32,
         progress: bool = True,
-    ) -> Float[Tensor, "layer prompt d_model"]:
+    ) -> Activations:
         """Activations of ``component`` at ``position`` for every requested layer, in ONE pass per batch.
 
         Default: the residual stream after each block at the last prompt token (the token before the
-        answer). Returns ``[len(layers), n_prompts, d_model]`` on CPU in ``dtype``, rows in prompt
-        order. Extra ``hooks`` (e.g. an intervention) run in the same pass, before the capture at
+        answer). Returns an :class:`~taskvec_interp.activations.Activations` ``[len(layers), n_prompts,
+        d_model]`` on CPU in ``dtype``, rows in prompt order, indexed by LAYER NUMBER: ``acts[15]`` is layer
+        15 whatever else was captured (``acts.tensor``: the plain tensor; ``acts.layers``: the layers). Extra ``hooks`` (e.g. an intervention) run in the same pass, before the capture at
         each site. ``position`` may also give several positions per prompt (``[n_prompts, m]``, e.g.
         every demonstration's answer-preceding token): the result is then ``[layer, n, m, d_model]``.
         For several components at once, or TransformerLens-style ``names_filter`` selection, see
         :meth:`capture_sites`.
         """
         sites = [Site(layer, component) for layer in resolve_layers(layers, self.n_layers)]
-        return self._capture(prompts, sites, position, hooks, batch_size, dtype, progress)
+        acts = self._capture(prompts, sites, position, hooks, batch_size, dtype, progress)
+        return Activations(acts, [s.layer for s in sites])
 
     def site_names(self) -> list[str]:
         """Every site this adapter can hook, as TransformerLens-style names in forward order."""
@@ -455,7 +458,8 @@ class Adapter(ABC):
                 if acts is not None:
                     acts[:, idx] = torch.stack([store[s.layer] for s in sites])
         texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-        return Generation(texts=texts, tokens=new_tokens, activations=acts, layers=layer_list)
+        return Generation(texts=texts, tokens=new_tokens, layers=layer_list,
+                          activations=None if acts is None else Activations(acts, layer_list))
 
     def _store_rows(self, gen: Tensor, idx: Tensor, new_tokens: list[list[int]]) -> None:
         """Put one batch's new token rows (cut at the first EOS) into ``new_tokens`` in call order."""

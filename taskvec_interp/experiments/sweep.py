@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..activations import Activations
 from ..adapters.base import Adapter
 from ..adapters.load import BACKENDS
 from ..probes.accuracy import icl_accuracy
@@ -151,6 +152,8 @@ def load_sweep(directory: str | Path) -> SweepResult:
         t = load_file(str(path))
         acts[int(path.name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
     tables = {name: read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
+    layers = tables["td"]["layer"].drop_duplicates().tolist()  # the captured layers, in capture order
+    acts = {s: (Activations(a, layers) if a.shape[0] == len(layers) else a, lab) for s, (a, lab) in acts.items()}
     return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
 
 

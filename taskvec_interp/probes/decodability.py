@@ -53,6 +53,8 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..activations import Activations
+
 __all__ = ["Metric", "TaskDecodability", "encode_labels", "knn_loo_predict", "task_decodability"]
 
 Metric = Literal["euclidean", "cosine"]
@@ -341,6 +343,9 @@ class TaskDecodability:
             }
         )
         df = pd.concat([overall, per_task], ignore_index=True)
+        # what a reader needs to judge the number: each class's size (overall rows: the smallest) and k
+        present = [c for c in n_task if c > 0]
+        df["n_per_class"] = [min(present)] * n_layers + n_task * n_layers
         df["k"] = self.k
         df["metric"] = self.metric
         df["chance"] = self.chance
@@ -396,7 +401,8 @@ def task_decodability(
         k: neighbours in the vote (paper: 10); needs ``1 <= k <= n - 2``.
         metric: ``"euclidean"`` (default) or ``"cosine"``.
         label_names: task names; fixes the class order (vote ties go to the first listed).
-        layers: layer numbers for the layer axis (default ``0..layer-1``).
+        layers: layer numbers for the layer axis (default: the layers of captured
+            :class:`~taskvec_interp.activations.Activations`, else ``0..layer-1``).
         n_boot: bootstrap resamples for the CIs (0 skips them: CIs are NaN).
         ci_level: two-sided percentile CI level.
         seed: seeds the ``torch.Generator`` of the bootstrap.
@@ -408,7 +414,9 @@ def task_decodability(
             separable data). ``"error"`` (default) refuses such a ``k``; ``"warn"`` warns and computes
             (the result's table says ``k`` and each class's ``n``).
     """
-    acts = _as_layers(acts)
+    if layers is None and isinstance(acts, Activations):
+        layers = acts.layers  # captured activations know their layer numbers
+    acts = _as_layers(acts.tensor if isinstance(acts, Activations) else acts)
     n_layers, n, _ = acts.shape
     y, names = encode_labels(labels, label_names)
     if y.shape[0] != n:
