@@ -30,8 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from taskvec_interp.report import synthetic_figures
     from taskvec_interp.synthetic import train, train_config
-    from taskvec_interp.synthetic.analysis import AnalysisConfig, analysis_figures, analyze_run
+    from taskvec_interp.synthetic.analysis import AnalysisConfig, analyze_run
 
     run = args.out or Path(tempfile.mkdtemp(prefix="mslr-small-"))
     cfg = train_config(args.config, backbone=args.backbone, seed=args.seed)
@@ -41,7 +42,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = analyze_run(run, AnalysisConfig(), progress=False)
     res.save(run / "analysis")
-    figures = [str(p) for p in analysis_figures(res, run / "analysis")]
+    figures = [str(p) for p in synthetic_figures(res, run / "analysis")]
     t_analyze = time.perf_counter() - t0
     oracles = res.summary["oracles"]
     bases = res.summary["bases"]

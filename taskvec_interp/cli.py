@@ -339,7 +339,8 @@ def synthetic_analyze(
     umap: bool = typer.Option(True, help="compute the UMAP grid"),
 ) -> None:
     """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, figures + summary.json."""
-    from .synthetic.analysis import AnalysisConfig, analysis_figures, analyze_run
+    from .report import synthetic_figures
+    from .synthetic.analysis import AnalysisConfig, analyze_run
 
     out = out or run / "analysis"
     position: int | str = patch_position
@@ -351,7 +352,7 @@ def synthetic_analyze(
     result = analyze_run(run, AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode,
                                              patch_position=position), umap=umap)
     result.save(out)
-    for path in analysis_figures(result, out):
+    for path in synthetic_figures(result, out):
         typer.echo(f"wrote {path}")
     typer.echo(json.dumps({k: v for k, v in result.summary.items() if k != "oracles"}, indent=2))
 

@@ -11,6 +11,7 @@ from .activations import Activations
 from .experiments.patching import PatchResult
 from .experiments.sweep import SweepResult
 from .experiments.trajectory import TrajectoryResult
+from .synthetic.analysis import AnalysisResult, basis_names
 
 
 def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> list[Path]:
@@ -79,4 +80,22 @@ def trajectory_figures(result: TrajectoryResult, out: str | Path, title: str | N
     paths = [out / "trajectory.png", out / "td_heatmap.png"]
     viz.plot_trajectory(result.summary, outcome=result.outcome, path=paths[0], title=title)
     viz.plot_td_heatmap_steps(result.td, path=paths[1])
+    return paths
+
+
+def synthetic_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
+    """Fig. 2 (per-basis loss + TD), Fig. 11 (UMAP grid layers x checkpoints), TD heatmap, Fig. 7 (patching)."""
+    out = Path(out) / "figures"
+    layer = result.summary["td_layer"]
+    paths = [out / "loss_and_td.png", out / "td_heatmap.png"]
+    viz.plot_basis_emergence(result.loss, result.td, layer, path=paths[0])
+    viz.plot_td_heatmap_steps(result.td, path=paths[1])
+    if result.embeddings:
+        paths.append(out / "umap_grid.png")
+        n_bases = len(result.summary["bases"])
+        viz.plot_umap_grid(result.embeddings, path=paths[-1], row_label="layer", col_label="step",
+                           label_names=basis_names(n_bases))
+    if not result.patching.empty:
+        paths.append(out / "patching.png")
+        viz.plot_patching(result.patching, path=paths[-1])
     return paths

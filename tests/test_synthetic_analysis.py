@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from taskvec_interp.cli import app
 from taskvec_interp.probes.decodability import task_decodability
+from taskvec_interp.report import synthetic_figures
 from taskvec_interp.synthetic import (
     list_checkpoints,
     load_checkpoint,
@@ -22,7 +23,6 @@ from taskvec_interp.synthetic import (
 from taskvec_interp.synthetic.analysis import (
     AnalysisConfig,
     _first_below,
-    analysis_figures,
     analyze_run,
     capture_checkpoint,
     emergence_summary,
@@ -145,7 +145,7 @@ def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
         assert b["below_ridge_step"] is None  # 120 steps: still above every basis-agnostic predictor
         assert name == f"B{i + 1}" and rank_r < ridge
     pd.testing.assert_frame_equal(pd.read_parquet(out / "td.parquet"), res.td)
-    paths = analysis_figures(res, tmp_path)
+    paths = synthetic_figures(res, tmp_path)
     assert [p.name for p in paths] == ["loss_and_td.png", "td_heatmap.png", "umap_grid.png", "patching.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
 

@@ -324,26 +324,6 @@ def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str]
     return out
 
 
-def analysis_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
-    """Fig. 2 (per-basis loss + TD), Fig. 11 (UMAP grid layers x checkpoints), TD heatmap, Fig. 7 (patching)."""
-    from .. import viz
-
-    out = Path(out) / "figures"
-    layer = result.summary["td_layer"]
-    paths = [out / "loss_and_td.png", out / "td_heatmap.png"]
-    viz.plot_basis_emergence(result.loss, result.td, layer, path=paths[0])
-    viz.plot_td_heatmap_steps(result.td, path=paths[1])
-    if result.embeddings:
-        paths.append(out / "umap_grid.png")
-        n_bases = len(result.summary["bases"])
-        viz.plot_umap_grid(result.embeddings, path=paths[-1], row_label="layer", col_label="step",
-                           label_names=basis_names(n_bases))
-    if not result.patching.empty:
-        paths.append(out / "patching.png")
-        viz.plot_patching(result.patching, path=paths[-1])
-    return paths
-
-
 def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = 4321,
                          n_boot: int = 200, batch_size: int = 256, steps: Sequence[int] | None = None,
                          out: str | Path | None = None, on_error: str = "record",
