@@ -4,73 +4,44 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Task vectors in in-context learning.")
 
-DEMO_PROMPTS = [
-    "hot -> cold\nbig -> small\nup ->",
-    "France -> Paris\nJapan -> Tokyo\nGermany ->",
-    "01101 10110 -> 00100\n11100 00111 -> 00100\n10101 01010 ->",
-    "The first noun of 'The cat sat on the mat' is",
-]
-
-
-@dataclass
-class DemoConfig:
-    model: str = "smollm2-135m"
-    backend: str = "torch"
-    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
-    max_new_tokens: int = 3
-
-
-def layer_summary(acts, layers: list[int]):
-    """Per-layer table of last-token residuals ``[layer, prompt, d]``: norms and mean pairwise cosine."""
-    import pandas as pd
-    import torch
-
-    norms = acts.norm(dim=-1)
-    unit = torch.nn.functional.normalize(acts, dim=-1)
-    cos = unit @ unit.transpose(1, 2)
-    n = acts.shape[1]
-    off_diag = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / max(n * (n - 1), 1)
-    return pd.DataFrame({
-        "layer": layers,
-        "norm_mean": norms.mean(1).tolist(),
-        "norm_max": norms.max(1).values.tolist(),
-        "mean_pairwise_cosine": off_diag.tolist(),
-    })
-
-
 @app.command()
 def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="output directory: report.html + every part's tables"),
+    quick: bool = typer.Option(False, "--quick", help="the same parts on smaller settings (about 3 min)"),
     model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
     backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
-    out: Path = typer.Option(None, help="directory for summary.csv + config.json (optional)"),
-    verify: bool = typer.Option(True, help="check the adapter against the model's own forward first"),
+    parts: str = typer.Option(",".join(("synthetic", "td", "patch", "finetune", "trajectory")),
+                              help="comma-separated parts to run"),
+    families: str = typer.Option("bitwise,pos", help="task families of the language-model parts"),
+    seed: int = typer.Option(0),
 ) -> None:
-    """Load a model, capture every layer at the last prompt token in one pass, print a per-layer table."""
-    from .adapters import load_model, verify_adapter
+    """The paper's story in one command: synthetic emergence, TD over layers and shots, task-vector patching,
+    first- vs last-layer fine-tuning and a checkpoint trajectory, in ONE self-contained HTML report.
+    Re-running with the same --out reuses finished parts (a killed demo resumes)."""
+    from .experiments.demo import DemoConfig, run_demo
+    from .report import write_demo_report
 
-    cfg = DemoConfig(model=model, backend=backend)
+    _check_out_dir(out)
+    cfg = DemoConfig(quick=quick, model=model, backend=backend, seed=seed,
+                     parts=tuple(x.strip() for x in parts.split(",") if x.strip()),
+                     families=tuple(x.strip() for x in families.split(",") if x.strip()))
     t0 = time.perf_counter()
-    adapter = load_model(cfg.model, backend=cfg.backend)
-    typer.echo(f"loaded {adapter!r} in {time.perf_counter() - t0:.1f}s")
-    if verify:
-        typer.echo(verify_adapter(adapter).to_string(index=False))
-    gen = adapter.generate(cfg.prompts, cfg.max_new_tokens, capture_layers="all", progress=True)
-    for prompt, text in zip(cfg.prompts, gen.texts, strict=True):
-        typer.echo(f"{prompt.splitlines()[-1]!r} -> {text!r}")
-    table = layer_summary(gen.activations, gen.layers)
-    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "summary.csv", index=False)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        typer.echo(f"wrote {out / 'summary.csv'} and {out / 'config.json'}")
+    result = run_demo(out, cfg, log=typer.echo)
+    path = write_demo_report(result)
+    for part in result.parts:
+        if part.skipped:
+            typer.echo(f"{part.title}: skipped ({part.skipped})")
+            continue
+        typer.echo(f"{part.title} ({part.seconds:.0f}s)")
+        for row in part.headline:
+            typer.echo(f"  {row['metric']}: {row['ours']}" + (f"   [paper: {row['paper']}]" if row["paper"] else ""))
+    typer.echo(f"report: {path} ({time.perf_counter() - t0:.0f}s)")
 
 
 def _parse_shots(text: str) -> tuple[int, ...]:

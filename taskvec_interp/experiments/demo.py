@@ -1,0 +1,357 @@
+"""The paper's story in one command: ``taskvec demo`` runs every experiment of the package on the built-in
+defaults and writes one self-contained HTML report (see :func:`taskvec_interp.report.write_demo_report`).
+
+Parts, each in its own subdirectory of ``out`` and each a plain library call:
+
+(a) ``synthetic``: the synthetic GPT-2 trained on a Mixture of Sparse Linear Regression and analysed
+    (per-basis loss with TD, the UMAP grid, the patching matrix);
+(b) ``td_<family>``: TD over layers and shots on the language model, with the TD-vs-accuracy R^2;
+(c) ``patch_<family>``: positive / negative task-vector patching per task at the peak-TD layer;
+(d) ``finetune``: first-k vs last-k layer fine-tuning, accuracy and TD before / after;
+(e) ``trajectory``: TD and loss over the synthetic run's checkpoints.
+
+A part that finished writes ``part.json`` last (its headline numbers, figures and wall time); a rerun with
+the same ``out`` reuses it, so a killed demo resumes where it stopped. ``quick=True`` runs the same parts on
+smaller settings (CI runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints import atomic_write_text
+from ..results import check_out_dir
+from ..validate import check_bool, check_int, check_str
+
+PARTS = ("synthetic", "td", "patch", "finetune", "trajectory")
+FAMILIES = ("bitwise", "pos")
+
+# What the paper reports, shown beside our numbers (Han et al. 2025; Llama-3.1-8B unless said otherwise).
+PAPER = {
+    "synthetic_td": "near-perfect separation of the 4 bases in the middle layers at convergence (Fig. 2, 11)",
+    "synthetic_order": "bases separate one after another, each when its loss drops (Fig. 2)",
+    "td_bitwise": "peak layer 13 of 32; 4-shot mean TD 0.43 +- 0.13",
+    "td_pos": "peak layer 15 of 32; 4-shot mean TD 0.68 +- 0.11",
+    "r2_bitwise": "0.53",
+    "r2_pos": "0.78",
+    "patch": "separable tasks gain up to ~14 points (positive) and lose up to ~15 (negative)",
+    "finetune": "bitwise accuracy 26.2% -> 90.2% (first 10 layers) vs 66.3% (last 10); TD 0.43 -> 0.85 only "
+                "with the first layers",
+    "trajectory": "TD and accuracy rise together over pretraining (OLMo-7B, Fig. 5)",
+}
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs. ``quick``: the same parts on smaller settings (about 3 minutes on 2 cores)."""
+
+    quick: bool = False
+    model: str = "smollm2-135m"
+    backend: str = "torch"
+    seed: int = 0
+    families: tuple[str, ...] = FAMILIES
+    parts: tuple[str, ...] = PARTS
+    settings: dict = field(default_factory=dict)
+    """Overrides of :func:`demo_settings` (``{"td": {"n_per_task": 50}}``)."""
+
+    def __post_init__(self) -> None:
+        check_bool("DemoConfig.quick", self.quick)
+        check_str("DemoConfig.model", self.model)
+        check_int("DemoConfig.seed", self.seed, 0)
+        self.families, self.parts = tuple(self.families), tuple(self.parts)
+        for f in self.families:
+            if f not in FAMILIES:
+                raise ValueError(f"DemoConfig.families: {f!r} is none of {FAMILIES}")
+        for p in self.parts:
+            if p not in PARTS:
+                raise ValueError(f"DemoConfig.parts: {p!r} is none of {PARTS}")
+        if not self.parts:
+            raise ValueError("DemoConfig.parts is empty")
+        base = demo_settings(self.quick)
+        for part, over in self.settings.items():
+            if part not in base or not isinstance(over, dict):
+                raise ValueError(f"DemoConfig.settings: unknown part {part!r} (parts: {sorted(base)})")
+            bad = sorted(set(over) - set(base[part]))
+            if bad:
+                raise ValueError(f"DemoConfig.settings[{part!r}]: unknown keys {bad} (known: {sorted(base[part])})")
+
+    def resolved(self) -> dict:
+        base = demo_settings(self.quick)
+        return {part: {**values, **self.settings.get(part, {})} for part, values in base.items()}
+
+
+def demo_settings(quick: bool) -> dict:
+    """The sizes of each part: the full demo (<= 20 min on 2 CPU cores) or ``quick`` (<= 4 min)."""
+    if quick:
+        return {
+            "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
+            "td": {"shots": [1, 4], "n_per_task": 8, "k": 3, "n_boot": 50},
+            "patch": {"shots": 4, "n_per_task": 6, "k": 2, "n_boot": 50},
+            "finetune": {"family": "bitwise", "layers": ["first:10", "last:10"], "steps": 4, "n_train": 8,
+                         "batch_size": 4, "eval_n_per_task": 5, "k": 2, "lr": 2e-3},
+            "trajectory": {"n_per_basis": 30, "k": 5},
+        }
+    return {
+        "synthetic": {"config": "small", "steps": 3000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
+        "td": {"shots": [1, 4, 10], "n_per_task": 30, "k": 10, "n_boot": 300},
+        "patch": {"shots": 4, "n_per_task": 20, "k": 10, "n_boot": 300},
+        "finetune": {"family": "bitwise", "layers": ["first:10", "last:10"], "steps": 40, "n_train": 100,
+                     "batch_size": 8, "eval_n_per_task": 20, "k": 10, "lr": 1e-3},
+        "trajectory": {"n_per_basis": 50, "k": 10},
+    }
+
+
+@dataclass
+class Part:
+    """One finished part: its headline rows (metric, ours, the paper's), figures, tables and wall time."""
+
+    name: str
+    title: str
+    text: str
+    headline: list[dict] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    tables: dict[str, str] = field(default_factory=dict)
+    """caption -> Parquet file (relative to the demo's out) shown in the report."""
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    parts: list[Part]
+    out: Path
+    seconds: float
+    model: dict = field(default_factory=dict)
+
+
+def _row(metric: str, ours: Any, paper: str = "") -> dict:
+    return {"metric": metric, "ours": ours, "paper": paper}
+
+
+def _rel(paths: list[Path], out: Path) -> list[str]:
+    return [str(Path(p).relative_to(out)) for p in paths]
+
+
+def _pos_available() -> str | None:
+    """Why the POS family cannot be built here (no treebank offline), or ``None``."""
+    from ..tasks import get_family
+
+    try:
+        get_family("pos")
+    except (ValueError, OSError) as err:
+        return f"no Universal Dependencies treebank available ({str(err).splitlines()[0][:200]}); set TASKVEC_UD_PATH"
+    return None
+
+
+def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run the demo's parts into ``out`` (reusing finished ones) and return them; see the module doc."""
+    config = config or DemoConfig()
+    out = check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = config.resolved()
+    atomic_write_text(out / "demo_config.json", json.dumps({**asdict(config), "resolved": s}, indent=2))
+    t0 = time.perf_counter()
+    state: dict[str, Any] = {}
+    parts: list[Part] = []
+
+    def adapter():
+        if "adapter" not in state:
+            from ..adapters import load_model
+
+            state["adapter"] = load_model(config.model, backend=config.backend)
+        return state["adapter"]
+
+    def run_part(name: str, fn: Callable[[Path], Part]) -> Part:
+        d = out / name
+        marker = d / "part.json"
+        if marker.exists():
+            part = Part(**json.loads(marker.read_text()))
+            log(f"[demo] {name}: reused ({part.seconds:.0f}s when it ran)")
+            return part
+        log(f"[demo] {name} ...")
+        d.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        part = fn(d)
+        part.seconds = round(time.perf_counter() - start, 1)
+        atomic_write_text(marker, json.dumps(asdict(part), indent=2, default=str))
+        log(f"[demo] {name}: {part.seconds:.0f}s")
+        return part
+
+    if "synthetic" in config.parts or "trajectory" in config.parts:
+        parts.append(run_part("synthetic", lambda d: _synthetic(d, out, s["synthetic"], config.seed, progress)))
+    if "td" in config.parts or "patch" in config.parts:
+        for fam in config.families:
+            why = _pos_available() if fam == "pos" else None
+            if why:
+                parts.append(Part(f"td_{fam}", f"TD over layers and shots: {fam}", "", skipped=why))
+                continue
+            parts.append(run_part(f"td_{fam}", lambda d, fam=fam: _td(d, out, adapter(), fam, s["td"], config,
+                                                                          progress)))
+            if "patch" in config.parts:
+                parts.append(run_part(f"patch_{fam}", lambda d, fam=fam: _patch(d, out, adapter(), fam, s["patch"],
+                                                                                config, progress)))
+    if "finetune" in config.parts:
+        parts.append(run_part("finetune", lambda d: _finetune(d, out, adapter(), s["finetune"], config, progress)))
+    if "trajectory" in config.parts:
+        parts.append(run_part("trajectory", lambda d: _trajectory(d, out, s["trajectory"], config.seed, progress)))
+    model = state["adapter"].identity() if "adapter" in state else {"name": config.model, "backend": config.backend}
+    return DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model)
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
+    from ..report import synthetic_figures
+    from ..synthetic import train, train_config
+    from ..synthetic.analysis import AnalysisConfig, analyze_run
+
+    run = d / "run"
+    train(train_config(s["config"], steps=s["steps"], seed=seed), run, progress=progress)
+    result = analyze_run(run, AnalysisConfig(n_per_basis=s["n_per_basis"], k=s["k"],
+                                             umap_checkpoints=s["umap_checkpoints"]), progress=progress)
+    result.save(d / "analysis")
+    figs = synthetic_figures(result, d / "analysis")
+    sm = result.summary
+    bases = sm["bases"]
+    order = sorted((b["below_ridge_step"] if b["below_ridge_step"] is not None else 10**12, name)
+                   for name, b in bases.items())
+    gaps = [b["gap_closed"] for b in bases.values() if b["gap_closed"] is not None]
+    headline = [
+        _row(f"TD at the middle layer ({sm['td_layer']}), last checkpoint", f"{sm['td_last']:.3f} "
+             f"(chance {sm['chance']:.2f}; first checkpoint {sm['td_first']:.3f})", PAPER["synthetic_td"]),
+        _row("per-basis TD at the last checkpoint", ", ".join(f"{n} {b['final_td']:.2f}" for n, b in bases.items())),
+        _row("order in which bases go below the basis-agnostic error",
+             " < ".join(f"{n} ({'never' if st >= 10**12 else st})" for st, n in order), PAPER["synthetic_order"]),
+        _row("share of the sparsity gap closed by the final loss (0 ridge, 1 rank-r oracle)",
+             f"mean {sum(gaps) / len(gaps):.2f}" if gaps else "n/a"),
+    ]
+    cfg = json.loads((run / "config.json").read_text())
+    text = (f"A {cfg['model']['n_layer']}-layer GPT-2 (d_model {cfg['model']['d_model']}) trained for {s['steps']} "
+            f"steps on the Mixture of Sparse Linear Regression ({cfg['data']['n_bases']} bases, D = "
+            f"{cfg['data']['n_dims']}). TD is the leave-one-out k-NN decodability of the basis from the residual "
+            "stream at the y token of the last demonstration. Encoding (TD) and decoding (the basis's loss) emerge "
+            "together.")
+    return Part("synthetic", "(a) Synthetic emergence: encoding and decoding rise together", text, headline,
+                _rel(figs, out), {"TD per layer and checkpoint (overall)": str((d / "analysis" / "td.parquet").relative_to(out))})
+
+
+def _td(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
+    from ..experiments.sweep import SweepConfig, run_sweep, summarize
+    from ..report import sweep_figures
+
+    cfg = SweepConfig(model=config.model, backend=config.backend, family=fam, shots=tuple(s["shots"]),
+                      n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], seed=config.seed)
+    result = run_sweep(adapter, cfg, progress=progress)
+    result.save(d / "sweep")
+    figs = sweep_figures(result, d / "sweep", umap=False)
+    summ = summarize(result)
+    summ.to_parquet(d / "summary.parquet", index=False)
+    four = summ[summ["shots"] == 4]
+    mid = four.iloc[0] if len(four) else summ.iloc[-1]
+    td_task = result.td[(result.td["level"] == "task") & (result.td["shots"] == int(mid["shots"]))
+                        & (result.td["layer"] == int(mid["peak_layer"])) & (result.td["task"] != "null")]
+    headline = [
+        _row(f"peak-TD layer ({int(mid['shots'])}-shot)", f"{int(mid['peak_layer'])} of {adapter.n_layers}",
+             PAPER[f"td_{fam}"]),
+        _row(f"mean per-task TD at the peak ({int(mid['shots'])}-shot)",
+             f"{td_task['td'].mean():.2f} +- {td_task['td'].std(ddof=0):.2f} (overall {mid['peak_td']:.3f}, "
+             f"chance {mid['chance']:.3f})"),
+        _row("peak TD by shots", ", ".join(f"{int(r.shots)}-shot {r.peak_td:.2f}" for r in summ.itertuples())),
+        _row("mean exact-match accuracy by shots",
+             ", ".join(f"{int(r.shots)}-shot {r.mean_exact:.2f}" for r in summ.itertuples())),
+        _row(f"TD vs accuracy R^2 (layer {result.fit['layer']}, {result.fit['n_points']} points)",
+             "undefined" if result.fit["r2"] != result.fit["r2"] else f"{result.fit['r2']:.2f}", PAPER[f"r2_{fam}"]),
+    ]
+    text = (f"{fam}: {cfg.n_per_task} prompts per task (Null included), shots {list(cfg.shots)}, on "
+            f"{adapter.identity()['name']}. One forward pass per prompt batch gives every layer's activation at "
+            "the token before the answer (the generation's prefill) and the greedy answer.")
+    return Part(f"td_{fam}", f"(b) Task decodability over layers and shots: {fam}", text, headline, _rel(figs, out),
+                {"peak TD and accuracy per shot count": str((d / "summary.parquet").relative_to(out))})
+
+
+def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
+    from ..experiments.patching import PatchConfig, run_patching
+    from ..experiments.sweep import load_sweep
+    from ..report import patching_figures
+
+    sweep_td = load_sweep(out / f"td_{fam}" / "sweep").td
+    cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, shots=s["shots"],
+                      n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], layers="peak",
+                      modes=("add", "replace"), directions=("positive", "negative"), seed=config.seed)
+    result = run_patching(adapter, cfg, td_sweep=sweep_td[sweep_td["shots"] == s["shots"]]
+                          if s["shots"] in set(sweep_td["shots"]) else sweep_td, progress=progress)
+    result.save(d / "patching")
+    figs = patching_figures(result, d / "patching")
+    sm = result.summary
+    per = result.per_task() if hasattr(result, "per_task") else None
+    if per is not None:
+        per.to_parquet(d / "per_task.parquet", index=False)
+    rows = [_row("layer (peak TD of the sweep)", f"{sm['layer']} (TD {sm['peak_td']:.2f}, chance {sm['chance']:.2f})")]
+    for key, vals in sm["at_peak"].items():
+        mean = vals.get("mean")
+        rows.append(_row(f"{key.replace('_', ' ')}: mean change in accuracy over tasks",
+                         "n/a" if mean is None else f"{mean * 100:+.1f} points", PAPER["patch"] if "positive" in key
+                         else ""))
+    base = [v for t, v in sm["baseline"].items() if t != "null"]
+    rows.insert(1, _row("baseline accuracy (mean over tasks)", f"{sum(base) / len(base):.2f}" if base else "n/a"))
+    text = (f"{fam}: the task vector (mean residual at each demonstration's answer-preceding token, layer "
+            f"{sm['layer']}) of the prompt's own task (positive) or of the Null task (negative), added to or "
+            "replacing the query's last-token residual; exact match with paired bootstrap CIs.")
+    tables = {"accuracy per task and condition": str((d / "patching" / "accuracy.parquet").relative_to(out))}
+    return Part(f"patch_{fam}", f"(c) Task-vector patching at the peak layer: {fam}", text, rows, _rel(figs, out),
+                tables)
+
+
+def _finetune(d: Path, out: Path, adapter, s: dict, config: DemoConfig, progress: bool) -> Part:
+    from ..experiments.finetune import FinetuneConfig, compare_runs, finetune
+    from ..report import finetune_figures
+
+    module = adapter._hf_module()
+    runs = []
+    for layers in s["layers"]:
+        cfg = FinetuneConfig(model=config.model, family=s["family"], layers=layers, steps=s["steps"],
+                             n_train=s["n_train"], batch_size=s["batch_size"], eval_n_per_task=s["eval_n_per_task"],
+                             k=s["k"], lr=s["lr"], warmup_steps=max(1, s["steps"] // 10), ckpt_every=s["steps"],
+                             seed=config.seed, eval_before=not runs)
+        runs.append(finetune(cfg, d / layers.replace(":", ""), model=module, tokenizer=adapter.tokenizer,
+                             progress=progress))
+    summary, per_task, td = compare_runs(runs)
+    summary.to_parquet(d / "summary.parquet", index=False)
+    figs = finetune_figures(per_task, td, d, title=f"{s['family']}: first vs last layers")
+    rows = [_row(f"{r.model}: accuracy / TD (layer {r.td_layer})", f"{r.accuracy_mean:.2f} / {r.td_mean:.2f}",
+                 PAPER["finetune"] if i == 0 else "") for i, r in enumerate(summary.itertuples())]
+    text = (f"LoRA (rank 16) on the first or the last 10 of {adapter.n_layers} layers, {s['steps']} steps on "
+            f"{s['family']}'s train side; accuracy and TD on its test side before and after. A short run: the "
+            "direction of the effect, not the paper's magnitude.")
+    return Part("finetune", "(d) Fine-tuning the first vs the last layers", text, rows, _rel(figs, out),
+                {"accuracy and TD per model": str((d / "summary.parquet").relative_to(out))})
+
+
+def _trajectory(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
+    from ..report import trajectory_figures
+    from ..synthetic.analysis import synthetic_trajectory
+
+    result = synthetic_trajectory(out / "synthetic" / "run", n_per_basis=s["n_per_basis"], k=s["k"], seed=4321 + seed,
+                                  out=d / "trajectory", progress=progress)
+    result.save(d / "trajectory")
+    figs = trajectory_figures(result, d / "trajectory", title="synthetic run: TD and loss over training")
+    summ = result.tables["summary"]
+    first, last = summ.iloc[0], summ.iloc[-1]
+    td_col = "td" if "td" in summ else next(c for c in summ.columns if c.startswith("td"))
+    rows = [_row("mean TD over tasks: first -> last checkpoint", f"{float(first[td_col]):.2f} -> {float(last[td_col]):.2f} "
+                 f"(steps {int(first['step'])} -> {int(last['step'])})", PAPER["trajectory"])]
+    return Part("trajectory", "(e) A trajectory over the synthetic run's checkpoints",
+                "The generic checkpoint loop (experiments/trajectory.py) over the synthetic run of part (a): one model "
+                "in memory at a time, TD at every layer and the per-basis loss at each checkpoint.", rows,
+                _rel(figs, out), {"trajectory summary": str((d / "trajectory" / "summary.parquet").relative_to(out))})
+
+
+__all__ = ["DemoConfig", "DemoResult", "PAPER", "PARTS", "Part", "demo_settings", "run_demo"]
