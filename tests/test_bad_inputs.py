@@ -165,7 +165,7 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
      lambda e: e.adapter.capture(PROMPTS, layers=[0, 3])),
     ("capture-int-dtype", ValueError, r"floating-point torch.dtype, got torch.int64",
      lambda e: e.adapter.capture(PROMPTS, dtype=torch.int64)),
-    ("capture-float-positions", TypeError, r"positions must be integers, got a tensor of dtype torch.float32",
+    ("capture-float-positions", TypeError, r"position must hold integers, got a tensor of dtype torch.float32",
      lambda e: e.adapter.capture(PROMPTS, position=torch.tensor([-1.0] * 4))),
     ("capture-position-range", ValueError, r"position -50 out of range for prompt",
      lambda e: e.adapter.capture(PROMPTS, position=-50)),
