@@ -234,6 +234,12 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
      lambda e: e.cli("patch", "--model", "no/such-model", "--n-per-task", "3", "--k", "5", "--out", str(e.tmp / "o"))),
     ("cli-finetune-k", ValueError, r"k=10 is not below eval_n_per_task - 1 = 4",
      lambda e: e.cli("finetune", "--model", "no/such-model", "--eval-n-per-task", "5", "--out", str(e.tmp / "o"))),
+    ("demo-part", ValueError, r"DemoConfig.parts: 'umap' is none of", lambda e: __import__(
+        "taskvec_interp.experiments.demo", fromlist=["DemoConfig"]).DemoConfig(parts=("umap",))),
+    ("demo-setting", ValueError, r"DemoConfig.settings\['td'\]: unknown keys \['bogus'\]", lambda e: __import__(
+        "taskvec_interp.experiments.demo", fromlist=["DemoConfig"]).DemoConfig(settings={"td": {"bogus": 1}})),
+    ("cli-demo-family", ValueError, r"DemoConfig.families: 'sentiment' is none of",
+     lambda e: e.cli("demo", "--families", "sentiment", "--out", str(e.tmp / "o"))),
     ("cli-trajectory-none", ValueError, r"give exactly one of --checkpoints",
      lambda e: e.cli("trajectory", "--family", "bitwise", "--out", str(e.tmp / "o"))),
 ]
