@@ -131,6 +131,11 @@ def _table_html(df: pd.DataFrame, max_rows: int = 40) -> str:
     return html + more
 
 
+def _nav_label(part) -> str:
+    label = part.title.split(":")[0]
+    return f"{label} ({part.name.split('_', 1)[1]})" if "_" in part.name else label
+
+
 def write_demo_report(result, path: str | Path | None = None) -> Path:
     """ONE self-contained HTML file for a :class:`~taskvec_interp.experiments.demo.DemoResult`: each part's
     text, its headline numbers beside the paper's, its figures (embedded as base64 PNG) and tables, then
@@ -146,9 +151,10 @@ def write_demo_report(result, path: str | Path | None = None) -> Path:
     body = [f"<h1>Task vectors in in-context learning: the paper's story on {esc(str(result.model.get('name')))}</h1>",
             '<p class="meta">Han, Song, Gore &amp; Agrawal, <i>Emergence and Effectiveness of Task Vectors in '
             "In-Context Learning: An Encoder-Decoder Perspective</i> (ICML 2025), reproduced by taskvec_interp. "
-            f"{'Quick settings' if result.config.quick else 'Full settings'}; total wall time "
-            f"{result.seconds:.0f} s (parts reused from an earlier run count their own time).</p>",
-            "<nav>" + "".join(f'<a href="#{esc(p.name)}">{esc(p.title.split(":")[0])}</a>' for p in result.parts)
+            f"{'Quick settings' if result.config.quick else 'Full settings'}; the parts took "
+            f"{sum(p.seconds for p in result.parts):.0f} s together (this run's wall time: {result.seconds:.0f} s; "
+            "parts reused from an earlier run count the time they took when they ran).</p>",
+            "<nav>" + "".join(f'<a href="#{esc(p.name)}">{esc(_nav_label(p))}</a>' for p in result.parts)
             + "</nav>"]
     for part in result.parts:
         body.append(f'<section id="{esc(part.name)}"><h2>{esc(part.title)}</h2>')

@@ -285,7 +285,8 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, p
     sweep_td = load_sweep(out / f"td_{fam}" / "sweep").td
     cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, shots=s["shots"],
                       n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], layers="peak",
-                      modes=("add", "replace"), directions=("positive", "negative"), seed=config.seed)
+                      modes=("add", "replace"), directions=("positive", "negative"), seed=config.seed,
+                      logprob=True)
     result = run_patching(adapter, cfg, td_sweep=sweep_td[sweep_td["shots"] == s["shots"]]
                           if s["shots"] in set(sweep_td["shots"]) else sweep_td, progress=progress)
     result.save(d / "patching")
@@ -300,11 +301,16 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, p
         rows.append(_row(f"{key.replace('_', ' ')}: mean change in accuracy over tasks",
                          "n/a" if mean is None else f"{mean * 100:+.1f} points", PAPER["patch"] if "positive" in key
                          else ""))
+    for key, vals in sm.get("logprob_at_peak", {}).items():
+        mean = vals.get("mean")
+        rows.append(_row(f"{key.replace('_', ' ')}: mean change in the answer's log-probability (nats per token)",
+                         "n/a" if mean is None else f"{mean:+.3f}"))
     base = [v for t, v in sm["baseline"].items() if t != "null"]
     rows.insert(1, _row("baseline accuracy (mean over tasks)", f"{sum(base) / len(base):.2f}" if base else "n/a"))
     text = (f"{fam}: the task vector (mean residual at each demonstration's answer-preceding token, layer "
             f"{sm['layer']}) of the prompt's own task (positive) or of the Null task (negative), added to or "
-            "replacing the query's last-token residual; exact match with paired bootstrap CIs.")
+            "replacing the query's last-token residual; exact match with paired bootstrap CIs, and the "
+            "teacher-forced log-probability of the answer (continuous where exact match sits at the floor).")
     tables = {"accuracy per task and condition": str((d / "patching" / "accuracy.parquet").relative_to(out))}
     return Part(f"patch_{fam}", f"(c) Task-vector patching at the peak layer: {fam}", text, rows, _rel(figs, out),
                 tables)
