@@ -10,7 +10,7 @@ code::
     acts.layers       # [5, 15]
     acts.tensor       # the plain tensor, indexed by position
 
-Only indexing by an int (or a tuple starting with one) is by layer number; a negative int counts from the
+Only indexing (and assigning) by an int (or a tuple starting with one) is by layer number; a negative int counts from the
 last captured layer, and slices, lists and tensors index positions, as on any tensor. Every other operation
 (arithmetic, ``torch`` functions, ``.mean(0)``) works as on the plain tensor and returns a plain tensor, so
 nothing downstream carries stale layer numbers.
@@ -65,11 +65,17 @@ class Activations(Tensor):
             raise KeyError(f"layer {layer} was not captured (captured layers: {self.layers})") from None
 
     def __getitem__(self, index):
+        return self.tensor[self._map(index)]
+
+    def __setitem__(self, index, value) -> None:
+        self.tensor[self._map(index)] = value
+
+    def _map(self, index):
         if isinstance(index, int) and not isinstance(index, bool):
-            index = self.position(index)
-        elif isinstance(index, tuple) and index and isinstance(index[0], int) and not isinstance(index[0], bool):
-            index = (self.position(index[0]), *index[1:])
-        return self.tensor[index]
+            return self.position(index)
+        if isinstance(index, tuple) and index and isinstance(index[0], int) and not isinstance(index[0], bool):
+            return (self.position(index[0]), *index[1:])
+        return index
 
     def __iter__(self):
         return iter(self.tensor)

@@ -36,6 +36,8 @@ def test_capture_is_indexed_by_layer_number(adapter):
     assert type(some - every[[2, 0]]) is torch.Tensor  # results of operations are plain tensors
     assert [layer for layer, _ in some.items()] == [2, 0]
     assert copy.deepcopy(some).layers == [2, 0]
+    some[0] = 0.0  # assignment by layer number too
+    assert torch.equal(some.tensor[1], torch.zeros_like(some.tensor[1])) and torch.equal(some[2], every[2])
 
 
 def test_td_reads_the_layer_numbers(adapter):

@@ -292,9 +292,6 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, p
     result.save(d / "patching")
     figs = patching_figures(result, d / "patching")
     sm = result.summary
-    per = result.per_task() if hasattr(result, "per_task") else None
-    if per is not None:
-        per.to_parquet(d / "per_task.parquet", index=False)
     rows = [_row("layer (peak TD of the sweep)", f"{sm['layer']} (TD {sm['peak_td']:.2f}, chance {sm['chance']:.2f})")]
     for key, vals in sm["at_peak"].items():
         mean = vals.get("mean")
