@@ -74,7 +74,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -84,7 +85,7 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """``manifest.json``: every other file's size and sha256 (written last: its presence marks a whole set)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
@@ -105,7 +106,7 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != want["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
 

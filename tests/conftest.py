@@ -83,6 +83,19 @@ def build_tiny(arch: str):
     return _build(arch)
 
 
+def make_tiny_adapter(arch: str, backend: str, tok):
+    """A fresh tiny model of ``arch`` behind ``backend``'s adapter (fresh: the TL bridge modifies its model)."""
+    from taskvec_interp.adapters import NNsightAdapter, TorchHooksAdapter, TransformerLensAdapter
+    from taskvec_interp.adapters.transformer_lens import bridge_from_hf
+
+    model = _build(arch)
+    if backend == "torch":
+        return TorchHooksAdapter(model, tok)
+    if backend == "nnsight":
+        return NNsightAdapter(model, tok)
+    return TransformerLensAdapter(bridge_from_hf(model, tok), tokenizer=tok)
+
+
 def random_prompts(n: int, seed: int = 0, min_len: int = 3, max_len: int = 12) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)

@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, random_prompts
+from conftest import build_tiny, make_tiny_adapter, random_prompts
 
 from taskvec_interp import hooks as H
 from taskvec_interp.adapters import (
     AdapterMismatchError,
-    NNsightAdapter,
     TorchHooksAdapter,
-    TransformerLensAdapter,
     load_model,
     make_adapter,
     verify_adapter,
 )
-from taskvec_interp.adapters.transformer_lens import bridge_from_hf
 from taskvec_interp.hooks import Site
 
 ATOL = 1e-5
 PROMPTS = random_prompts(7, seed=3)
 
 
-def make(arch: str, backend: str, tok):
-    """A fresh model per adapter: the TransformerLens bridge modifies its HF model in place."""
-    model = build_tiny(arch)
-    if backend == "torch":
-        return TorchHooksAdapter(model, tok)
-    if backend == "nnsight":
-        return NNsightAdapter(model, tok)
-    return TransformerLensAdapter(bridge_from_hf(model, tok), tokenizer=tok)
+make = make_tiny_adapter  # a fresh model per adapter: the TransformerLens bridge modifies its HF model in place
 
 
 BACKENDS = ["torch", "nnsight", "transformer_lens"]

@@ -9,10 +9,10 @@ import functools
 import nnsight
 import pytest
 import torch
-from conftest import build_tiny, random_prompts
+from conftest import build_tiny, make_tiny_adapter, random_prompts
 
 from taskvec_interp import hooks as H
-from taskvec_interp.adapters import NNsightAdapter, TorchHooksAdapter, TransformerLensAdapter
+from taskvec_interp.adapters import TransformerLensAdapter
 from taskvec_interp.adapters.transformer_lens import bridge_from_hf
 from taskvec_interp.hooks import HookContext, Site, as_tl_hook, last_token
 from taskvec_interp.probes.decodability import task_decodability
@@ -22,12 +22,7 @@ BACKENDS = ["torch", "nnsight", "transformer_lens"]
 
 
 def make(backend: str, tok, arch: str = "llama"):
-    model = build_tiny(arch)
-    if backend == "torch":
-        return TorchHooksAdapter(model, tok)
-    if backend == "nnsight":
-        return NNsightAdapter(model, tok)
-    return TransformerLensAdapter(bridge_from_hf(model, tok), tokenizer=tok)
+    return make_tiny_adapter(arch, backend, tok)
 
 
 @pytest.fixture(params=BACKENDS)

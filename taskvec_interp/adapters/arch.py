@@ -172,13 +172,14 @@ def _same(a: Tensor | None, b: Tensor) -> bool:
     return a is b or (a is not None and a.shape == b.shape and bool(torch.equal(a, b)))
 
 
-def _probe_inputs(model: nn.Module, position_ids: bool, lengths: tuple[int, ...] = (6, 4)) -> dict[str, Tensor]:
+def _probe_inputs(model: nn.Module, position_ids: bool, lengths: tuple[int, ...] = (6, 4), seed: int = 0
+                  ) -> dict[str, Tensor]:
     """A left-padded batch of random token ids (no tokenizer): attention mask and, where taken, position ids."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None) or 2
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     n = max(lengths)
     ids = torch.randint(1, max(2, int(vocab)), (len(lengths), n), generator=g)
     mask = torch.zeros((len(lengths), n), dtype=torch.long)

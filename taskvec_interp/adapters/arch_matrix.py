@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .arch import _probe_inputs
 from .base import ModelInputs
 
 MATRIX_BACKENDS = ("torch", "nnsight")
@@ -332,19 +333,11 @@ def build_tiny(model_type: str, seed: int = 0, seconds: float = BUILD_SECONDS,
 
 def random_inputs(model: nn.Module, position_ids: bool, lengths: tuple[int, ...] = (7, 4, 5), seed: int = 0
                   ) -> ModelInputs:
-    """A left-padded batch of random token ids for ``model`` (no tokenizer): mask and, if taken, positions."""
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(seed)
+    """A left-padded batch of random token ids for ``model`` (no tokenizer): mask and, if taken, positions
+    (the batch discovery validates with, as ``ModelInputs``)."""
+    kwargs = _probe_inputs(model, position_ids, lengths, seed)
     n = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), n), generator=g)
-    mask = torch.zeros((len(lengths), n), dtype=torch.long)
-    for b, length in enumerate(lengths):
-        mask[b, n - length:] = 1
-    ids = ids.masked_fill(mask == 0, 0)
-    kwargs = {"input_ids": ids, "attention_mask": mask}
-    if position_ids:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    pad = torch.tensor([n - length for length in lengths], dtype=torch.long)
+    pad = torch.tensor([n - length for length in lengths], dtype=torch.long, device=kwargs["input_ids"].device)
     return ModelInputs(kwargs, pad, n)
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import conllu
 
+from ..checkpoints import sha256_file
 from .base import ExampleTask, RandomOutputTask, TaskFamily, decode_utf8, split_indices
 
 __all__ = [
@@ -95,14 +96,6 @@ class Sentence:
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _default_cache_dir() -> Path:
     import platformdirs
 
@@ -140,7 +133,7 @@ def download_ud_english_ewt(
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     target = root / "ud" / f"UD_English-EWT-{tag}" / f"en_ewt-ud-{split}.conllu"
     if target.exists() and not force:
-        if not verify or _sha256(target) == expected:
+        if not verify or sha256_file(target) == expected:
             return target
         warnings.warn(f"cached {target} fails its checksum; downloading it again", stacklevel=2)
     src = url if url is not None else UD_EWT_URL.format(tag=tag, split=split)
