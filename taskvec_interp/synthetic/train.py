@@ -32,7 +32,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ __all__ = [
     "train_config",
     "TRAIN_CONFIGS",
     "train",
+    "train_seeds",
+    "seed_dir",
     "checkpoint_steps",
     "list_checkpoints",
     "load_checkpoint",
@@ -297,6 +300,121 @@ def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -
 # ------------------------------------------------------------------------------------------- train
 
 
+class _SoloEngine:
+    """One seed: the model itself and ``torch.optim.Adam`` (fused on CPU and CUDA)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, fused=_fused_adam(device))
+        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.grad_clip = cfg.grad_clip
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def step(self, xs: Tensor, ys: Tensor, amp_dtype: torch.dtype | None, device: torch.device) -> Tensor:
+        """One optimiser step on ``xs [1, B, K, D]``; returns the loss ``[1]`` (detached)."""
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            pred = self.fwd(xs[0], ys[0])
+        loss = torch.mean((pred.float() - ys[0]) ** 2)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        return loss.detach().unsqueeze(0)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def model_of(self, s: int) -> SyntheticRegressor:
+        return self.model
+
+    def optimizer_of(self, s: int, model: SyntheticRegressor) -> torch.optim.Optimizer:
+        return self.opt
+
+    def load(self, s: int, ckpt: Path, device: torch.device) -> None:
+        self.model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+        load_optimizer(self.opt, ckpt)
+
+
+class _StackedEngine:
+    """Several seeds as one model (:class:`~taskvec_interp.synthetic.stacked.StackedRegressors`)."""
+
+    def __init__(self, cfgs: list[TrainConfig], device: torch.device) -> None:
+        from .stacked import StackedRegressors
+
+        cfg = cfgs[0]
+        self.model = StackedRegressors(cfg.model, [c.seed for c in cfgs]).to(device)
+        self.opt = torch.optim.Adam(self.model.params().values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, fused=_fused_adam(device))
+        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.grad_clip = cfg.grad_clip
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def step(self, xs: Tensor, ys: Tensor, amp_dtype: torch.dtype | None, device: torch.device) -> Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            pred = self.fwd(xs, ys)
+        losses = torch.mean((pred.float() - ys) ** 2, dim=(1, 2))  # [S]: each seed's own loss
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # the sum's gradient for seed s is the gradient of seed s's loss
+        if self.grad_clip is not None:
+            self.model.clip_grad_norm_(self.grad_clip)
+        self.opt.step()
+        return losses.detach()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def model_of(self, s: int) -> SyntheticRegressor:
+        return self.model.module(s)
+
+    def optimizer_of(self, s: int, model: SyntheticRegressor) -> torch.optim.Optimizer:
+        from .stacked import solo_optimizer
+
+        return solo_optimizer(self.opt, self.model, s, model)
+
+    def load(self, s: int, ckpt: Path, device: torch.device) -> None:
+        from .stacked import load_solo_optimizer
+
+        solo = SyntheticRegressor(self.model.cfg, seed=self.model.seeds[s]).to(device)
+        state = load_file(ckpt / "model.safetensors", device=str(device))
+        solo.load_state_dict(state)
+        self.model.load_seed(s, state)
+        opt = torch.optim.Adam(solo.parameters())
+        load_optimizer(opt, ckpt)
+        load_solo_optimizer(self.opt, self.model, s, opt)
+
+
+def _fused_adam(device: torch.device) -> bool | None:
+    """Fused Adam (one kernel over all parameters) where torch has it: CUDA and CPU."""
+    return True if device.type in ("cuda", "cpu") else None
+
+
+def _prepare_run(cfg: TrainConfig, run_dir: Path, good_steps: bool = False) -> tuple[tuple[int, Path] | None, set[int]]:
+    """Check ``run_dir`` against ``cfg`` (nothing written yet): the latest good checkpoint and, when
+    ``good_steps``, the steps of every checkpoint that verifies."""
+    cfg_path = run_dir / "config.json"
+    held = list_checkpoints(run_dir)
+    if cfg_path.exists():
+        _check_same_config(_read_json(cfg_path), cfg, run_dir)
+    elif held:
+        raise ValueError(f"{run_dir} has checkpoints but no config.json; refusing to resume")
+    if held and held[-1][0] > cfg.steps:
+        raise ValueError(f"{run_dir} already holds checkpoints up to step {held[-1][0]}, beyond steps={cfg.steps}: "
+                         f"train with steps >= {held[-1][0]} or use a new run directory (its config.json is left as it is)")
+    if not good_steps:
+        good, _ = latest_good_checkpoint(run_dir)  # warns about each newer checkpoint it skips
+        return good, set()
+    ok = {step for step, path in held if checkpoint_problem(path) is None}
+    return None, ok
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
@@ -311,111 +429,170 @@ def train(
     config differs from ``cfg`` outside ``RUNTIME_FIELDS``). ``stop_at`` stops after that many steps
     without saving (simulates a kill; for tests). ``callback(step, record)`` gets each metrics record.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return _train_runs([cfg], [Path(run_dir)], stacked=False, progress=progress, stop_at=stop_at,
+                       callback=callback)[0]
+
+
+def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:
+    """Where :func:`train_seeds` writes seed ``seed``'s run: ``run_dir/seed_{seed}``."""
+    return Path(run_dir) / f"seed_{seed}"
+
+
+def train_seeds(
+    cfg: TrainConfig,
+    seeds: Sequence[int],
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    stop_at: int | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[Path]:
+    """Train (or resume) ``cfg`` for every seed in ``seeds`` together, as one stacked model
+    (:mod:`~taskvec_interp.synthetic.stacked`); returns each seed's last checkpoint.
+
+    Seed ``s`` is written to ``run_dir/seed_{s}`` (:func:`seed_dir`) as a complete solo run directory
+    (``config.json`` with ``seed=s``, its own metrics and checkpoints in the solo format), with the data
+    stream and initialisation of ``train(replace(cfg, seed=s), ...)`` and its numbers to float precision.
+    ``cfg.seed`` is ignored. Resume takes the newest step at which every seed has a checkpoint that
+    verifies. ``callback(step, record)`` gets each seed's records, with a ``"seed"`` key.
+    """
+    from dataclasses import replace
+
+    from .stacked import check_seeds
+
+    seeds = check_seeds(seeds)
+    base = Path(run_dir)
+    cfgs = [replace(cfg, seed=s) for s in seeds]
+    return _train_runs(cfgs, [seed_dir(base, s) for s in seeds], stacked=True, progress=progress,
+                       stop_at=stop_at, callback=callback)
+
+
+def _train_runs(
+    cfgs: list[TrainConfig],
+    run_dirs: list[Path],
+    *,
+    stacked: bool,
+    progress: bool,
+    stop_at: int | None,
+    callback: Callable[[int, dict[str, Any]], None] | None,
+) -> list[Path]:
+    """The training loop, for one plain model (``stacked=False``) or several seeds stacked into one."""
+    cfg = cfgs[0]  # every field but the seed is shared
+    n = len(cfgs)
     device = torch.device(cfg.device)
-    cfg_path = run_dir / "config.json"
-    held = list_checkpoints(run_dir)
-    if cfg_path.exists():
-        _check_same_config(_read_json(cfg_path), cfg, run_dir)
-    elif held:
-        raise ValueError(f"{run_dir} has checkpoints but no config.json; refusing to resume")
-    if held and held[-1][0] > cfg.steps:
-        raise ValueError(f"{run_dir} already holds checkpoints up to step {held[-1][0]}, beyond steps={cfg.steps}: "
-                         f"train with steps >= {held[-1][0]} or use a new run directory (its config.json is left as it is)")
-    good, _ = latest_good_checkpoint(run_dir)  # warns about each newer checkpoint it skips
-    ckpts = [good] if good is not None else []
-    atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1))
-    clean_partial(run_dir)  # leftovers of a killed save
+    # check every run directory before writing anything
+    if stacked:
+        good_sets = [_prepare_run(c, d, good_steps=True)[1] for c, d in zip(cfgs, run_dirs, strict=True)]
+        common = set.intersection(*good_sets) if good_sets else set()
+        newest = [max(s) for s in good_sets if s]
+        if common:
+            step0 = max(common)
+            for d, mx in zip(run_dirs, newest, strict=True):
+                if mx > step0:
+                    warnings.warn(f"{d}: resuming from step {step0}, the newest step every seed has a good "
+                                  f"checkpoint at (this seed has one at {mx})", stacklevel=3)
+            resume = [(step0, d / "checkpoints" / f"step_{step0:07d}") for d in run_dirs]
+        else:
+            if any(good_sets):
+                warnings.warn("the seeds share no checkpoint step: training every seed from step 0", stacklevel=3)
+            resume = [None] * n
+    else:
+        resume = [_prepare_run(cfgs[0], run_dirs[0])[0]]
+    for c, d in zip(cfgs, run_dirs, strict=True):
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "config.json", json.dumps(c.to_dict(), indent=1))
+        clean_partial(d)  # leftovers of a killed save
 
-    model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
-    use_fused = device.type == "cuda"
-    opt = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        fused=True if use_fused else None,
-    )
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + DATA_SEED_OFFSET)
+    engine = _StackedEngine(cfgs, device) if stacked else _SoloEngine(cfg, device)
+    gens = [torch.Generator(device=device).manual_seed(c.seed + DATA_SEED_OFFSET) for c in cfgs]
     start, loss_count = 0, 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on device: no sync per step
-    if ckpts:
-        start, ck = ckpts[-1]
-        model.load_state_dict(load_file(ck / "model.safetensors", device=str(device)))
-        load_optimizer(opt, ck)
-        st_t = load_file(ck / "state.safetensors")
-        gen.set_state(st_t["data_generator"])
-        loss_sum = st_t["loss_sum"].to(device)
-        loss_count = json.loads((ck / "state.json").read_text())["loss_count"]
-        # drop metrics logged after the checkpoint (they will be recomputed identically)
-        recs = [r for r in read_metrics(run_dir) if r["step"] <= start]
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    loss_sum = torch.zeros(n, dtype=torch.float64, device=device)  # on device: no sync per step
+    last_ck: list[Path | None] = [None] * n
+    if resume[0] is not None:
+        start = resume[0][0]
+        for s, (d, (_, ck)) in enumerate(zip(run_dirs, resume, strict=True)):
+            engine.load(s, ck, device)
+            st_t = load_file(ck / "state.safetensors")
+            gens[s].set_state(st_t["data_generator"])
+            loss_sum[s] = st_t["loss_sum"].to(device)
+            loss_count = json.loads((ck / "state.json").read_text())["loss_count"]
+            # drop metrics logged after the checkpoint (they will be recomputed identically)
+            recs = [r for r in read_metrics(d) if r["step"] <= start]
+            atomic_write_text(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+            last_ck[s] = ck
+    else:
+        for d in run_dirs:
+            if (d / "metrics.jsonl").exists():
+                (d / "metrics.jsonl").unlink()
 
-    fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     # CUDA-graph modes reuse output buffers between replays: mark each training step as a new one
     mark_step = cfg.compile and cfg.compile_mode in _CUDA_GRAPH_MODES
     amp_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
     test = make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed)
     ck_steps = set(checkpoint_steps(cfg))
-    last_ck = ckpts[-1][1] if ckpts else None
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     t0 = time.perf_counter()
-    metrics_f = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    metrics_f = [open(d / "metrics.jsonl", "a") for d in run_dirs]  # noqa: SIM115 - closed in finally
 
-    def log(step: int, rec: dict[str, Any]) -> None:
+    def log(s: int, step: int, rec: dict[str, Any]) -> None:
         rec = {"step": step, **rec, "elapsed_s": round(time.perf_counter() - t0, 3)}
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+        metrics_f[s].write(json.dumps(rec) + "\n")
+        metrics_f[s].flush()
         if callback is not None:
-            callback(step, rec)
+            callback(step, {**rec, "seed": cfgs[s].seed} if stacked else rec)
 
     def lr_at(step: int) -> float:  # a pure function of the step: nothing to checkpoint
         return scheduled_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
+    def checkpoint(step: int) -> None:
+        for s, d in enumerate(run_dirs):
+            model = engine.model_of(s)
+            last_ck[s] = _save_checkpoint(d, step, model, engine.optimizer_of(s, model), gens[s], loss_sum[s].clone(),
+                                          loss_count)
+
     last_loss: float | None = None
     try:
-        if start == 0 and not ckpts:
-            log(0, evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
-            last_ck = _save_checkpoint(run_dir, 0, model, opt, gen, loss_sum, loss_count)
-        model.train()
+        if start == 0 and resume[0] is None:
+            for s in range(n):
+                log(s, 0, evaluate(engine.model_of(s), test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+            checkpoint(0)
+        engine.train_mode()
         bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, disable=not progress,
-                   desc="train", dynamic_ncols=True)
+                   desc="train" if n == 1 else f"train {n} seeds", dynamic_ncols=True)
         for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            batch = sample_batch(cfg.data, cfg.batch_size, gen, device)
+            engine.set_lr(lr_at(step))
+            batches = [sample_batch(cfg.data, cfg.batch_size, g, device) for g in gens]
+            xs = torch.stack([b.xs for b in batches])
+            ys = torch.stack([b.ys for b in batches])
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                pred = fwd(batch.xs, batch.ys)
-            loss = torch.mean((pred.float() - batch.ys) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss_sum += loss.detach()
+            loss_sum += engine.step(xs, ys, amp_dtype, device)
             loss_count += 1
-            rec: dict[str, Any] = {}
+            recs: list[dict[str, Any]] = [{} for _ in range(n)]
             if step % cfg.log_every == 0 or step == cfg.steps:
-                rec["train_loss"] = last_loss = float(loss_sum) / loss_count
-                rec["lr"] = lr_at(step)
+                means = (loss_sum / loss_count).tolist()
+                for s in range(n):
+                    recs[s]["train_loss"] = means[s]
+                    recs[s]["lr"] = lr_at(step)
+                last_loss = sum(means) / n
                 loss_sum.zero_()
                 loss_count = 0
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             if step % cfg.eval_every == 0 or step in ck_steps:
-                rec.update(evaluate(model, test, cfg.data.n_bases, autocast_dtype=amp_dtype))
-                shown = {"test": f"{rec['test_mse']:.4f}"}
+                for s in range(n):
+                    recs[s].update(evaluate(engine.model_of(s), test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+                shown = {"test": f"{sum(r['test_mse'] for r in recs) / n:.4f}"}
                 if last_loss is not None:  # the last logged training loss, never a NaN placeholder
                     shown = {"loss": f"{last_loss:.4f}", **shown}
                 bar.set_postfix(**shown)
-            if rec:
-                log(step, rec)
+            for s in range(n):
+                if recs[s]:
+                    log(s, step, recs[s])
             if step in ck_steps:
-                last_ck = _save_checkpoint(run_dir, step, model, opt, gen, loss_sum, loss_count)
+                checkpoint(step)
         bar.close()
     finally:
-        metrics_f.close()
-    assert last_ck is not None
-    return last_ck
-
+        for f in metrics_f:
+            f.close()
+    assert all(ck is not None for ck in last_ck)
+    return [ck for ck in last_ck if ck is not None]
