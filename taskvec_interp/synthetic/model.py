@@ -125,7 +125,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     "paper": ModelConfig(n_layer=12, d_model=256, n_head=8),
     "small": ModelConfig(n_layer=8, d_model=32, n_head=4, tokens="xy", attn_implementation="eager",
                          activation="gelu_pytorch_tanh"),
-    "tiny": ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, d_state=8, chunk_size=8),
+    "tiny": ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, d_state=8, chunk_size=8,
+                        attn_implementation="eager"),
 }
 
 
