@@ -1,6 +1,7 @@
 """Synthetic experiment of Han et al. (ICML 2025): Mixture of Sparse Linear Regression (MSLR).
 
 ``data``  the MSLR sampler, a fixed balanced test set and Bayes / least-squares oracles.
+``families`` the appendix's mixture of regression families (linear, sparse, leaky-ReLU, quadratic).
 ``model`` ``SyntheticRegressor``: linear read-in -> GPT-2 or Mamba-2 backbone (transformers) -> read-out.
 ``train`` training with log-spaced + regular checkpoints (safetensors + JSON) and exact resume.
 
@@ -23,6 +24,7 @@ from .data import (
     oracle_summary,
     sample_batch,
 )
+from .families import FAMILIES, FAMILY_ORACLES, FamilyMixtureConfig
 from .model import (
     MODEL_CONFIGS,
     ModelConfig,
@@ -55,6 +57,9 @@ __all__ = [
     "oracle_errors",
     "oracle_summary",
     "sample_batch",
+    "FAMILIES",
+    "FAMILY_ORACLES",
+    "FamilyMixtureConfig",
     "MODEL_CONFIGS",
     "ModelConfig",
     "SyntheticRegressor",

@@ -21,7 +21,11 @@ language model's), so TD, UMAP and patching reuse the same hook functions as for
   error of ridge on all coordinates (``below_ridge_step``: from there on the model must be using the
   basis; the first loss drop is basis-agnostic regression, common to all bases), and the share of the
   sparsity gap its final MSE closes (``gap_closed``: 0 at the error of ridge on all coordinates, the
-  best predictor that ignores the basis; 1 at the rank-r oracle, which knows it).
+  best predictor that ignores the basis; 1 at the rank-r oracle, which knows it; ``None`` where the data
+  has no such oracles, as the mixture of regression families).
+* **Groups**: where the bases come in groups (:func:`basis_groups`: the overlapping layout's partitions),
+  TD of the group label at every layer (table ``td_group``, same k-NN) and, in the summary,
+  ``td_group_first`` / ``td_group_last`` at ``td_layer``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from ..experiments.trajectory import (
     trajectory_result,
 )
 from ..probes.decodability import task_decodability
-from .data import MSLRBatch, make_test_set, oracle_summary
+from .data import MSLRBatch, MSLRConfig, make_test_set, oracle_summary
 from .model import SyntheticRegressor
 from .train import list_checkpoints, load_checkpoint, load_run_config, read_metrics
 
@@ -71,6 +75,19 @@ def model_inputs(batch: MSLRBatch) -> ModelInputs:
 
 def basis_names(n_bases: int) -> list[str]:
     return [f"B{j + 1}" for j in range(n_bases)]
+
+
+def basis_groups(data_cfg: object) -> list[int] | None:
+    """The group index of each basis, or ``None`` where the bases form no groups.
+
+    Overlapping MSLR bases come in groups of ``n_dims // rank`` (each group a partition of the
+    coordinates): basis ``b`` is in group ``b // (n_dims // rank)``. Disjoint bases and regression
+    families: ``None``.
+    """
+    if isinstance(data_cfg, MSLRConfig) and data_cfg.layout == "overlapping":
+        per_group = data_cfg.n_dims // data_cfg.rank
+        return [b // per_group for b in range(data_cfg.n_bases)]
+    return None
 
 
 @dataclass
@@ -98,6 +115,7 @@ class AnalysisResult:
     patching: pd.DataFrame  # step, layer, mode, source, target, mse
     summary: dict
     embeddings: dict = field(default_factory=dict)  # (layer, step) -> ([n, 2], labels)
+    td_group: pd.DataFrame | None = None  # TD of the group label (basis_groups), as ``td``; None: no groups
 
     def save(self, out: str | Path) -> Path:
         """Write the tables, config and summary; an older analysis in ``out`` is replaced whole."""
@@ -108,6 +126,8 @@ class AnalysisResult:
             self.td.to_parquet(tmp / "td.parquet", index=False)
             self.loss.to_parquet(tmp / "loss.parquet", index=False)
             self.patching.to_parquet(tmp / "patching.parquet", index=False)
+            if self.td_group is not None:
+                self.td_group.to_parquet(tmp / "td_group.parquet", index=False)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2))
         return Path(out)
 
@@ -262,12 +282,18 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
     umap_layers = list(config.umap_layers) if config.umap_layers is not None else _pick(list(range(n_layers)), 6)
     patch_steps = set(config.patch_checkpoints) if config.patch_checkpoints is not None else {steps[len(steps) // 2],
                                                                                              steps[-1]}
+    groups = basis_groups(cfg.data)
+    group_labels = None if groups is None else torch.tensor(groups)[test.basis]
+    group_names = None if groups is None else [f"G{g + 1}" for g in range(max(groups) + 1)]
 
     def probe(model: SyntheticRegressor, entry: Checkpoint) -> dict[str, pd.DataFrame]:
         acts = capture_checkpoint(model, test, batch_size=config.batch_size)
         td = task_decodability(acts, test.basis, k=config.k, label_names=names, n_boot=config.n_boot,
                                seed=config.seed)
         tables = {"td": td.to_frame()}
+        if group_labels is not None:  # TD of the group label, same probe
+            tables["td_group"] = task_decodability(acts, group_labels, k=config.k, label_names=group_names,
+                                                   n_boot=config.n_boot, seed=config.seed).to_frame()
         if entry.step in umap_steps:
             from ..viz import umap_embedding
 
@@ -287,15 +313,26 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
                          for r in read_metrics(run_dir) if "test_mse_b0" in r for b in range(n_bases)])
     summary = emergence_summary(td_all, loss, names, td_layer)
     summary["oracles"] = oracle_summary(cfg.data, make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed))
+    if hasattr(cfg.data, "families"):
+        summary["families"] = dict(zip(names, cfg.data.families, strict=True))
     for i, name in enumerate(names):  # share of the sparsity gap closed: 0 = basis-agnostic ridge, 1 = rank-r oracle
-        b, agnostic, rank_r = summary["bases"][name], summary["oracles"]["full_ridge"][f"b{i}"], \
-            summary["oracles"]["basis_ridge"][f"b{i}"]
-        b["gap_closed"] = None if b["final_mse"] is None else (agnostic - b["final_mse"]) / (agnostic - rank_r)
+        b = summary["bases"][name]
+        agnostic = summary["oracles"].get("full_ridge", {}).get(f"b{i}")
+        rank_r = summary["oracles"].get("basis_ridge", {}).get(f"b{i}")  # none for a family mixture
+        b["gap_closed"] = (None if None in (b["final_mse"], agnostic, rank_r) or agnostic == rank_r
+                           else (agnostic - b["final_mse"]) / (agnostic - rank_r))
         # the basis-specific drop: below the error of every predictor that ignores the basis
         lb = loss[loss["basis"] == name].sort_values("step")
-        b["below_ridge_step"] = _first_below(lb["step"].tolist(), lb["mse"].tolist(), agnostic)
+        b["below_ridge_step"] = (None if agnostic is None
+                                 else _first_below(lb["step"].tolist(), lb["mse"].tolist(), agnostic))
+    td_group = None if groups is None else run.table("td_group")
+    if groups is not None:
+        tg = td_group[(td_group["layer"] == td_layer) & (td_group["level"] == "overall")].sort_values("step")
+        summary["groups"] = groups
+        summary["td_group_first"], summary["td_group_last"] = float(tg["td"].iloc[0]), float(tg["td"].iloc[-1])
+        summary["group_chance"] = float(tg["chance"].iloc[0])
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    return AnalysisResult(config, td_all, loss, patching, summary, embeddings)
+    return AnalysisResult(config, td_all, loss, patching, summary, embeddings, td_group)
 
 
 def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str], td_layer: int,

@@ -39,13 +39,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..validate import check_int, check_number
+
+if TYPE_CHECKING:
+    from .families import FamilyMixtureConfig
 
 __all__ = [
     "MSLRConfig",
@@ -165,8 +168,15 @@ def _basis_matrices(cfg: MSLRConfig, dtype: torch.dtype, device: str) -> Tensor:
     return u.to(device)
 
 
+def _families():
+    """The families module (imported late: it builds on this one)."""
+    from . import families
+
+    return families
+
+
 def sample_batch(
-    cfg: MSLRConfig,
+    cfg: MSLRConfig | FamilyMixtureConfig,
     batch_size: int,
     generator: torch.Generator,
     device: torch.device | str | None = None,
@@ -174,20 +184,25 @@ def sample_batch(
 ) -> MSLRBatch:
     """Draw ``batch_size`` sequences with ``generator`` (which must live on ``device``).
 
+    ``cfg`` is an MSLR config or a :class:`~taskvec_interp.synthetic.families.FamilyMixtureConfig`
+    (the label in ``basis`` is then the family's index).
+
     ``basis`` optionally fixes the basis of every sequence (else uniform). The random draws are, in
     order: basis (if not given), ``w``, ``xs``, noise; the stream depends on the generator's device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else generator.device
-    if basis is None:
-        basis = torch.randint(cfg.n_bases, (batch_size,), generator=generator, device=device)
-    else:
+    if basis is not None:
         basis = basis.to(device)
         if basis.shape != (batch_size,):
             raise ValueError(f"basis must have shape ({batch_size},), got {tuple(basis.shape)}")
         if basis.numel() and (int(basis.min()) < 0 or int(basis.max()) >= cfg.n_bases):
             raise ValueError(f"basis labels must be in [0, {cfg.n_bases}), got {basis.unique().tolist()}")
+    if not isinstance(cfg, MSLRConfig):  # a mixture of regression families (families.py)
+        return _families().sample_families(cfg, batch_size, generator, device, basis)
+    if basis is None:
+        basis = torch.randint(cfg.n_bases, (batch_size,), generator=generator, device=device)
     u = _basis_matrices(cfg, torch.float32, str(device))[basis]  # [B, D, r] (cached per device)
     w_low = torch.randn(batch_size, cfg.rank, generator=generator, device=device) * math.sqrt(cfg.prior_var)
     w = torch.einsum("bdr,br->bd", u, w_low)
@@ -197,10 +212,11 @@ def sample_batch(
     return MSLRBatch(xs=xs, ys=ys, basis=basis, w=w)
 
 
-def make_test_set(cfg: MSLRConfig, n_per_basis: int = 250, seed: int = 1234) -> MSLRBatch:
+def make_test_set(cfg: MSLRConfig | FamilyMixtureConfig, n_per_basis: int = 250, seed: int = 1234) -> MSLRBatch:
     """A fixed, balanced test set on CPU: ``n_per_basis`` sequences of each basis, sorted by basis.
 
     The paper uses a 1K-sample test set (250 per basis with 4 bases). Independent of any training stream.
+    For a family mixture "basis" is the family index.
     """
     if n_per_basis < 1:
         raise ValueError(f"n_per_basis must be >= 1, got {n_per_basis}")
@@ -243,9 +259,17 @@ def oracle_errors(
     xs: Float[Tensor, "batch n_points n_dims"],
     ys: Float[Tensor, "batch n_points"],
     basis: Int[Tensor, " batch"],
-    oracles: tuple[str, ...] = ORACLES,
+    oracles: tuple[str, ...] | None = None,
+    w: Float[Tensor, "batch n_dims"] | None = None,
 ) -> dict[str, Float[Tensor, "batch n_points"]]:
-    """Squared error of each oracle at each position (position ``i`` sees examples ``< i``). In float64."""
+    """Squared error of each oracle at each position (position ``i`` sees examples ``< i``). In float64.
+
+    ``oracles=None``: all of the config's (``ORACLES``; for a family mixture ``FAMILY_ORACLES``, whose
+    ``family_best`` needs ``w`` on sparse sequences).
+    """
+    if not isinstance(cfg, MSLRConfig):
+        return _families().family_oracle_errors(cfg, xs, ys, basis, w, oracles)
+    oracles = ORACLES if oracles is None else tuple(oracles)
     unknown = set(oracles) - set(ORACLES)
     if unknown:
         raise ValueError(f"unknown oracle(s) {sorted(unknown)}; available: {ORACLES}")
@@ -298,12 +322,16 @@ def _mixture_bayes(cfg: MSLRConfig, xs: Tensor, ys: Tensor, u_all: Tensor, prev:
 
 
 def oracle_summary(
-    cfg: MSLRConfig, test: MSLRBatch, oracles: tuple[str, ...] = ORACLES
+    cfg: MSLRConfig | FamilyMixtureConfig, test: MSLRBatch, oracles: tuple[str, ...] | None = None
 ) -> dict[str, dict[str, float]]:
     """Mean squared error (over positions and sequences) of each oracle, overall and per basis.
 
     Returns ``{oracle: {"all": mse, "b0": mse_basis0, ...}}``; also ``"last"`` (the final position only).
+    ``oracles=None``: all of the config's. A family mixture has its own oracles
+    (:func:`~taskvec_interp.synthetic.families.family_oracle_summary`; ``None`` where undefined).
     """
+    if not isinstance(cfg, MSLRConfig):
+        return _families().family_oracle_summary(cfg, test, oracles)
     errs = oracle_errors(cfg, test.xs, test.ys, test.basis, oracles)
     out: dict[str, dict[str, float]] = {}
     for name, e in errs.items():
