@@ -118,7 +118,7 @@ def find_arch(model: nn.Module, blocks: str | None = None, discover: bool = Fals
 
 O_PROJ_NAMES: tuple[str, ...] = ("attn.c_proj", "self_attn.o_proj", "attention.dense", "self_attention.dense",
                                  "attn.o_proj", "attention.o_proj", "self_attn.out_proj", "attn.out_proj",
-                                 "self_attn.dense", "attn.out")
+                                 "self_attn.dense", "attn.attention.out_proj", "attn.out")
 """Paths (relative to a block) of the attention's output projection, tried in order (every block must have it,
 and its attention module must say how many heads it has)."""
 
@@ -336,6 +336,8 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
     if spec is None:
         raise ValueError(f"architecture discovery failed for {name} (model_type {model.config.model_type!r}): "
                          f"{why}; {hint}")
+    if spec.o_proj is None:  # the per-head z site: found by name (O_PROJ_NAMES), not validated by the forward
+        spec = replace(spec, o_proj=find_o_proj(get_module(model, spec.blocks)))
     if blocks is None:
         _DISCOVERED[model] = spec
     return spec
