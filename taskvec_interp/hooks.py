@@ -37,10 +37,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-COMPONENTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "mixer_out", "resid_post")
+COMPONENTS: tuple[str, ...] = ("resid_pre", "z", "attn_out", "mlp_out", "mixer_out", "resid_post")
 """Components a site may name, in forward order within a block."""
+HEAD_COMPONENTS: tuple[str, ...] = ("z",)
+"""Per-head components: activations ``[batch, seq, n_heads, d_head]``, named ``blocks.{l}.attn.hook_{c}``
+as in TransformerLens. They are hooked by name only (never part of an adapter's ``site_names()``)."""
 
-_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.hook_([a-z_]+)$")
+_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.(attn\.)?hook_([a-z_]+)$")
 TL_ALIASES = {"in": "resid_pre", "out": "resid_post"}
 """TransformerBridge's canonical names for the residual stream (``blocks.3.hook_out`` is ``resid_post``)."""
 
@@ -53,8 +56,10 @@ class Site:
 
     ``resid_post`` is the block's output (the residual stream after block ``layer``),
     ``resid_pre`` its input, ``attn_out`` / ``mlp_out`` / ``mixer_out`` the sublayer outputs
-    before they are added to the residual stream. Names follow TransformerLens:
-    ``Site(3, "resid_post").name == "blocks.3.hook_resid_post"``.
+    before they are added to the residual stream. ``z`` is the attention's per-head output before its
+    output projection, ``[batch, seq, n_heads, d_head]`` (TransformerLens's ``hook_z``). Names follow
+    TransformerLens: ``Site(3, "resid_post").name == "blocks.3.hook_resid_post"``,
+    ``Site(3, "z").name == "blocks.3.attn.hook_z"``.
     """
 
     layer: int
@@ -68,6 +73,8 @@ class Site:
 
     @property
     def name(self) -> str:
+        if self.component in HEAD_COMPONENTS:
+            return f"blocks.{self.layer}.attn.hook_{self.component}"
         return f"blocks.{self.layer}.hook_{self.component}"
 
     @property
@@ -93,12 +100,17 @@ def parse_site(site: str | Site | int, n_layers: int | None = None) -> Site:
         m = _SITE_RE.match(site)
         if m is None:
             raise ValueError(
-                f"unknown site {site!r}: expected 'blocks.<layer>.hook_<component>' with component in {COMPONENTS}"
+                f"unknown site {site!r}: expected 'blocks.<layer>.hook_<component>' with component in {COMPONENTS} "
+                f"(per-head components {HEAD_COMPONENTS}: 'blocks.<layer>.attn.hook_<component>')"
             )
-        comp = TL_ALIASES.get(m.group(2), m.group(2))
+        attn, raw = m.group(2) is not None, m.group(3)
+        comp = raw if attn else TL_ALIASES.get(raw, raw)
         if comp not in COMPONENTS:
-            raise ValueError(f"unknown site component {m.group(2)!r} in {site!r}; known components: {COMPONENTS} "
+            raise ValueError(f"unknown site component {raw!r} in {site!r}; known components: {COMPONENTS} "
                              f"(or TransformerBridge's {tuple('hook_' + a for a in TL_ALIASES)})")
+        if attn != (comp in HEAD_COMPONENTS):
+            want = f"blocks.{m.group(1)}.attn.hook_{comp}" if comp in HEAD_COMPONENTS else f"blocks.{m.group(1)}.hook_{comp}"
+            raise ValueError(f"unknown site {site!r}: did you mean {want!r}?")
         out = Site(int(m.group(1)), comp)
     else:
         raise TypeError(f"a site must be a str, Site or int, got {type(site).__name__}")
@@ -347,7 +359,7 @@ def capture(
         if rows.shape[0] != act.shape[0] * (m or 1):
             raise ValueError(f"capture position {position!r} is not inside the prefill at {ctx.name}")
         got = act[rows, cols].detach().to(device=device, dtype=dtype)
-        store[k] = got if m is None else got.view(act.shape[0], m, act.shape[-1])
+        store[k] = got if m is None else got.view(act.shape[0], m, *act.shape[2:])
         return None
 
     hook.store = store  # type: ignore[attr-defined]  # where it writes: a remote backend sends it back

@@ -45,6 +45,7 @@ from .tasks.base import NULL_TASK
 
 __all__ = [
     "plot_basis_emergence",
+    "plot_head_ablation",
     "plot_patching",
     "plot_task_td",
     "plot_task_td_heatmap",
@@ -1027,4 +1028,41 @@ def plot_finetune_td(td: pd.DataFrame, path: str | Path | None = None, title: st
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _finish(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention heads of the synthetic model (paper Figs. 17-18)
+def plot_head_ablation(table: pd.DataFrame, path: str | Path | None = None, mode: str | None = None,
+                       value: str = "delta", title: str | None = None) -> Figure:
+    """One layer x head heatmap per basis of the MSE change when that head is ablated
+    (:func:`taskvec_interp.synthetic.heads.head_ablation`'s table), all panels on one colour scale
+    centred at 0 (red: ablation hurts). ``mode``: which ablation (default: ``"mean"`` if present, else the
+    first in the table); ``value``: ``"delta"`` (every prediction) or ``"delta_last"`` (the last one)."""
+    tab = _check_table(table, ["layer", "head", "mode", "basis", value], "head-ablation")
+    modes = list(dict.fromkeys(tab["mode"]))
+    mode = mode if mode is not None else ("mean" if "mean" in modes else modes[0])
+    part = tab[tab["mode"] == mode]
+    if part.empty:
+        raise ValueError(f"no {mode!r} ablations in the table (modes: {modes})")
+    bases = list(dict.fromkeys(part["basis"]))
+    layers = sorted(set(part["layer"]))
+    heads = sorted(set(part["head"]))
+    fig, axes = _grid(len(bases), (0.45 * len(heads) + 2.2, 0.32 * len(layers) + 1.6), max_cols=4)
+    lim = max(float(np.nanmax(np.abs(part[value].to_numpy(dtype=float)))), 1e-6)
+    im = None
+    for ax, basis in zip(axes, bases, strict=True):
+        grid = part[part["basis"] == basis].pivot_table(index="layer", columns="head", values=value)
+        grid = grid.reindex(index=layers, columns=heads)
+        im = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower",
+                       interpolation="nearest")
+        ax.set_xticks(range(len(heads)), [int(h) for h in heads])
+        step = max(1, math.ceil(len(layers) / 16))
+        ax.set_yticks(range(0, len(layers), step), [int(v) for v in layers[::step]])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"basis {basis}", fontsize=9)
+    what = "MSE" if value == "delta" else "last-prediction MSE"
+    fig.colorbar(im, ax=axes, label=f"{what} change ({mode}-ablated - unablated)", shrink=0.9)
+    fig.suptitle(title or f"{mode}-ablation of each attention head", fontsize=10)
     return _finish(fig, path)

@@ -34,6 +34,9 @@ class ArchSpec:
     """Whether a left-padded row equals the same prompt run alone. ``False`` for models whose positions
     cannot follow the padding (absolute positions without ``position_ids``, as BART-style decoders; their
     own offset positions, as RoBERTa): the adapters then batch only prompts of equal token length."""
+    o_proj: str | None = None
+    """The attention's output projection, relative to a block (``attn.c_proj`` for GPT-2): its input is the
+    per-head attention output, the ``z`` site (``blocks.{l}.attn.hook_z``). ``None``: no ``z`` site."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -45,11 +48,14 @@ class ArchSpec:
         return {"attn_out": self.attn, "mlp_out": self.mlp, "mixer_out": self.mixer}.get(component)
 
 
-_DECODER = ArchSpec(blocks="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
+_DECODER = ArchSpec(blocks="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm",
+                    o_proj="self_attn.o_proj")
 
 ARCHS: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(blocks="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f"),
-    "gpt_neox": ArchSpec(blocks="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm"),
+    "gpt2": ArchSpec(blocks="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f",
+                     o_proj="attn.c_proj"),
+    "gpt_neox": ArchSpec(blocks="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm",
+                         o_proj="attention.dense"),
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
@@ -103,7 +109,69 @@ def find_arch(model: nn.Module, blocks: str | None = None, discover: bool = Fals
     mods = get_module(model, spec.blocks)
     if not isinstance(mods, (nn.ModuleList, nn.Sequential)) or len(mods) == 0:
         raise ValueError(f"{spec.blocks!r} of {type(model).__name__} is not a non-empty ModuleList of blocks")
+    if spec.o_proj is None:
+        found = find_o_proj(mods)
+        if found is not None:
+            spec = replace(spec, o_proj=found)
     return spec
+
+
+O_PROJ_NAMES: tuple[str, ...] = ("attn.c_proj", "self_attn.o_proj", "attention.dense", "self_attention.dense",
+                                 "attn.o_proj", "attention.o_proj", "self_attn.out_proj", "attn.out_proj",
+                                 "self_attn.dense", "attn.attention.out_proj", "attn.out")
+"""Paths (relative to a block) of the attention's output projection, tried in order (every block must have it,
+and its attention module must say how many heads it has)."""
+
+
+def find_o_proj(blocks: nn.ModuleList) -> str | None:
+    """The first path of :data:`O_PROJ_NAMES` that every block has, whose attention knows its head count."""
+    for path in O_PROJ_NAMES:
+        parent, _, leaf = path.rpartition(".")
+        ok = True
+        for block in blocks:
+            attn = _get_or_none(block, parent)
+            proj = getattr(attn, leaf, None) if attn is not None else None
+            if not isinstance(proj, nn.Module) or attn_heads(attn) is None:
+                ok = False
+                break
+        if ok:
+            return path
+    return None
+
+
+def _get_or_none(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def attn_heads(attn: nn.Module) -> int | None:
+    """The number of query heads of an attention module (``num_heads``, ``n_head``, ``num_attention_heads``,
+    here or on its ``config``), or ``None`` if it does not say."""
+    for owner in (attn, getattr(attn, "config", None)):
+        for name in ("num_heads", "n_head", "num_attention_heads", "n_heads"):
+            value = getattr(owner, name, None) if owner is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def o_proj_heads(model: nn.Module, spec: ArchSpec, blocks: nn.ModuleList) -> int | None:
+    """The head count behind ``spec.o_proj`` (the model config's when the attention module does not say)."""
+    if spec.o_proj is None:
+        return None
+    attn = _get_or_none(blocks[0], spec.o_proj.rpartition(".")[0])
+    n = attn_heads(attn) if attn is not None else None
+    if n is None:
+        cfg = getattr(model, "config", None)
+        for name in ("num_attention_heads", "n_head", "num_heads"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return n
 
 
 # ---------------------------------------------------------------- discovery
@@ -268,6 +336,8 @@ def discover_arch(model: nn.Module, blocks: str | None = None) -> ArchSpec:
     if spec is None:
         raise ValueError(f"architecture discovery failed for {name} (model_type {model.config.model_type!r}): "
                          f"{why}; {hint}")
+    if spec.o_proj is None:  # the per-head z site: found by name (O_PROJ_NAMES), not validated by the forward
+        spec = replace(spec, o_proj=find_o_proj(get_module(model, spec.blocks)))
     if blocks is None:
         _DISCOVERED[model] = spec
     return spec

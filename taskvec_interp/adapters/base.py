@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..activations import Activations
 from ..hooks import (
+    HEAD_COMPONENTS,
     HookContext,
     HookFn,
     HookSpec,
@@ -30,6 +31,7 @@ from ..hooks import (
     Site,
     capture,
     normalize_hooks,
+    parse_site,
     resolve_layers,
     writes_last_token_only,
 )
@@ -125,7 +127,7 @@ class Adapter(ABC):
     def __init__(
         self, *, model: object, n_layers: int, d_model: int, tokenizer: object | None, device: torch.device,
         n_ctx: int | None, components: Sequence[str], position_ids: bool = True, add_special_tokens: bool = True,
-        left_padding: bool = True,
+        left_padding: bool = True, n_heads: int | None = None, no_heads_reason: str | None = None,
     ) -> None:
         self.model = model
         self.n_layers = int(n_layers)
@@ -134,6 +136,11 @@ class Adapter(ABC):
         self.device = torch.device(device)
         self.n_ctx = n_ctx
         self.components = tuple(components)
+        self.n_heads = n_heads
+        """Attention heads per layer behind the per-head ``z`` site (``None``: this adapter has no ``z`` site)."""
+        self.head_components: tuple[str, ...] = HEAD_COMPONENTS if n_heads is not None else ()
+        """Per-head components hookable by name (``blocks.{l}.attn.hook_z``), not listed in :meth:`site_names`."""
+        self._no_heads_reason = no_heads_reason
         self.uses_position_ids = position_ids
         self.left_padding = left_padding
         """``False``: padding would change this model's numbers; batches hold prompts of one token length."""
@@ -262,10 +269,28 @@ class Adapter(ABC):
         return self.collate(self.encode(prompts))
 
     # ---------------------------------------------------------------- hooks
+    def _normalize(self, hooks: HookSpec) -> list[tuple[Site, HookFn]]:
+        """:func:`normalize_hooks` over this adapter's components and per-head components; a per-head site on
+        a model or backend without one is refused here, before any forward, saying why."""
+        for item in hooks:
+            site = item[0] if isinstance(item, tuple) and len(item) == 2 else None
+            if isinstance(site, (str, Site)):
+                s = parse_site(site)
+                if s.component in HEAD_COMPONENTS and s.component not in self.head_components:
+                    why = self._no_heads_reason or "this adapter has no per-head sites"
+                    raise ValueError(f"site {s.name} (per-head attention output) is not available for "
+                                     f"{self._model_label()} on the {self.backend!r} backend: {why}")
+        return normalize_hooks(hooks, self.n_layers, self.components + self.head_components)
+
+    def _model_label(self) -> str:
+        inner = self._hf_module()
+        name = getattr(getattr(inner, "config", None), "_name_or_path", None) or self.name
+        return f"{type(inner).__name__}" + (f" ({name!r})" if name else "")
+
     @contextlib.contextmanager
     def hooks(self, hooks: HookSpec) -> Iterator[Adapter]:
         """Attach ``hooks`` to every call made inside the block; they are gone on exit, even on error."""
-        checked = normalize_hooks(hooks, self.n_layers, self.components)
+        checked = self._normalize(hooks)
         n_before = len(self._context_hooks)
         self._context_hooks.extend(checked)
         try:
@@ -274,7 +299,7 @@ class Adapter(ABC):
             del self._context_hooks[n_before:]
 
     def _all_hooks(self, hooks: HookSpec) -> list[tuple[Site, HookFn]]:
-        checked = normalize_hooks(hooks, self.n_layers, self.components)
+        checked = self._normalize(hooks)
         return sorted(self._context_hooks + checked, key=lambda p: p[0].order)
 
     # ---------------------------------------------------------------- batching
@@ -392,7 +417,7 @@ class Adapter(ABC):
         if not isinstance(names_filter, Sequence) or len(names_filter) == 0:
             raise ValueError(f"names_filter must be None, a site name, a non-empty list of names or a predicate, "
                              f"got {names_filter!r}")
-        sites = [s for s, _ in normalize_hooks([(n, _noop) for n in names_filter], self.n_layers, self.components)]
+        sites = [s for s, _ in self._normalize([(n, _noop) for n in names_filter])]
         dup = sorted({s.name for s in sites if sites.count(s) > 1})
         if dup:
             raise ValueError(f"names_filter names {dup} more than once")
@@ -406,10 +431,14 @@ class Adapter(ABC):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"capture dtype must be a floating-point torch.dtype, got {dtype!r}")
         user_hooks = self._all_hooks(hooks)
-        normalize_hooks([(s, _noop) for s in sites], self.n_layers, self.components)
+        self._normalize([(s, _noop) for s in sites])
         n, batches = self._batches(prompts, batch_size)
+        heads = {s.component in HEAD_COMPONENTS for s in sites}
+        if len(heads) > 1:
+            raise ValueError("capture per-head sites (blocks.{l}.attn.hook_z, [n, n_heads, d_head]) in a call of "
+                             "their own, not together with d_model-wide sites")
         multi = () if isinstance(position, int) else tuple(torch.as_tensor(position).shape[1:])
-        out = torch.empty((len(sites), n, *multi, self.d_model), dtype=dtype)
+        out = None if True in heads else torch.empty((len(sites), n, *multi, self.d_model), dtype=dtype)
         bar = tqdm(batches, desc=f"capture {len(sites)} sites", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
@@ -417,7 +446,10 @@ class Adapter(ABC):
                 cap = [(s, capture(store, s, position, dtype)) for s in sites]
                 all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
                 self._forward(inputs, all_hooks, self._state(inputs, idx, n), "none")
-                out[:, idx] = torch.stack([store[s] for s in sites])
+                got = torch.stack([store[s] for s in sites])
+                if out is None:  # per-head sites: [site, rows, (m,) n_heads, d_head], sized by the first batch
+                    out = torch.empty((len(sites), n, *got.shape[2:]), dtype=dtype)
+                out[:, idx] = got
         return out
 
     def generate(
@@ -496,7 +528,7 @@ class Adapter(ABC):
             raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
         if share_prefix not in (None, True, False):
             raise ValueError(f"share_prefix must be None, True or False, got {share_prefix!r}")
-        checked = [normalize_hooks(b, self.n_layers, self.components) for b in branches]
+        checked = [self._normalize(b) for b in branches]
         reason = self.prefix_sharing(checked) if share_prefix is not False else "share_prefix=False"
         if share_prefix and reason is not None:
             raise ValueError(f"cannot share the prompt prefix: {reason}")

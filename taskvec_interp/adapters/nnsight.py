@@ -14,9 +14,9 @@ import nnsight
 from torch import Tensor, nn
 
 from ..hooks import HookFn, Site, checked_call
-from .arch import find_arch
+from .arch import find_arch, get_module
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
-from .torch_hooks import config_d_model, config_n_ctx, input_device, model_logits
+from .torch_hooks import config_d_model, config_n_ctx, heads_of, input_device, model_logits
 
 
 class NNsightAdapter(Adapter):
@@ -59,12 +59,13 @@ class NNsightAdapter(Adapter):
         for part in self.arch.blocks.split("."):
             blocks_envoy = getattr(blocks_envoy, part)
         self._blocks = blocks_envoy
+        n_heads, why = heads_of(module, self.arch, get_module(module, self.arch.blocks))
         super().__init__(
             model=self.nn, n_layers=len(blocks_envoy), d_model=d, tokenizer=tokenizer,
             device=input_device(module),
             n_ctx=n_ctx or config_n_ctx(module), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
-            left_padding=self.arch.left_padding,
+            left_padding=self.arch.left_padding, n_heads=n_heads, no_heads_reason=why,
         )
         import inspect
 
@@ -72,16 +73,18 @@ class NNsightAdapter(Adapter):
 
     def _envoy(self, site: Site):
         env = self._blocks[site.layer]
-        path = self.arch.sublayer(site.component)
+        path = self.arch.o_proj if site.component == "z" else self.arch.sublayer(site.component)
         if path is not None:
             for part in path.split("."):
                 env = getattr(env, part)
         return env
 
-    def _plan(self, hooks: list[tuple[Site, HookFn]]) -> list[tuple[object, bool, list[HookFn], Site]]:
-        """(envoy, reads its input, hook functions, site) per site in forward order: resolved outside the
-        trace, so the trace body refers to envoys and hook functions only (what a remote run ships)."""
-        return [(self._envoy(site), site.component == "resid_pre", [f for _, f in group], site)
+    def _plan(self, hooks: list[tuple[Site, HookFn]]) -> list[tuple[object, bool, list[HookFn], Site, int | None]]:
+        """(envoy, reads its input, hook functions, site, heads) per site in forward order: resolved outside
+        the trace, so the trace body refers to envoys and hook functions only (what a remote run ships).
+        ``heads``: the z site's head count (its envoy is the attention output projection, read at its input)."""
+        return [(self._envoy(site), site.component in ("resid_pre", "z"), [f for _, f in group], site,
+                 self.n_heads if site.component == "z" else None)
                 for site, group in groupby(hooks, key=lambda p: p[0])]
 
     def _trace_kwargs(self) -> dict:
@@ -137,15 +140,16 @@ class NNsightAdapter(Adapter):
         return ids[:, prompt_len:]
 
 
-def _apply(plan: list[tuple[object, bool, list[HookFn], Site]], state: _CallState) -> None:
+def _apply(plan: list[tuple[object, bool, list[HookFn], Site, int | None]], state: _CallState) -> None:
     """Run the hooks on the live activations, in forward order (call inside a trace). Remote-safe: it
     touches only envoys, hook functions and the call state, no adapter or Python state outside them."""
-    for env, is_input, fns, site in plan:
+    for env, is_input, fns, site, heads in plan:
         if is_input:
             act = env.input
-            new = _run(fns, act, site, state)
-            if new is not act:
-                env.input = new
+            z = act if heads is None else act.reshape(*act.shape[:-1], heads, act.shape[-1] // heads)
+            new = _run(fns, z, site, state)
+            if new is not z:
+                env.input = new if heads is None else new.reshape(act.shape)
             continue
         out = env.output
         seq = isinstance(out, (tuple, list))  # (lists: OpenAI GPT's blocks)

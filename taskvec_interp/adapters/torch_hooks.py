@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import HookFn, Site, checked_call
-from .arch import find_arch, get_module
+from .arch import find_arch, get_module, o_proj_heads
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
 
 
@@ -110,11 +110,12 @@ class TorchHooksAdapter(Adapter):
         d = d_model or config_d_model(model)
         if d is None:
             raise ValueError("cannot infer d_model of this module: pass d_model=")
+        n_heads, why = heads_of(model, self.arch, self.blocks)
         super().__init__(
             model=model, n_layers=len(self.blocks), d_model=d, tokenizer=tokenizer, device=input_device(model),
             n_ctx=n_ctx or config_n_ctx(model), components=self.arch.components,
             position_ids=self.arch.position_ids, add_special_tokens=add_special_tokens,
-            left_padding=self.arch.left_padding,
+            left_padding=self.arch.left_padding, n_heads=n_heads, no_heads_reason=why,
         )
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
@@ -130,6 +131,10 @@ class TorchHooksAdapter(Adapter):
                 block = self.blocks[site.layer]
                 if site.component == "resid_pre":
                     handles.append(block.register_forward_pre_hook(_pre_hook(run), with_kwargs=True))
+                elif site.component == "z":
+                    proj = get_module(block, self.arch.o_proj)
+                    handles.append(proj.register_forward_pre_hook(_pre_hook(per_head(run, self.n_heads)),
+                                                                  with_kwargs=True))
                 else:
                     path = self.arch.sublayer(site.component)
                     module = block if path is None else get_module(block, path)
@@ -275,6 +280,34 @@ def _branch_dispatch(site: Site, per_branch: list[list[HookFn]]) -> HookFn:
         return out
 
     return hook
+
+
+def heads_of(model: nn.Module, arch, blocks: nn.ModuleList) -> tuple[int | None, str | None]:
+    """``(n_heads, None)`` where the per-head ``z`` site is available, else ``(None, why not)``."""
+    if arch.o_proj is None:
+        kind = "has no attention" if arch.attn is None and arch.mixer is not None else \
+            "has no known attention output projection (o_proj)"
+        return None, (f"{type(model).__name__} {kind}; the z site hooks the input of the attention's output "
+                      "projection: give its ArchSpec an o_proj path (e.g. 'self_attn.o_proj')")
+    n = o_proj_heads(model, arch, blocks)
+    if n is None:
+        return None, f"the head count of {type(model).__name__}'s attention ({arch.o_proj}) is unknown"
+    return n, None
+
+
+def per_head(run, n_heads: int):
+    """``run`` (hooks on ``[batch, seq, n_heads, d_head]``) applied to a ``[batch, seq, n_heads * d_head]``
+    activation (the output projection's input), reshaped back; the input itself when nothing changed."""
+    def wrapped(act: Tensor) -> Tensor:
+        if act.shape[-1] % n_heads != 0:
+            raise ValueError(f"the attention output projection's input has width {act.shape[-1]}, not a multiple "
+                             f"of {n_heads} heads")
+        z = act.view(*act.shape[:-1], n_heads, act.shape[-1] // n_heads) if act.is_contiguous() else \
+            act.reshape(*act.shape[:-1], n_heads, act.shape[-1] // n_heads)
+        new = run(z)
+        return act if new is z else new.reshape(act.shape)
+
+    return wrapped
 
 
 def _pre_hook(run):

@@ -35,6 +35,8 @@ HOOK_NAMES = {
     "mixer_out": "hook_mixer_out",
     "resid_post": "hook_out",
 }
+HEAD_HOOK_NAMES = {"z": "attn.hook_z"}
+"""Per-head sites: the bridge's own ``blocks.{l}.attn.hook_z`` (``[batch, seq, n_heads, d_head]``)."""
 
 
 def bridge_from_hf(model: torch.nn.Module, tokenizer: object, name: str | None = None) -> object:
@@ -85,12 +87,15 @@ class TransformerLensAdapter(Adapter):
             position_ids = forward is not None and "position_ids" in inspect.signature(forward).parameters
         param = next(bridge.parameters(), None)
         cfg = bridge.cfg
+        has_z = f"blocks.0.{HEAD_HOOK_NAMES['z']}" in names and isinstance(getattr(cfg, "n_heads", None), int)
         super().__init__(
             model=bridge, n_layers=cfg.n_layers, d_model=cfg.d_model,
             tokenizer=tokenizer if tokenizer is not None else bridge.tokenizer,
             device=param.device if param is not None else torch.device("cpu"),
             n_ctx=None if model_type in ("mamba", "mamba2") else getattr(cfg, "n_ctx", None),
             components=components, position_ids=position_ids, add_special_tokens=add_special_tokens,
+            n_heads=cfg.n_heads if has_z else None,
+            no_heads_reason=None if has_z else "this TransformerBridge has no blocks.0.attn.hook_z hook point",
         )
 
     @contextlib.contextmanager
@@ -98,7 +103,7 @@ class TransformerLensAdapter(Adapter):
         fwd = []
         groups = [(site, [f for _, f in group]) for site, group in groupby(hooks, key=lambda p: p[0])]
         for i, (site, fns) in enumerate(groups):
-            name = f"blocks.{site.layer}.{HOOK_NAMES[site.component]}"
+            name = f"blocks.{site.layer}.{HEAD_HOOK_NAMES.get(site.component) or HOOK_NAMES[site.component]}"
             fwd.append((name, _tl_hook(fns, site, state, stop=stop and i == len(groups) - 1)))
         with self.bridge.hooks(fwd_hooks=fwd):
             yield
