@@ -278,6 +278,8 @@ def synthetic_train(
     tokens: str = typer.Option(None, help="token layout garg | xy (default: the config's: paper garg, small xy)"),
     steps: int = typer.Option(None, help="override the number of training steps"),
     seed: int = typer.Option(0),
+    seeds: str = typer.Option(None, help="several seeds trained together as one stacked model, e.g. 0,1,2,3,4 "
+                                         "(each written to OUT/seed_<n>); overrides --seed"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     bf16: bool = typer.Option(False, help="bf16 autocast (GPU)"),
     compile: bool = typer.Option(False, help="torch.compile the model's forward and backward (GPU)"),
@@ -285,6 +287,15 @@ def synthetic_train(
 ) -> None:
     """Train the synthetic model on a Mixture of Sparse Linear Regression, checkpointing as it goes."""
     from .synthetic import train, train_config
+    from .synthetic.stacked import check_seeds
+    from .synthetic.train import train_seeds
+
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = check_seeds([int(v) for v in _split(seeds)])
+        except ValueError as err:
+            raise typer.BadParameter(f"--seeds {seeds!r}: {err}") from None
 
     overrides = {"seed": seed, "device": device, "backbone": backbone, "compile": compile,
                  "compile_mode": compile_mode}
@@ -294,8 +305,12 @@ def synthetic_train(
         overrides["tokens"] = tokens
     if bf16:
         overrides["autocast_dtype"] = "bfloat16"
-    last = train(train_config(config, **overrides), out)
-    typer.echo(f"last checkpoint: {last}")
+    cfg = train_config(config, **overrides)
+    if seed_list is None:
+        typer.echo(f"last checkpoint: {train(cfg, out)}")
+    else:
+        for path in train_seeds(cfg, seed_list, out):
+            typer.echo(f"last checkpoint: {path}")
 
 
 @synthetic_app.command("analyze")
@@ -309,9 +324,10 @@ def synthetic_analyze(
                                                        "token's negative index, e.g. -3"),
     umap: bool = typer.Option(True, help="compute the UMAP grid"),
 ) -> None:
-    """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, figures + summary.json."""
+    """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, head ablation, figures +
+    summary.json. A `--seeds` run: every seed (RUN/seed_<n>/analysis) and the spread (RUN/seeds_summary.json)."""
     from .report import synthetic_figures
-    from .synthetic.analysis import AnalysisConfig, analyze_run
+    from .synthetic.analysis import AnalysisConfig, analyze_run, analyze_seeds
 
     out = out or run / "analysis"
     position: int | str = patch_position
@@ -320,8 +336,15 @@ def synthetic_analyze(
             position = int(patch_position)
         except ValueError:
             raise typer.BadParameter(f"--patch-position must be 'context' or an int, got {patch_position!r}") from None
-    result = analyze_run(run, AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode,
-                                             patch_position=position), umap=umap)
+    acfg = AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode, patch_position=position)
+    if not (run / "config.json").exists() and any(run.glob("seed_*/config.json")):
+        results, _, spread = analyze_seeds(run, acfg, umap=umap)
+        for seed, result in results.items():
+            for path in synthetic_figures(result, run / f"seed_{seed}" / "analysis"):
+                typer.echo(f"wrote {path}")
+        typer.echo(json.dumps(spread, indent=2))
+        return
+    result = analyze_run(run, acfg, umap=umap)
     result.save(out)
     for path in synthetic_figures(result, out):
         typer.echo(f"wrote {path}")

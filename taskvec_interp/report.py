@@ -84,7 +84,8 @@ def trajectory_figures(result: TrajectoryResult, out: str | Path, title: str | N
 
 
 def synthetic_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
-    """Fig. 2 (per-basis loss + TD), Fig. 11 (UMAP grid layers x checkpoints), TD heatmap, Fig. 7 (patching)."""
+    """Fig. 2 (per-basis loss + TD), Fig. 11 (UMAP grid layers x checkpoints), TD heatmap, Fig. 7 (patching),
+    Figs. 17-18 (head ablation: layer x head per basis)."""
     out = Path(out) / "figures"
     layer = result.summary["td_layer"]
     paths = [out / "loss_and_td.png", out / "td_heatmap.png"]
@@ -98,6 +99,9 @@ def synthetic_figures(result: AnalysisResult, out: str | Path) -> list[Path]:
     if not result.patching.empty:
         paths.append(out / "patching.png")
         viz.plot_patching(result.patching, path=paths[-1])
+    if result.heads is not None and not result.heads.empty:
+        paths.append(out / "head_ablation.png")
+        viz.plot_head_ablation(result.heads, path=paths[-1])
     return paths
 
 

@@ -107,3 +107,44 @@ def test_bad_seeds_refused_before_anything_is_written(tmp_path: Path, seeds, mat
     with pytest.raises(ValueError, match=match):
         train_seeds(_cfg(), seeds, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_analyze_seeds_reports_every_seed_and_the_spread(stacked_run: Path) -> None:
+    from taskvec_interp.synthetic.analysis import AnalysisConfig, analyze_seeds
+
+    cfg = AnalysisConfig(n_per_basis=12, k=3, n_boot=0, checkpoints=[0, 30], patch_checkpoints=[])
+    results, table, spread = analyze_seeds(stacked_run, cfg, umap=False, progress=False)
+    assert sorted(results) == SEEDS and spread["seeds"] == SEEDS
+    assert len(table) == len(SEEDS) * 4 and set(table["basis"]) == {"B1", "B2", "B3", "B4"}
+    last = table.drop_duplicates("seed")["td_middle_last"]
+    assert spread["td_middle_last"]["mean"] == pytest.approx(last.mean())
+    assert spread["td_middle_last"]["std"] == pytest.approx(last.std(ddof=1))
+    for s in SEEDS:
+        assert results[s].summary["td_last"] == pytest.approx(float(table[table.seed == s]["td_middle_last"].iloc[0]))
+        assert (seed_dir(stacked_run, s) / "analysis" / "summary.json").exists()
+        # the head ablation of the last checkpoint: one row per (layer, head, basis)
+        heads = results[s].heads
+        assert len(heads) == 2 * 2 * 4 and set(heads["step"]) == {30}
+        assert (heads["delta"] == heads["mse"] - heads["mse_base"]).all()
+        assert isinstance(results[s].summary["basis_specific_heads"], list)
+    assert (stacked_run / "seeds.parquet").exists() and (stacked_run / "seeds_summary.json").exists()
+
+
+def test_cli_trains_and_analyzes_seeds(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from taskvec_interp.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400"})
+    bad = runner.invoke(app, ["synthetic", "train", "--out", str(tmp_path / "bad"), "--config", "tiny",
+                              "--seeds", "1,1"])
+    assert bad.exit_code != 0 and "distinct" in bad.output and not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    ok = runner.invoke(app, ["synthetic", "train", "--out", str(run), "--config", "tiny", "--steps", "6",
+                             "--seeds", "0,2"])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in run.iterdir()) == ["seed_0", "seed_2"]
+    res = runner.invoke(app, ["synthetic", "analyze", str(run), "--n-per-basis", "12", "--no-umap"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "seeds_summary.json").read_text())["seeds"] == [0, 2]
+    assert (run / "seed_2" / "analysis" / "figures" / "head_ablation.png").exists()

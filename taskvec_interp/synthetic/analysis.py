@@ -105,6 +105,10 @@ class AnalysisConfig:
     patch_mode: str = "replace"
     n_boot: int = 200
     batch_size: int = 256
+    heads: bool = True  # head ablation at the last checkpoint (GPT-2 backbone; Mamba-2 has no heads)
+    head_mode: str = "mean"  # "mean" or "zero" ablation (synthetic.heads.head_ablation)
+    head_threshold: float = 0.05  # basis-specific heads: MSE rise >= this for the basis ...
+    head_ratio: float = 3.0  # ... and >= this times the other bases' median rise
 
 
 @dataclass
@@ -116,6 +120,7 @@ class AnalysisResult:
     summary: dict
     embeddings: dict = field(default_factory=dict)  # (layer, step) -> ([n, 2], labels)
     td_group: pd.DataFrame | None = None  # TD of the group label (basis_groups), as ``td``; None: no groups
+    heads: pd.DataFrame | None = None  # head ablation at the last checkpoint (synthetic.heads); None: not run
 
     def save(self, out: str | Path) -> Path:
         """Write the tables, config and summary; an older analysis in ``out`` is replaced whole."""
@@ -128,6 +133,8 @@ class AnalysisResult:
             self.patching.to_parquet(tmp / "patching.parquet", index=False)
             if self.td_group is not None:
                 self.td_group.to_parquet(tmp / "td_group.parquet", index=False)
+            if self.heads is not None:
+                self.heads.to_parquet(tmp / "heads.parquet", index=False)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2))
         return Path(out)
 
@@ -282,6 +289,9 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
     umap_layers = list(config.umap_layers) if config.umap_layers is not None else _pick(list(range(n_layers)), 6)
     patch_steps = set(config.patch_checkpoints) if config.patch_checkpoints is not None else {steps[len(steps) // 2],
                                                                                              steps[-1]}
+    run_heads = config.heads and cfg.model.backbone == "gpt2"
+    if run_heads and config.head_mode not in ("mean", "zero"):
+        raise ValueError(f"head_mode must be 'mean' or 'zero', got {config.head_mode!r}")
     groups = basis_groups(cfg.data)
     group_labels = None if groups is None else torch.tensor(groups)[test.basis]
     group_names = None if groups is None else [f"G{g + 1}" for g in range(max(groups) + 1)]
@@ -303,6 +313,10 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
         if entry.step in patch_steps:
             tables["patching"] = patch_matrix(model, test, patch_layer, n_bases, config.patch_mode,
                                               config.patch_position)
+        if run_heads and entry.step == steps[-1]:
+            from .heads import head_ablation
+
+            tables["heads"] = head_ablation(model, test, n_bases, mode=config.head_mode)
         return tables
 
     t0 = time.perf_counter()
@@ -331,8 +345,15 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
         summary["groups"] = groups
         summary["td_group_first"], summary["td_group_last"] = float(tg["td"].iloc[0]), float(tg["td"].iloc[-1])
         summary["group_chance"] = float(tg["chance"].iloc[0])
+    heads = run.table("heads") if run_heads else None
+    if heads is not None:
+        from .heads import basis_specific_heads
+
+        summary["head_ablation"] = {"step": steps[-1], "mode": config.head_mode, "threshold": config.head_threshold,
+                                    "ratio": config.head_ratio}
+        summary["basis_specific_heads"] = basis_specific_heads(heads, config.head_threshold, config.head_ratio)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    return AnalysisResult(config, td_all, loss, patching, summary, embeddings, td_group)
+    return AnalysisResult(config, td_all, loss, patching, summary, embeddings, td_group, heads)
 
 
 def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str], td_layer: int,
@@ -405,3 +426,68 @@ def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 1
     if out is not None:
         result.save(out)
     return result
+
+
+def seed_runs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The ``(seed, run directory)`` pairs that :func:`~taskvec_interp.synthetic.train.train_seeds` wrote."""
+    out = []
+    for p in Path(run_dir).glob("seed_*"):
+        tail = p.name[len("seed_"):]
+        if p.is_dir() and tail.isdigit() and (p / "config.json").exists():
+            out.append((int(tail), p))
+    if not out:
+        raise ValueError(f"no seed runs (seed_<n>/ with a config.json) in {run_dir}: train with train_seeds "
+                         "(taskvec synthetic train --seeds ...)")
+    return sorted(out)
+
+
+def seeds_table(results: dict[int, AnalysisResult]) -> pd.DataFrame:
+    """One row per (seed, basis): TD at the middle layer (first / last checkpoint, per basis), final MSE,
+    share of the sparsity gap closed and the loss-drop / below-ridge / TD-rise steps; tidy, for ``groupby``."""
+    rows = []
+    for seed, res in sorted(results.items()):
+        s = res.summary
+        for basis, b in s["bases"].items():
+            rows.append({"seed": seed, "basis": basis, "td_layer": s["td_layer"], "td_middle_first": s["td_first"],
+                         "td_middle_last": s["td_last"], "td_basis_last": b["final_td"],
+                         "final_mse": b["final_mse"], "gap_closed": b.get("gap_closed"),
+                         "loss_drop_step": b["loss_drop_step"], "below_ridge_step": b.get("below_ridge_step"),
+                         "td_rise_step": b["td_rise_step"]})
+    return pd.DataFrame(rows)
+
+
+def seeds_spread(table: pd.DataFrame) -> dict:
+    """Mean, std (ddof 1), min and max over seeds of the run-level and per-basis numbers of :func:`seeds_table`."""
+    def stats(v: pd.Series) -> dict | None:
+        v = pd.to_numeric(v, errors="coerce").dropna()
+        if v.empty:
+            return None
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+    runs = table.drop_duplicates("seed")
+    out: dict = {"seeds": sorted(int(s) for s in runs["seed"]),
+                 "td_middle_first": stats(runs["td_middle_first"]), "td_middle_last": stats(runs["td_middle_last"]),
+                 "bases": {}}
+    for basis, part in table.groupby("basis", sort=True):
+        out["bases"][basis] = {c: stats(part[c]) for c in ("td_basis_last", "final_mse", "gap_closed",
+                                                            "below_ridge_step", "td_rise_step")}
+    return out
+
+
+def analyze_seeds(run_dir: str | Path, config: AnalysisConfig | None = None, umap: bool = True,
+                  progress: bool = True) -> tuple[dict[int, AnalysisResult], pd.DataFrame, dict]:
+    """:func:`analyze_run` on every seed of a :func:`~taskvec_interp.synthetic.train.train_seeds` run
+    (each saved to ``seed_<n>/analysis``), their per-seed table (:func:`seeds_table`, saved as
+    ``seeds.parquet``) and the spread over seeds (:func:`seeds_spread`, ``seeds_summary.json``)."""
+    run_dir = Path(run_dir)
+    runs = seed_runs(run_dir)
+    results = {}
+    for seed, path in runs:
+        results[seed] = analyze_run(path, config, umap=umap, progress=progress)
+        results[seed].save(path / "analysis")
+    table = seeds_table(results)
+    spread = seeds_spread(table)
+    table.to_parquet(run_dir / "seeds.parquet", index=False)
+    (run_dir / "seeds_summary.json").write_text(json.dumps(spread, indent=2))
+    return results, table, spread
