@@ -148,3 +148,13 @@ def test_cli_trains_and_analyzes_seeds(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads((run / "seeds_summary.json").read_text())["seeds"] == [0, 2]
     assert (run / "seed_2" / "analysis" / "figures" / "head_ablation.png").exists()
+
+
+def test_adding_a_seed_to_a_trained_run_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = train_config("tiny", steps=4, eval_every=2, log_every=2, ckpt_every=2, ckpt_log_points=0, n_test_per_basis=8)
+    train_seeds(cfg, [0], run, progress=False)
+    before = (seed_dir(run, 0) / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="share no checkpoint step"):
+        train_seeds(cfg, [0, 1], run, progress=False)
+    assert (seed_dir(run, 0) / "metrics.jsonl").read_text() == before and not seed_dir(run, 1).exists()

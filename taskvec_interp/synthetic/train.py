@@ -520,8 +520,11 @@ def _train_runs(
                                   f"checkpoint at (this seed has one at {mx})", stacklevel=3)
             resume = [(step0, d / "checkpoints" / f"step_{step0:07d}") for d in run_dirs]
         else:
-            if any(good_sets):
-                warnings.warn("the seeds share no checkpoint step: training every seed from step 0", stacklevel=3)
+            held = [str(d) for d, g in zip(run_dirs, good_sets, strict=True) if g]
+            if held:  # training from 0 would overwrite those seeds' runs
+                raise ValueError(f"{', '.join(held)} already hold checkpoints but the seeds {[c.seed for c in cfgs]} "
+                                 "share no checkpoint step: resume with the seeds they were trained with, or use a "
+                                 "new run directory")
             resume = [None] * n
     else:
         resume = [_prepare_run(cfgs[0], run_dirs[0])[0]]
