@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="gpt2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="override the config's steps (say so when reporting)")
+    parser.add_argument("--no-compile", action="store_true", help="train eagerly (the config compiles on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -35,7 +37,10 @@ def main() -> None:
     from taskvec_interp.synthetic.analysis import AnalysisConfig, analyze_run
 
     run = args.out or Path(tempfile.mkdtemp(prefix="mslr-small-"))
-    cfg = train_config(args.config, backbone=args.backbone, seed=args.seed)
+    over = {} if args.steps is None else {"steps": args.steps}
+    if args.no_compile:
+        over["compile"] = False
+    cfg = train_config(args.config, backbone=args.backbone, seed=args.seed, **over)
     t0 = time.perf_counter()
     train(cfg, run, progress=False)
     t_train = time.perf_counter() - t0
@@ -55,7 +60,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "synthetic_small",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "config": args.config, "backbone": args.backbone, "steps": cfg.steps, "run": str(run),
+        "config": args.config, "backbone": args.backbone, "steps": cfg.steps, "compile": cfg.compile, "run": str(run),
         "data": {k: getattr(cfg.data, k) for k in ("n_dims", "rank", "n_bases", "n_points", "noise_var")},
         "model": {k: getattr(cfg.model, k) for k in ("n_layer", "d_model", "n_head", "tokens")},
         "train_s": round(t_train, 1), "analyze_s": round(t_analyze, 1), "wall_s": round(t_train + t_analyze, 1),
@@ -65,6 +70,11 @@ def main() -> None:
         "ridge_all_coords_mse": {b: round(v, 4) for b, v in agnostic.items()},
         "least_squares_mse": {b: round(oracles["full_ols"][f"b{i}"], 4) for i, b in enumerate(bases)},
         "gap_closed": {b: round(v, 3) for b, v in gap_closed.items()},
+        # how far each basis' final MSE is above the best any model of the mixture can do
+        "excess_over_mixture_bayes": {b: round(final[b] - oracles["mixture_bayes"][f"b{i}"], 4)
+                                      for i, b in enumerate(bases)},
+        "ratio_to_mixture_bayes": {b: round(final[b] / oracles["mixture_bayes"][f"b{i}"], 3)
+                                   for i, b in enumerate(bases)},
         "loss_drop_step": {b: v["loss_drop_step"] for b, v in bases.items()},
         "below_ridge_step": {b: v["below_ridge_step"] for b, v in bases.items()},
         "td_rise_step": {b: v["td_rise_step"] for b, v in bases.items()},

@@ -146,7 +146,8 @@ def test_analyze_run_tables_summary_and_figures(tiny_run, tmp_path):
         assert name == f"B{i + 1}" and rank_r < ridge
     pd.testing.assert_frame_equal(pd.read_parquet(out / "td.parquet"), res.td)
     paths = synthetic_figures(res, tmp_path)
-    assert [p.name for p in paths] == ["loss_and_td.png", "td_heatmap.png", "umap_grid.png", "patching.png"]
+    assert [p.name for p in paths] == ["loss_and_td.png", "td_heatmap.png", "umap_grid.png", "patching.png",
+                                        "head_ablation.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
 
 

@@ -19,7 +19,7 @@ Position ``2i`` is the ``x_{i+1}`` token, ``2i + 1`` the ``y_{i+1}`` token (0-ba
 Named configs (``model_config(name)``):
 
 * ``paper``: GPT-2, 12 layers, d_model 256, 8 heads (~9.5M parameters; the appendix's size).
-* ``small``: GPT-2, 8 layers, d_model 32, 4 heads (~104K parameters), ``"xy"`` tokens, eager attention
+* ``small``: GPT-2, 8 layers, d_model 32, 8 heads of 4 dims (~104K parameters), ``"xy"`` tokens, eager attention
   (faster than SDPA on CPU at 20 tokens), the fused tanh GELU (GPT-2's function, ~8% faster on CPU); its
   run (``train.train_config("small")``) also shrinks the data to D = 8, rank 2, K = 10 (see
   docs/synthetic.md).
@@ -123,7 +123,7 @@ class ModelConfig:
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "paper": ModelConfig(n_layer=12, d_model=256, n_head=8),
-    "small": ModelConfig(n_layer=8, d_model=32, n_head=4, tokens="xy", attn_implementation="eager",
+    "small": ModelConfig(n_layer=8, d_model=32, n_head=8, tokens="xy", attn_implementation="eager",
                          activation="gelu_pytorch_tanh"),
     "tiny": ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, d_state=8, chunk_size=8,
                         attn_implementation="eager"),
