@@ -602,9 +602,15 @@ def umap_embedding(
 
     reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, metric=metric,
                         random_state=seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
-        emb = reducer.fit_transform(x)
+    import torch
+
+    threads = torch.get_num_threads()  # umap-learn (numba's threading layer) resets torch's thread count
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+            emb = reducer.fit_transform(x)
+    finally:
+        torch.set_num_threads(threads)
     return np.asarray(emb, dtype=np.float32)
 
 

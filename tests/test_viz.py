@@ -400,3 +400,25 @@ def test_plot_umap_grid(tmp_path, embedding, clusters):
         viz.plot_umap_grid({(0, 0): (embedding[:10], labels)})
     with pytest.raises(ValueError, match="pairs"):
         viz.plot_umap_grid({0: (embedding, labels)})
+
+
+def test_umap_embedding_keeps_torch_thread_count(clusters, monkeypatch):
+    # umap-learn's first fit in a process (numba compiling its parallel functions) can reset torch's thread
+    # count; simulate that deterministically and check umap_embedding puts the caller's count back
+    import torch
+    import umap
+
+    fit = umap.UMAP.fit_transform
+
+    def resetting_fit(self, *args, **kwargs):
+        torch.set_num_threads(3)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(umap.UMAP, "fit_transform", resetting_fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        viz.umap_embedding(clusters[0], seed=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
