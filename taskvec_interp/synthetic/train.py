@@ -575,18 +575,18 @@ def _train_runs(
     def lr_at(step: int) -> float:  # a pure function of the step: nothing to checkpoint
         return scheduled_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
-    def checkpoint(step: int) -> None:
-        for s, d in enumerate(run_dirs):
-            model = engine.model_of(s)
+    def checkpoint(step: int, models: list[SyntheticRegressor]) -> None:
+        for s, (d, model) in enumerate(zip(run_dirs, models, strict=True)):
             last_ck[s] = _save_checkpoint(d, step, model, engine.optimizer_of(s, model), gens[s], loss_sum[s].clone(),
                                           loss_count)
 
     last_loss: float | None = None
     try:
         if start == 0 and resume[0] is None:
+            models = [engine.model_of(s) for s in range(n)]
             for s in range(n):
-                log(s, 0, evaluate(engine.model_of(s), test, cfg.data.n_bases, autocast_dtype=amp_dtype))
-            checkpoint(0)
+                log(s, 0, evaluate(models[s], test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+            checkpoint(0, models)
         engine.train_mode()
         bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, disable=not progress,
                    desc="train" if n == 1 else f"train {n} seeds", dynamic_ncols=True)
@@ -609,9 +609,11 @@ def _train_runs(
                 loss_sum.zero_()
                 loss_count = 0
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-            if step % cfg.eval_every == 0 or step in ck_steps:
+            # each seed as a plain model, once per step that needs it (stacked: a copy of its slice)
+            models = [engine.model_of(s) for s in range(n)] if step % cfg.eval_every == 0 or step in ck_steps else []
+            if models:
                 for s in range(n):
-                    recs[s].update(evaluate(engine.model_of(s), test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+                    recs[s].update(evaluate(models[s], test, cfg.data.n_bases, autocast_dtype=amp_dtype))
                 shown = {"test": f"{sum(r['test_mse'] for r in recs) / n:.4f}"}
                 if last_loss is not None:  # the last logged training loss, never a NaN placeholder
                     shown = {"loss": f"{last_loss:.4f}", **shown}
@@ -620,7 +622,7 @@ def _train_runs(
                 if recs[s]:
                     log(s, step, recs[s])
             if step in ck_steps:
-                checkpoint(step)
+                checkpoint(step, models)
         bar.close()
     finally:
         for f in metrics_f:
