@@ -328,34 +328,56 @@ def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -
 # ------------------------------------------------------------------------------------------- train
 
 
-class _SoloEngine:
-    """One seed: the model itself and ``torch.optim.Adam`` (fused on CPU and CUDA)."""
+class _Engine:
+    """What the training loop drives: a model over ``S`` seeds (``S = 1``: a plain model), its fused Adam,
+    one optimiser step on ``xs [S, B, K, D]``, and each seed as a plain model for evaluation and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, fused=_fused_adam(device))
-        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, params, device: torch.device) -> None:
+        self.model = model
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                    fused=_fused_adam(device))
+        self.fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
         self.grad_clip = cfg.grad_clip
 
     def train_mode(self) -> None:
         self.model.train()
 
-    def step(self, xs: Tensor, ys: Tensor, amp_dtype: torch.dtype | None, device: torch.device) -> Tensor:
-        """One optimiser step on ``xs [1, B, K, D]``; returns the loss ``[1]`` (detached)."""
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            pred = self.fwd(xs[0], ys[0])
-        loss = torch.mean((pred.float() - ys[0]) ** 2)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        return loss.detach().unsqueeze(0)
-
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
+
+    def predict(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """Predictions ``[S, B, K]``."""
+        raise NotImplementedError
+
+    def clip(self) -> None:
+        raise NotImplementedError
+
+    def step(self, xs: Tensor, ys: Tensor, amp_dtype: torch.dtype | None, device: torch.device) -> Tensor:
+        """One optimiser step; returns each seed's loss ``[S]`` (detached)."""
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            pred = self.predict(xs, ys)
+        losses = torch.mean((pred.float() - ys) ** 2, dim=(1, 2))  # [S]: each seed's own loss
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # the sum's gradient for seed s is the gradient of seed s's loss
+        if self.grad_clip is not None:
+            self.clip()
+        self.opt.step()
+        return losses.detach()
+
+
+class _SoloEngine(_Engine):
+    """One seed: the model itself."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        model = SyntheticRegressor(cfg.model, seed=cfg.seed).to(device)
+        super().__init__(cfg, model, model.parameters(), device)
+
+    def predict(self, xs: Tensor, ys: Tensor) -> Tensor:
+        return self.fwd(xs[0], ys[0]).unsqueeze(0)
+
+    def clip(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
 
     def model_of(self, s: int) -> SyntheticRegressor:
         return self.model
@@ -368,36 +390,20 @@ class _SoloEngine:
         load_optimizer(self.opt, ckpt)
 
 
-class _StackedEngine:
+class _StackedEngine(_Engine):
     """Several seeds as one model (:class:`~taskvec_interp.synthetic.stacked.StackedRegressors`)."""
 
     def __init__(self, cfgs: list[TrainConfig], device: torch.device) -> None:
         from .stacked import StackedRegressors
 
-        cfg = cfgs[0]
-        self.model = StackedRegressors(cfg.model, [c.seed for c in cfgs]).to(device)
-        self.opt = torch.optim.Adam(self.model.params().values(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, fused=_fused_adam(device))
-        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
-        self.grad_clip = cfg.grad_clip
+        model = StackedRegressors(cfgs[0].model, [c.seed for c in cfgs]).to(device)
+        super().__init__(cfgs[0], model, model.params().values(), device)
 
-    def train_mode(self) -> None:
-        self.model.train()
+    def predict(self, xs: Tensor, ys: Tensor) -> Tensor:
+        return self.fwd(xs, ys)
 
-    def step(self, xs: Tensor, ys: Tensor, amp_dtype: torch.dtype | None, device: torch.device) -> Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            pred = self.fwd(xs, ys)
-        losses = torch.mean((pred.float() - ys) ** 2, dim=(1, 2))  # [S]: each seed's own loss
-        self.opt.zero_grad(set_to_none=True)
-        losses.sum().backward()  # the sum's gradient for seed s is the gradient of seed s's loss
-        if self.grad_clip is not None:
-            self.model.clip_grad_norm_(self.grad_clip)
-        self.opt.step()
-        return losses.detach()
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+    def clip(self) -> None:
+        self.model.clip_grad_norm_(self.grad_clip)
 
     def model_of(self, s: int) -> SyntheticRegressor:
         return self.model.module(s)
