@@ -24,7 +24,7 @@ def demo(
     """The paper's story in one command: synthetic emergence, TD over layers and shots, task-vector patching,
     first- vs last-layer fine-tuning and a checkpoint trajectory, in ONE self-contained HTML report.
     Re-running with the same --out reuses finished parts (a killed demo resumes)."""
-    from .experiments.demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo
     from .report import write_demo_report
 
     _check_out_dir(out)

@@ -141,7 +141,7 @@ def _nav_label(part) -> str:
 
 
 def write_demo_report(result, path: str | Path | None = None) -> Path:
-    """ONE self-contained HTML file for a :class:`~taskvec_interp.experiments.demo.DemoResult`: each part's
+    """ONE self-contained HTML file for a :class:`~taskvec_interp.demo.DemoResult`: each part's
     text, its headline numbers beside the paper's, its figures (embedded as base64 PNG) and tables, then
     the configuration, the model's identity, package versions and wall times."""
     import html

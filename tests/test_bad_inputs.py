@@ -24,10 +24,10 @@ from taskvec_interp import hooks as H
 from taskvec_interp.adapters import TorchHooksAdapter, load_model
 from taskvec_interp.adapters.arch import find_arch
 from taskvec_interp.cli import app
+from taskvec_interp.engine import local_checkpoints, run_checkpoints
 from taskvec_interp.experiments.finetune import FinetuneConfig
 from taskvec_interp.experiments.patching import PatchConfig, load_patching
 from taskvec_interp.experiments.sweep import SweepConfig, load_sweep
-from taskvec_interp.experiments.trajectory import local_checkpoints, run_checkpoints
 from taskvec_interp.hooks import HookContext, Site, last_token
 from taskvec_interp.probes.decodability import task_decodability
 from taskvec_interp.synthetic import train_config
@@ -235,9 +235,9 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
     ("cli-finetune-k", ValueError, r"k=10 is not below eval_n_per_task - 1 = 4",
      lambda e: e.cli("finetune", "--model", "no/such-model", "--eval-n-per-task", "5", "--out", str(e.tmp / "o"))),
     ("demo-part", ValueError, r"DemoConfig.parts: 'umap' is none of", lambda e: __import__(
-        "taskvec_interp.experiments.demo", fromlist=["DemoConfig"]).DemoConfig(parts=("umap",))),
+        "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(parts=("umap",))),
     ("demo-setting", ValueError, r"DemoConfig.settings\['td'\]: unknown keys \['bogus'\]", lambda e: __import__(
-        "taskvec_interp.experiments.demo", fromlist=["DemoConfig"]).DemoConfig(settings={"td": {"bogus": 1}})),
+        "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(settings={"td": {"bogus": 1}})),
     ("cli-demo-family", ValueError, r"DemoConfig.families: 'sentiment' is none of",
      lambda e: e.cli("demo", "--families", "sentiment", "--out", str(e.tmp / "o"))),
     ("cli-trajectory-none", ValueError, r"give exactly one of --checkpoints",

@@ -1,1 +1,1 @@
-"""Experiments built on the adapter interface: sweeps (TD x shots, accuracy), later patching, fine-tuning, trajectories."""
+"""Experiments built on the adapter interface and the engine room: sweeps (TD x shots, accuracy), patching, fine-tuning, trajectories."""

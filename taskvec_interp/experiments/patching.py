@@ -2,7 +2,7 @@
 
 Two layers of code:
 
-* :func:`run_conditions`, the generic loop (in the spirit of TransformerLens's
+* :func:`~taskvec_interp.engine.run_conditions` (in ``engine.py``), the generic loop (in the spirit of TransformerLens's
   ``generic_activation_patch``): a list of conditions (plain dicts: the index), an ``evaluate``
   callback that runs a chunk of them and returns one table per condition, and a tidy DataFrame out,
   one row per condition and result row, the condition's fields as columns. Chunks can be saved as
@@ -21,20 +21,18 @@ the prefix runs once per prompt batch, each condition only its last token and th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .. import hooks as H
 from ..adapters.base import Adapter
+from ..engine import run_conditions
 from ..hooks import resolve_layers
 from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
 from ..probes.decodability import task_decodability
@@ -43,94 +41,6 @@ from ..results import check_out_dir, check_result_dir, provenance, read_json, re
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 from ..validate import check_int, check_number
 from .sweep import peak_layer_of
-
-Evaluate = Callable[[list[dict]], Sequence[pd.DataFrame | Mapping]]
-
-
-# ------------------------------------------------------------------------------------------------
-# The generic loop
-# ------------------------------------------------------------------------------------------------
-def _conditions_key(conditions: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(conditions, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_conditions(
-    conditions: Sequence[Mapping] | pd.DataFrame,
-    evaluate: Evaluate,
-    *,
-    chunk_size: int | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-    desc: str = "conditions",
-) -> pd.DataFrame:
-    """Run ``evaluate`` over ``conditions`` and return one tidy table.
-
-    ``conditions``: dicts with the same keys (or a DataFrame, one row each): the index of the
-    experiment. ``evaluate(chunk)`` gets a list of conditions and returns one DataFrame (or one dict,
-    a single row) per condition. The result has a ``condition`` column (the position in
-    ``conditions``), the condition's fields, then the callback's columns. ``chunk_size``: conditions
-    per call (``None``: all in one call, which lets the callback share work between them).
-    ``checkpoint_dir``: each finished chunk is saved there (Parquet) and a rerun with the same
-    conditions skips it; the files are removed once the whole table is built.
-    """
-    rows = conditions.to_dict("records") if isinstance(conditions, pd.DataFrame) else [dict(c) for c in conditions]
-    if not rows:
-        raise ValueError("no conditions to run")
-    keys = list(rows[0])
-    for i, c in enumerate(rows):
-        if list(c) != keys:
-            raise ValueError(f"condition {i} has fields {list(c)}, condition 0 has {keys}: give every condition "
-                             "the same fields")
-    if "condition" in keys:
-        raise ValueError("'condition' is reserved for the condition's index")
-    size = len(rows) if chunk_size is None else chunk_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None:
-        if ckpt.exists() and not ckpt.is_dir():
-            raise ValueError(f"checkpoint_dir {ckpt} is a file")
-        ckpt.mkdir(parents=True, exist_ok=True)
-        key = _conditions_key(rows)
-        index = ckpt / "conditions.json"
-        if index.exists() and json.loads(index.read_text()).get("key") != key:
-            raise ValueError(f"{ckpt} holds chunks of other conditions; remove it or use another directory")
-        index.write_text(json.dumps({"key": key, "n": len(rows), "chunk_size": size}))
-    frames = []
-    starts = range(0, len(rows), size)
-    bar = tqdm(starts, desc=desc, disable=not progress or len(starts) == 1, leave=False)
-    for start in bar:
-        chunk = rows[start:start + size]
-        path = ckpt / f"chunk_{start:06d}_{len(chunk)}.parquet" if ckpt is not None else None
-        if path is not None and path.exists():
-            frames.append(pd.read_parquet(path))
-            continue
-        results = list(evaluate([dict(c) for c in chunk]))
-        if len(results) != len(chunk):
-            raise ValueError(f"evaluate returned {len(results)} results for {len(chunk)} conditions")
-        parts = []
-        for i, (cond, res) in enumerate(zip(chunk, results, strict=True)):
-            res = pd.DataFrame([res]) if isinstance(res, Mapping) else res
-            clash = [k for k in keys if k in res.columns]
-            if clash:
-                raise ValueError(f"evaluate's columns {clash} clash with condition fields")
-            head = pd.DataFrame({"condition": start + i, **{k: [cond[k]] * len(res) for k in keys}})
-            parts.append(pd.concat([head, res.reset_index(drop=True)], axis=1))
-        frame = pd.concat(parts, ignore_index=True)
-        if path is not None:
-            tmp = path.with_suffix(".tmp")
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(path)
-        frames.append(frame)
-    out = pd.concat(frames, ignore_index=True)
-    if ckpt is not None:
-        for f in ckpt.glob("chunk_*.parquet"):
-            f.unlink()
-        (ckpt / "conditions.json").unlink(missing_ok=True)
-        if not any(ckpt.iterdir()):
-            ckpt.rmdir()
-    return out
-
 
 # ------------------------------------------------------------------------------------------------
 # Interventions as hooks

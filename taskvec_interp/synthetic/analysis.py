@@ -43,15 +43,8 @@ import torch
 from .. import hooks as H
 from ..adapters.base import ModelInputs
 from ..adapters.torch_hooks import TorchHooksAdapter
-from ..experiments.patching import run_conditions
-from ..experiments.trajectory import (
-    Checkpoint,
-    TrajectoryError,
-    TrajectoryResult,
-    run_checkpoints,
-    run_checkpoints_of,
-    trajectory_result,
-)
+from ..engine import Checkpoint, run_checkpoints, run_checkpoints_of, run_conditions
+from ..experiments.trajectory import TrajectoryError, TrajectoryResult, trajectory_result
 from ..probes.decodability import task_decodability
 from .data import MSLRBatch, MSLRConfig, make_test_set, oracle_summary
 from .model import SyntheticRegressor

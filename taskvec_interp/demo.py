@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import atomic_write_text
-from ..results import check_out_dir
-from ..validate import check_bool, check_int, check_str
+from .checkpoints import atomic_write_text
+from .results import check_out_dir
+from .validate import check_bool, check_int, check_str
 
 PARTS = ("synthetic", "td", "patch", "finetune", "trajectory")
 FAMILIES = ("bitwise", "pos")
@@ -140,7 +140,7 @@ def _rel(paths: list[Path], out: Path) -> list[str]:
 
 def _pos_available() -> str | None:
     """Why the POS family cannot be built here (no treebank offline), or ``None``."""
-    from ..tasks import get_family
+    from .tasks import get_family
 
     try:
         get_family("pos")
@@ -163,7 +163,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
 
     def adapter():
         if "adapter" not in state:
-            from ..adapters import load_model
+            from .adapters import load_model
 
             state["adapter"] = load_model(config.model, backend=config.backend)
         return state["adapter"]
@@ -209,9 +209,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
 
 
 def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
-    from ..report import synthetic_figures
-    from ..synthetic import train, train_config
-    from ..synthetic.analysis import AnalysisConfig, analyze_run
+    from .report import synthetic_figures
+    from .synthetic import train, train_config
+    from .synthetic.analysis import AnalysisConfig, analyze_run
 
     run = d / "run"
     train(train_config(s["config"], steps=s["steps"], seed=seed), run, progress=progress)
@@ -244,8 +244,8 @@ def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
 
 
 def _td(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
-    from ..experiments.sweep import SweepConfig, run_sweep, summarize
-    from ..report import sweep_figures
+    from .experiments.sweep import SweepConfig, run_sweep, summarize
+    from .report import sweep_figures
 
     cfg = SweepConfig(model=config.model, backend=config.backend, family=fam, shots=tuple(s["shots"]),
                       n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], seed=config.seed)
@@ -278,9 +278,9 @@ def _td(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, prog
 
 
 def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
-    from ..experiments.patching import PatchConfig, run_patching
-    from ..experiments.sweep import load_sweep
-    from ..report import patching_figures
+    from .experiments.patching import PatchConfig, run_patching
+    from .experiments.sweep import load_sweep
+    from .report import patching_figures
 
     sweep_td = load_sweep(out / f"td_{fam}" / "sweep").td
     cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, shots=s["shots"],
@@ -314,8 +314,8 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, p
 
 
 def _finetune(d: Path, out: Path, adapter, s: dict, config: DemoConfig, progress: bool) -> Part:
-    from ..experiments.finetune import FinetuneConfig, compare_runs, finetune
-    from ..report import finetune_figures
+    from .experiments.finetune import FinetuneConfig, compare_runs, finetune
+    from .report import finetune_figures
 
     module = adapter._hf_module()
     runs = []
@@ -339,8 +339,8 @@ def _finetune(d: Path, out: Path, adapter, s: dict, config: DemoConfig, progress
 
 
 def _trajectory(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
-    from ..report import trajectory_figures
-    from ..synthetic.analysis import synthetic_trajectory
+    from .report import trajectory_figures
+    from .synthetic.analysis import synthetic_trajectory
 
     result = synthetic_trajectory(out / "synthetic" / "run", n_per_basis=s["n_per_basis"], k=s["k"], seed=4321 + seed,
                                   out=d / "trajectory", progress=progress)
