@@ -8,7 +8,7 @@ from conftest import build_tiny, make_tiny_adapter, random_prompts
 
 from taskvec_interp import hooks as H
 from taskvec_interp.adapters import TorchHooksAdapter
-from taskvec_interp.synthetic.analysis import model_inputs, synthetic_adapter
+from taskvec_interp.synthetic.inputs import model_inputs, synthetic_adapter
 from taskvec_interp.synthetic.data import make_test_set
 from taskvec_interp.synthetic.heads import basis_specific_heads, head_ablation
 from taskvec_interp.synthetic.model import SyntheticRegressor, model_config
@@ -156,7 +156,7 @@ def test_mamba2_refused():
 
 
 def test_plot_head_ablation(tiny, tmp_path):
-    from taskvec_interp.viz import plot_head_ablation
+    from taskvec_interp.figures import plot_head_ablation
 
     cfg, model, test = tiny
     table = head_ablation(model, test, cfg.data.n_bases, mode=["mean", "zero"])

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..adapters.base import Adapter, Generation
 from ..hooks import HookSpec
-from ..tasks.base import AnswerTokens, Prompt, check_tokenization
+from ..tasks.prompts import Prompt
+from ..tasks.tokenization import AnswerTokens, check_tokenization
 
 
 def normalize_answer(text: str, stop: str | None = "\n") -> str:

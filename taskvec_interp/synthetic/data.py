@@ -46,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..validate import check_int, check_number
+from .solvers import causal_gram, ols, ridge
 
 if TYPE_CHECKING:
     from .families import FamilyMixtureConfig
@@ -168,13 +169,6 @@ def _basis_matrices(cfg: MSLRConfig, dtype: torch.dtype, device: str) -> Tensor:
     return u.to(device)
 
 
-def _families():
-    """The families module (imported late: it builds on this one)."""
-    from . import families
-
-    return families
-
-
 def sample_batch(
     cfg: MSLRConfig | FamilyMixtureConfig,
     batch_size: int,
@@ -200,7 +194,7 @@ def sample_batch(
         if basis.numel() and (int(basis.min()) < 0 or int(basis.max()) >= cfg.n_bases):
             raise ValueError(f"basis labels must be in [0, {cfg.n_bases}), got {basis.unique().tolist()}")
     if not isinstance(cfg, MSLRConfig):  # a mixture of regression families (families.py)
-        return _families().sample_families(cfg, batch_size, generator, device, basis)
+        return cfg.sample(batch_size, generator, device, basis)
     if basis is None:
         basis = torch.randint(cfg.n_bases, (batch_size,), generator=generator, device=device)
     u = _basis_matrices(cfg, torch.float32, str(device))[basis]  # [B, D, r] (cached per device)
@@ -225,34 +219,6 @@ def make_test_set(cfg: MSLRConfig | FamilyMixtureConfig, n_per_basis: int = 250,
     return sample_batch(cfg, basis.numel(), gen, device="cpu", basis=basis)
 
 
-def _causal_gram(xs: Tensor, ys: Tensor, u: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Projected inputs and prefix sums: G_i = sum_{j<i} z_j z_j^T, c_i = sum_{j<i} z_j y_j, s_i = sum y^2."""
-    z = xs if u is None else torch.einsum("bkd,bdr->bkr", xs, u)  # [B, K, p]
-    outer = torch.einsum("bkp,bkq->bkpq", z, z)
-    gram = torch.cumsum(outer, dim=1) - outer  # exclusive prefix sum
-    zy = z * ys.unsqueeze(-1)
-    cross = torch.cumsum(zy, dim=1) - zy
-    ysq = torch.cumsum(ys**2, dim=1) - ys**2
-    return z, gram, cross, ysq
-
-
-def _ridge(z: Tensor, gram: Tensor, cross: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    p = z.shape[-1]
-    a = gram + lam * torch.eye(p, dtype=z.dtype, device=z.device)
-    w_hat = torch.linalg.solve(a, cross.unsqueeze(-1)).squeeze(-1)  # [B, K, p]
-    return (z * w_hat).sum(-1), a
-
-
-def _ols(z: Tensor, prev: Tensor, ys: Tensor) -> Tensor:
-    """Min-norm least squares on the previous examples, per position (pinv over a masked design)."""
-    b, k, p = z.shape
-    # design for position i: rows j < i of z, others zeroed -> [B, K, K, p]
-    design = z.unsqueeze(1) * prev.view(1, k, k, 1)
-    target = ys.unsqueeze(1) * prev.view(1, k, k)
-    w_hat = torch.einsum("bipk,bik->bip", torch.linalg.pinv(design), target)
-    return (z * w_hat).sum(-1)
-
-
 @torch.no_grad()
 def oracle_errors(
     cfg: MSLRConfig,
@@ -268,7 +234,7 @@ def oracle_errors(
     ``family_best`` needs ``w`` on sparse sequences).
     """
     if not isinstance(cfg, MSLRConfig):
-        return _families().family_oracle_errors(cfg, xs, ys, basis, w, oracles)
+        return cfg.oracle_errors(xs, ys, basis, oracles, w)
     oracles = ORACLES if oracles is None else tuple(oracles)
     unknown = set(oracles) - set(ORACLES)
     if unknown:
@@ -284,12 +250,12 @@ def oracle_errors(
     for prefix, u in (("basis", u_all[basis]), ("full", None)):
         if f"{prefix}_ridge" not in oracles and f"{prefix}_ols" not in oracles:
             continue
-        z, gram, cross, _ = _causal_gram(xs, ys, u)
+        z, gram, cross, _ = causal_gram(xs, ys, u)
         if f"{prefix}_ridge" in oracles:
-            pred, _ = _ridge(z, gram, cross, max(lam, 1e-12))
+            pred, _ = ridge(z, gram, cross, max(lam, 1e-12))
             out[f"{prefix}_ridge"] = (pred - ys) ** 2
         if f"{prefix}_ols" in oracles:
-            out[f"{prefix}_ols"] = (_ols(z, prev, ys) - ys) ** 2
+            out[f"{prefix}_ols"] = (ols(z, prev, ys) - ys) ** 2
     if "mixture_bayes" in oracles:
         out["mixture_bayes"] = (_mixture_bayes(cfg, xs, ys, u_all, prev) - ys) ** 2
     if "zero" in oracles:
@@ -306,8 +272,8 @@ def _mixture_bayes(cfg: MSLRConfig, xs: Tensor, ys: Tensor, u_all: Tensor, prev:
     preds, loglik = [], []
     for bi in range(cfg.n_bases):  # loop over bases only (few); vectorised over batch and positions
         u = u_all[bi].expand(xs.shape[0], -1, -1)
-        z, gram, cross, ysq = _causal_gram(xs, ys, u)
-        pred, a = _ridge(z, gram, cross, s2 / tau2)  # a = Z^T Z + (s2/tau2) I
+        z, gram, cross, ysq = causal_gram(xs, ys, u)
+        pred, a = ridge(z, gram, cross, s2 / tau2)  # a = Z^T Z + (s2/tau2) I
         preds.append(pred)
         # y_{<i} ~ N(0, s2 I + tau2 Z Z^T); Woodbury / matrix determinant lemma with r x r matrices:
         # logdet = n log s2 + logdet(I + tau2/s2 Z^T Z); quad = (y^T y - c^T A^{-1} c) / s2
@@ -331,7 +297,7 @@ def oracle_summary(
     (:func:`~taskvec_interp.synthetic.families.family_oracle_summary`; ``None`` where undefined).
     """
     if not isinstance(cfg, MSLRConfig):
-        return _families().family_oracle_summary(cfg, test, oracles)
+        return cfg.oracle_summary(test, oracles)
     errs = oracle_errors(cfg, test.xs, test.ys, test.basis, oracles)
     out: dict[str, dict[str, float]] = {}
     for name, e in errs.items():

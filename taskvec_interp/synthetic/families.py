@@ -47,7 +47,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..validate import check_choice, check_int, check_number
-from .data import MSLRBatch, MSLRConfig, _causal_gram, _ols, _ridge
+from .data import MSLRBatch, MSLRConfig
+from .solvers import causal_gram, ols, ridge
 
 __all__ = [
     "FAMILIES",
@@ -106,6 +107,19 @@ class FamilyMixtureConfig:
         d = asdict(self)
         d["families"] = list(self.families)
         return d
+
+    # data.sample_batch / oracle_errors / oracle_summary dispatch here for a non-MSLR config, so data.py
+    # never imports this module (no import circle: families builds on data, not the other way round)
+    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device | str | None = None,
+               basis: Tensor | None = None) -> MSLRBatch:
+        return sample_families(self, batch_size, generator, device, basis)
+
+    def oracle_errors(self, xs: Tensor, ys: Tensor, basis: Tensor, oracles: tuple[str, ...] | None = None,
+                      w: Tensor | None = None) -> dict[str, Tensor]:
+        return family_oracle_errors(self, xs, ys, basis, oracles, w)
+
+    def oracle_summary(self, test: MSLRBatch, oracles: tuple[str, ...] | None = None) -> dict:
+        return family_oracle_summary(self, test, oracles)
 
 
 #: the data-config classes a TrainConfig can hold, by the ``kind`` its JSON records
@@ -190,10 +204,11 @@ def family_oracle_errors(
     xs: Float[Tensor, "batch n_points n_dims"],
     ys: Float[Tensor, "batch n_points"],
     basis: Int[Tensor, " batch"],
-    w: Float[Tensor, "batch n_dims"] | None = None,
     oracles: tuple[str, ...] | None = None,
+    w: Float[Tensor, "batch n_dims"] | None = None,
 ) -> dict[str, Float[Tensor, "batch n_points"]]:
     """Squared error of each oracle (module docstring) per position; NaN where one is undefined.
+    Parameters in the order of :func:`~taskvec_interp.synthetic.data.oracle_errors`.
 
     ``family_best`` on ``"sparse"`` sequences needs ``w`` (its non-zero coordinates are the support).
     """
@@ -207,12 +222,12 @@ def family_oracle_errors(
     out: dict[str, Tensor] = {}
     full_pred = None
     if "full_ridge" in oracles or "family_best" in oracles:
-        z, gram, cross, _ = _causal_gram(xs, ys, None)
-        full_pred, _ = _ridge(z, gram, cross, lam)
+        z, gram, cross, _ = causal_gram(xs, ys, None)
+        full_pred, _ = ridge(z, gram, cross, lam)
         out["full_ridge"] = (full_pred - ys) ** 2
     if "full_ols" in oracles:
         prev = torch.tril(torch.ones(k, k, dtype=torch.double, device=xs.device), diagonal=-1)
-        out["full_ols"] = (_ols(xs, prev, ys) - ys) ** 2
+        out["full_ols"] = (ols(xs, prev, ys) - ys) ** 2
     if "zero" in oracles:
         out["zero"] = ys**2
     if "family_best" in oracles:
@@ -224,8 +239,8 @@ def family_oracle_errors(
             if fam == "linear":
                 pred = full_pred[sel]
             elif fam == "quadratic":
-                z, gram, cross, _ = _causal_gram(xs[sel] ** 2 / math.sqrt(3.0), ys[sel], None)
-                pred, _ = _ridge(z, gram, cross, lam)
+                z, gram, cross, _ = causal_gram(xs[sel] ** 2 / math.sqrt(3.0), ys[sel], None)
+                pred, _ = ridge(z, gram, cross, lam)
             else:  # sparse: ridge on the true support
                 if w is None:
                     raise ValueError("family_best on 'sparse' sequences needs w (the support is its non-zero part)")
@@ -235,8 +250,8 @@ def family_oracle_errors(
                 cols = (ws != 0).nonzero()[:, 1].view(-1, cfg.sparse_rank)  # [n, s], sorted per row
                 u = torch.zeros(len(ws), d, cfg.sparse_rank, dtype=torch.double, device=xs.device)
                 u[torch.arange(len(ws)).unsqueeze(1), cols, torch.arange(cfg.sparse_rank)] = 1.0
-                z, gram, cross, _ = _causal_gram(xs[sel], ys[sel], u)
-                pred, _ = _ridge(z, gram, cross, max(cfg.noise_var * cfg.sparse_rank, 1e-12))
+                z, gram, cross, _ = causal_gram(xs[sel], ys[sel], u)
+                pred, _ = ridge(z, gram, cross, max(cfg.noise_var * cfg.sparse_rank, 1e-12))
             best[sel] = (pred - ys[sel]) ** 2
         out["family_best"] = best
     return {name: out[name].float() for name in oracles}
@@ -250,7 +265,7 @@ def family_oracle_summary(
     An oracle undefined for a family (``family_best`` on ``"leaky_relu"``) gives ``None`` there, and
     ``None`` for ``"all"`` and ``"last"`` when the test set holds that family.
     """
-    errs = family_oracle_errors(cfg, test.xs, test.ys, test.basis, test.w, oracles)
+    errs = family_oracle_errors(cfg, test.xs, test.ys, test.basis, oracles, test.w)
     out: dict[str, dict[str, float | None]] = {}
     for name, e in errs.items():
         defined = bool(torch.isfinite(e).all())

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from .. import hooks as H
 from ..adapters.base import ModelInputs
-from .analysis import basis_names, model_inputs, synthetic_adapter
 from .data import MSLRBatch
+from .inputs import basis_names, model_inputs, synthetic_adapter
 from .model import SyntheticRegressor
 
 __all__ = ["ABLATION_MODES", "head_ablation", "basis_specific_heads"]

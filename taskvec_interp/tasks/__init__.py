@@ -17,20 +17,12 @@ from typing import Any
 from .base import (
     NULL_TASK,
     SPLITS,
-    AnswerTokens,
     Example,
     ExampleTask,
-    Prompt,
-    PromptBuilder,
-    PromptTemplate,
     RandomOutputTask,
     Task,
     TaskFamily,
     as_rng,
-    build_prompts,
-    check_tokenization,
-    max_answer_tokens,
-    prompts_to_frame,
     split_indices,
 )
 from .bitwise import BITWISE_OPS, BitwiseTask, bitwise_family
@@ -44,6 +36,8 @@ from .pos import (
     pos_family,
     read_conllu,
 )
+from .prompts import Prompt, PromptBuilder, PromptTemplate, build_prompts, prompts_to_frame
+from .tokenization import AnswerTokens, check_tokenization, max_answer_tokens
 
 __all__ = [
     "BITWISE_OPS",

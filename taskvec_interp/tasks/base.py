@@ -1,4 +1,6 @@
-"""Tasks, task families, the k-shot prompt builder and tokenization checks. Knows no model.
+"""Tasks and task families: seeding and splits, the task model (:class:`Task`, :class:`TaskFamily`, the
+Null task) and reading data files as text. Knows no model and no prompt layout (``prompts.py``) or tokenizer
+(``tokenization.py``).
 
 A :class:`Task` is a source of ``(input, output)`` :class:`Example` pairs with *distinct inputs*; a
 :class:`TaskFamily` is several tasks plus a Null task whose outputs ignore the input. Every task has a
@@ -7,12 +9,6 @@ stable integer label: its position in the family, the Null task always last
 
 Randomness is always explicit: functions take ``seed`` as an ``int``, a ``numpy.random.Generator`` or
 a ``torch.Generator``; nothing here touches global random state.
-
-Whitespace convention (see :class:`PromptTemplate`): the prompt text ends right before the answer,
-so the token just before the answer is the prompt's last token (the position whose hidden state Task
-Decodability reads). With the default template ``"01101 10110 ->"`` the prompt ends *without* a
-trailing space and the answer carries the space (``" 00100"``), because byte-level BPE tokenizers
-encode ``" word"`` as one token while ``"-> "`` + ``"word"`` would leave a dangling space token.
 """
 
 from __future__ import annotations
@@ -20,39 +16,20 @@ from __future__ import annotations
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
     import torch
 
     SeedLike = int | np.integer | np.random.Generator | torch.Generator
 else:
     SeedLike = Any
 
-__all__ = [
-    "NULL_TASK",
-    "SPLITS",
-    "AnswerTokens",
-    "Example",
-    "ExampleTask",
-    "Prompt",
-    "PromptBuilder",
-    "PromptTemplate",
-    "RandomOutputTask",
-    "SeedLike",
-    "Task",
-    "TaskFamily",
-    "as_rng",
-    "build_prompts",
-    "check_tokenization",
-    "max_answer_tokens",
-    "prompts_to_frame",
-    "split_indices",
-]
+__all__ = ["NULL_TASK", "SPLITS", "Example", "ExampleTask", "RandomOutputTask", "SeedLike", "Task", "TaskFamily",
+           "as_rng", "base_entropy", "check_count", "decode_utf8", "keyed_rng", "split_indices", "text_key"]
 
 NULL_TASK = "null"
 """Name of the Null task in every family (its label is the last one)."""
@@ -92,7 +69,7 @@ def as_rng(seed: SeedLike) -> np.random.Generator:
     raise TypeError(f"seed must be an int, numpy.random.Generator or torch.Generator, got {type(seed)!r}")
 
 
-def _base_entropy(seed: SeedLike) -> int:
+def base_entropy(seed: SeedLike) -> int:
     """An int to derive keyed child generators from (an int seed is used directly)."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
         if seed < 0:
@@ -101,13 +78,13 @@ def _base_entropy(seed: SeedLike) -> int:
     return int(as_rng(seed).integers(0, 2**63))
 
 
-def _key(text: str) -> int:
+def text_key(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def _keyed_rng(base: int, *keys: str) -> np.random.Generator:
+def keyed_rng(base: int, *keys: str) -> np.random.Generator:
     """A generator depending only on ``base`` and the string keys (stable across runs and platforms)."""
-    return np.random.default_rng([base, *(_key(k) for k in keys)])
+    return np.random.default_rng([base, *(text_key(k) for k in keys)])
 
 
 def _check_split(split: str, test_fraction: float) -> None:
@@ -128,7 +105,7 @@ def split_indices(
     _check_split(split, test_fraction)
     if split == "all":
         return np.arange(n)
-    perm = _keyed_rng(int(seed), "split", key).permutation(n)
+    perm = keyed_rng(int(seed), "split", key).permutation(n)
     n_test = int(round(n * float(test_fraction)))
     part = perm[:n_test] if split == "test" else perm[n_test:]
     return np.sort(part)
@@ -332,235 +309,10 @@ class TaskFamily:
         return f"TaskFamily(name={self.name!r}, tasks={list(self.task_names)})"
 
 
-# --------------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """How examples are laid out. The paper's template is OPEN; the default renders 4-shot prompts as::
-
-        01101 10110 -> 00100
-        ...
-        11000 00111 ->            (prompt ends here; answer " 00111" starts with a space)
-
-    ``prefix`` starts the prompt (e.g. an instruction); each example is
-    ``input_prefix + input + output_prefix + answer`` and examples are joined by ``example_separator``.
-    ``answer_space``: ``None`` (auto) prepends a space to the output iff ``output_prefix`` does not end
-    in whitespace and the output does not start with whitespace; ``True``/``False`` force it.
-    """
-
-    input_prefix: str = ""
-    output_prefix: str = " ->"
-    example_separator: str = "\n"
-    prefix: str = ""
-    answer_space: bool | None = None
-
-    def answer_for(self, output: str) -> str:
-        """The answer string (what follows the prompt) for a raw task output."""
-        if self.answer_space is None:
-            add = not self.output_prefix[-1:].isspace() and not output[:1].isspace()
-        else:
-            add = self.answer_space
-        return " " + output if add else output
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A k-shot prompt. ``text`` ends right before ``answer`` (its last token precedes the answer).
-
-    ``target`` is the raw task output (``answer`` may carry a leading space); ``query`` the query
-    input; ``demo_answer_starts[i]`` the character offset in ``text`` where demonstration ``i``'s
-    answer starts (the character before it belongs to the token "after the demonstration input",
-    where task vectors are read).
-    """
-
-    text: str
-    answer: str
-    task: str
-    label: int
-    n_shots: int
-    query: str
-    target: str
-    demos: tuple[Example, ...] = ()
-    demo_answer_starts: tuple[int, ...] = ()
-    family: str = ""
-
-    @property
-    def full_text(self) -> str:
-        """Prompt followed by its answer (for teacher forcing / fine-tuning)."""
-        return self.text + self.answer
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["demos"] = [{"input": e.input, "output": e.output} for e in self.demos]
-        d["demo_answer_starts"] = list(self.demo_answer_starts)
-        return d
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
+def check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-@dataclass(frozen=True)
-class PromptBuilder:
-    """Renders and samples k-shot prompts with a :class:`PromptTemplate`."""
-
-    template: PromptTemplate = field(default_factory=PromptTemplate)
-
-    def render(
-        self, query: Example, demos: Sequence[Example], *, task: str, label: int, family: str = ""
-    ) -> Prompt:
-        """Lay out given demonstrations and query (e.g. demos of one task with another's query)."""
-        t = self.template
-        parts: list[str] = [t.prefix]
-        pos = len(t.prefix)
-        starts: list[int] = []
-        for ex in demos:
-            head = t.input_prefix + ex.input + t.output_prefix
-            starts.append(pos + len(head))
-            chunk = head + t.answer_for(ex.output) + t.example_separator
-            parts.append(chunk)
-            pos += len(chunk)
-        parts.append(t.input_prefix + query.input + t.output_prefix)
-        return Prompt(
-            text="".join(parts),
-            answer=t.answer_for(query.output),
-            task=task,
-            label=label,
-            n_shots=len(demos),
-            query=query.input,
-            target=query.output,
-            demos=tuple(demos),
-            demo_answer_starts=tuple(starts),
-            family=family,
-        )
-
-    def _check_shots(self, task: Task, shots: int) -> None:
-        if shots + 1 > task.n_inputs:
-            raise ValueError(
-                f"shots={shots} needs {shots + 1} distinct examples (demonstrations + query) but task "
-                f"{task.name!r} has only {task.n_inputs}"
-            )
-
-    def _demos_for(self, task: Task, query: Example, shots: int, rng: np.random.Generator) -> list[Example]:
-        cands = task.sample(shots + 1, rng)
-        return [c for c in cands if c.input != query.input][:shots]
-
-    def sample(
-        self, family: TaskFamily, task: str | Task, shots: int = 4, seed: SeedLike = 0, n: int = 1
-    ) -> list[Prompt]:
-        """``n`` prompts of one task (queries distinct from their demonstrations, not from each other)."""
-        shots = _check_count("shots", shots, 0)
-        n = _check_count("n", n, 1)
-        tk = family[task] if not isinstance(task, Task) else task
-        label = family.label(tk)
-        self._check_shots(tk, shots)
-        rng = as_rng(seed)
-        out = []
-        for _ in range(n):
-            *demos, query = tk.sample(shots + 1, rng)
-            out.append(self.render(query, demos, task=tk.name, label=label, family=family.name))
-        return out
-
-    def build(
-        self,
-        family: TaskFamily,
-        n_per_task: int = 100,
-        shots: int = 4,
-        seed: SeedLike = 0,
-        *,
-        tasks: Sequence[str] | None = None,
-        distinct_queries: bool = True,
-    ) -> list[Prompt]:
-        """A balanced set: ``n_per_task`` prompts for every task (Null included), in label order.
-
-        Each task draws from its own generator keyed by ``(seed, task name)``, so a task's prompts
-        do not change when other tasks are added or removed. Within a prompt the demonstrations
-        and the query have distinct inputs; with ``distinct_queries`` the queries of a task are
-        also distinct from one another (the task then needs at least ``n_per_task`` inputs).
-        """
-        n_per_task = _check_count("n_per_task", n_per_task, 1)
-        shots = _check_count("shots", shots, 0)
-        chosen = [family[name] for name in tasks] if tasks is not None else list(family.tasks)
-        for tk in chosen:
-            self._check_shots(tk, shots)
-            if distinct_queries and n_per_task > tk.n_inputs:
-                raise ValueError(
-                    f"n_per_task={n_per_task} distinct queries requested but task {tk.name!r} has only "
-                    f"{tk.n_inputs} inputs; lower n_per_task or pass distinct_queries=False"
-                )
-        base = _base_entropy(seed)
-        prompts: list[Prompt] = []
-        for tk in chosen:
-            rng = _keyed_rng(base, "prompts", tk.name)
-            label = family.label(tk)
-            if distinct_queries:
-                queries = tk.sample(n_per_task, rng)
-                for q in queries:
-                    demos = self._demos_for(tk, q, shots, rng)
-                    prompts.append(self.render(q, demos, task=tk.name, label=label, family=family.name))
-            else:
-                for _ in range(n_per_task):
-                    *demos, q = tk.sample(shots + 1, rng)
-                    prompts.append(self.render(q, demos, task=tk.name, label=label, family=family.name))
-        return prompts
-
-
-def build_prompts(
-    family: TaskFamily,
-    n_per_task: int = 100,
-    shots: int = 4,
-    seed: SeedLike = 0,
-    *,
-    template: PromptTemplate | None = None,
-    tasks: Sequence[str] | None = None,
-    distinct_queries: bool = True,
-) -> list[Prompt]:
-    """Balanced prompts for every task of ``family`` (see :meth:`PromptBuilder.build`)."""
-    builder = PromptBuilder(template if template is not None else PromptTemplate())
-    return builder.build(family, n_per_task, shots, seed, tasks=tasks, distinct_queries=distinct_queries)
-
-
-def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
-    """One row per prompt: prompt_id, family, task, label, n_shots, query, target, answer, text,
-    demo_inputs, demo_outputs (tuples)."""
-    import pandas as pd
-
-    rows = [
-        {
-            "prompt_id": i,
-            "family": p.family,
-            "task": p.task,
-            "label": p.label,
-            "n_shots": p.n_shots,
-            "query": p.query,
-            "target": p.target,
-            "answer": p.answer,
-            "text": p.text,
-            "demo_inputs": tuple(e.input for e in p.demos),
-            "demo_outputs": tuple(e.output for e in p.demos),
-        }
-        for i, p in enumerate(prompts)
-    ]
-    cols = [
-        "prompt_id",
-        "family",
-        "task",
-        "label",
-        "n_shots",
-        "query",
-        "target",
-        "answer",
-        "text",
-        "demo_inputs",
-        "demo_outputs",
-    ]
-    df = pd.DataFrame(rows, columns=cols)
-    return df.astype({"prompt_id": "int64", "label": "int64", "n_shots": "int64"})
 
 
 def decode_utf8(raw: bytes, source: object, *, what: str = "") -> str:
@@ -580,117 +332,3 @@ def decode_utf8(raw: bytes, source: object, *, what: str = "") -> str:
             f"(line {line}, byte {col} of the line) is not valid UTF-8 ({e.reason}); re-encode the file as "
             f"UTF-8{hint}"
         ) from err
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenization checks
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AnswerTokens:
-    """How one prompt's answer tokenizes after its prompt.
-
-    ``answer_ids``: the tokens that follow the prompt's tokens in ``tokenize(text + answer)`` (when
-    ``prefix_ok``), else the answer tokenized alone. ``prefix_ok``: the prompt's tokens are a prefix
-    of the joint tokenization (no token straddles the prompt/answer boundary). ``standalone_ok``:
-    tokenizing the answer alone gives the same ids (false e.g. for SentencePiece tokenizers that
-    prepend a word-start marker; informative only). ``roundtrip_ok``: decoding prompt + answer ids
-    gives back decode(prompt) + answer. ``n_budget``: new tokens a generator needs to emit it.
-    ``first_content``: the text of the answer's first *content* token, i.e. ``decode(answer_ids[:j + 1])``
-    stripped of whitespace for the smallest ``j`` where that is non-empty and holds no partial character
-    (U+FFFD); leading tokens that decode to whitespace only (SmolLM2 splits ``" 01101"`` into ``" "``,
-    ``"0"``, ...) are skipped. First-token accuracy compares it with the generation.
-    """
-
-    answer_ids: tuple[int, ...]
-    prompt_len: int
-    prefix_ok: bool
-    standalone_ok: bool
-    roundtrip_ok: bool
-    n_budget: int
-    first_content: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """The answer is a clean continuation of the prompt's tokens."""
-        return self.prefix_ok and self.roundtrip_ok
-
-
-def first_content_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Text of the first content token of ``ids`` (see :attr:`AnswerTokens.first_content`)."""
-    for j in range(len(ids)):
-        text = tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True).strip()
-        if text and "\ufffd" not in text:
-            return text
-    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-
-def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens)
-    return [list(x) for x in enc["input_ids"]]
-
-
-def check_tokenization(
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    *,
-    add_special_tokens: bool = False,
-    strict: bool = False,
-) -> list[AnswerTokens]:
-    """Check ``tokenize(text + answer) == tokenize(text) + answer_ids`` for every prompt.
-
-    ``tokenizer`` is any Hugging Face tokenizer (callable, with ``decode``). ``add_special_tokens``
-    is passed to it (a BOS token does not change the split). With ``strict`` a ValueError lists the
-    prompts whose answer does not tokenize cleanly; otherwise inspect ``.ok`` on each result.
-    """
-    if not prompts:
-        return []
-    texts = [p.text for p in prompts]
-    p_ids = _ids(tokenizer, texts, add_special_tokens)
-    f_ids = _ids(tokenizer, [p.text + p.answer for p in prompts], add_special_tokens)
-    a_ids = _ids(tokenizer, [p.answer for p in prompts], False)
-    out: list[AnswerTokens] = []
-    for p, pi, fi, ai in zip(prompts, p_ids, f_ids, a_ids, strict=True):
-        prefix_ok = fi[: len(pi)] == pi
-        cont = fi[len(pi) :] if prefix_ok else ai
-        decoded_full = tokenizer.decode(pi + cont, skip_special_tokens=True)
-        decoded_prompt = tokenizer.decode(pi, skip_special_tokens=True)
-        roundtrip_ok = decoded_full == decoded_prompt + p.answer
-        out.append(
-            AnswerTokens(
-                answer_ids=tuple(cont),
-                prompt_len=len(pi),
-                prefix_ok=prefix_ok,
-                standalone_ok=ai == cont,
-                roundtrip_ok=roundtrip_ok,
-                n_budget=max(len(cont), len(ai), len(fi) - len(pi)),
-                first_content=first_content_text(tokenizer, cont),
-            )
-        )
-    if strict:
-        bad = [(p, r) for p, r in zip(prompts, out, strict=True) if not r.ok]
-        if bad:
-            shown = "; ".join(
-                f"task={p.task!r} query={p.query!r} answer={p.answer!r} (prefix_ok={r.prefix_ok}, "
-                f"roundtrip_ok={r.roundtrip_ok})"
-                for p, r in bad[:5]
-            )
-            raise ValueError(
-                f"{len(bad)} of {len(prompts)} answers do not tokenize as a clean continuation of their "
-                f"prompt: {shown}. Check the template's whitespace (see PromptTemplate.answer_space)."
-            )
-    return out
-
-
-def max_answer_tokens(
-    tokenizer: Any, prompts: Sequence[Prompt], *, margin: int = 0, add_special_tokens: bool = False
-) -> int:
-    """Number of new tokens generation must allow so that every answer fits (plus ``margin``).
-
-    Counts the worst case of the in-context and standalone tokenizations, so answers are never
-    truncated even when they do not tokenize cleanly.
-    """
-    margin = _check_count("margin", margin, 0)
-    checks = check_tokenization(tokenizer, prompts, add_special_tokens=add_special_tokens)
-    return max((c.n_budget for c in checks), default=0) + margin
