@@ -1,12 +1,10 @@
-"""Figures from tidy result tables (taskvec_interp.viz): content, files and input errors."""
+"""Task-decodability figures (taskvec_interp.figures.td): content, files and input errors."""
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +14,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from taskvec_interp import viz
+from taskvec_interp import figures
 from taskvec_interp.probes.decodability import task_decodability
 
 SHOTS = (1, 4, 10)
@@ -59,45 +57,23 @@ def _png_ok(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > MIN_PNG
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-# ----------------------------------------------------------------------------------------------
-# No backend side effects
-# ----------------------------------------------------------------------------------------------
-def test_module_never_touches_the_backend():
-    tree = ast.parse(Path(viz.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
-                for alias in node.names} | {node.module for node in ast.walk(tree)
-                                            if isinstance(node, ast.ImportFrom) and node.module}
-    assert not any("pyplot" in name for name in imported)
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Attribute) and node.func.attr == "use"]
-    assert not calls
-    before = matplotlib.rcParams._get_backend_or_none()
-    fig = viz.plot_td_by_layer(_td_table())
-    assert matplotlib.rcParams._get_backend_or_none() == before
-    png = fig._repr_png_()  # shows in IPython even without pyplot
-    assert png[:4] == b"\x89PNG" and len(png) > MIN_PNG
-
-
-# ----------------------------------------------------------------------------------------------
-# TD by layer
-# ----------------------------------------------------------------------------------------------
+# ---- TD by layer -----------------------------------------------------------------------------------------
 def test_td_peaks():
     td = _td_table()
-    peaks = viz.td_peaks(td)
+    peaks = figures.td_peaks(td)
     assert list(peaks.columns) == ["shots", "layer", "td", "chance"]
     assert dict(zip(peaks["shots"], peaks["layer"], strict=True)) == PEAKS
     # ties go to the earliest layer; NaN is ignored
     td.loc[(td["level"] == "overall") & (td["shots"] == 1), "td"] = [0.1, 0.9, 0.5, 0.9, np.nan, 0.2, 0.2, 0.2]
-    assert viz.td_peaks(td).set_index("shots").loc[1, "layer"] == 1
+    assert figures.td_peaks(td).set_index("shots").loc[1, "layer"] == 1
     two = pd.concat([_td_table("a"), _td_table("b", peaks={1: 0, 4: 7, 10: 2})], ignore_index=True)
-    got = viz.td_peaks(two).set_index(["family", "shots"])["layer"].to_dict()
+    got = figures.td_peaks(two).set_index(["family", "shots"])["layer"].to_dict()
     assert got[("a", 10)] == 5 and got[("b", 4)] == 7 and len(got) == 6
 
 
 def test_plot_td_by_layer(tmp_path):
     out = tmp_path / "nested" / "dir" / "td.png"
-    fig = viz.plot_td_by_layer(_td_table(), path=out, title="my title")
+    fig = figures.plot_td_by_layer(_td_table(), path=out, title="my title")
     assert isinstance(fig, Figure)
     _png_ok(out)
     (ax,) = fig.axes
@@ -116,7 +92,7 @@ def test_plot_td_by_layer(tmp_path):
 
 def test_plot_td_by_layer_families_ax_and_missing_ci():
     two = pd.concat([_td_table("bitwise"), _td_table("pos", peaks={1: 0, 4: 7, 10: 2})], ignore_index=True)
-    fig = viz.plot_td_by_layer(two)
+    fig = figures.plot_td_by_layer(two)
     assert len(fig.axes) == 2
     assert [a.get_title() for a in fig.axes] == ["bitwise", "pos"]
     for a in fig.axes:
@@ -124,15 +100,15 @@ def test_plot_td_by_layer_families_ax_and_missing_ci():
     star_x = [int(c.get_offsets()[0][0]) for c in fig.axes[1].collections if isinstance(c, PathCollection)]
     assert star_x == [0, 7, 2]
     with pytest.raises(ValueError, match="families"):
-        viz.plot_td_by_layer(two, ax=Figure().add_subplot())
+        figures.plot_td_by_layer(two, ax=Figure().add_subplot())
     with pytest.raises(ValueError, match="family"):  # two families without a family column
-        viz.plot_td_by_layer(two.drop(columns="family"))
+        figures.plot_td_by_layer(two.drop(columns="family"))
 
     # one family into a given axes; CIs all NaN -> no bands
     td = _td_table().assign(ci_low=np.nan, ci_high=np.nan)
     host = Figure()
     ax = host.add_subplot(1, 2, 2)
-    assert viz.plot_td_by_layer(td, ax=ax) is host
+    assert figures.plot_td_by_layer(td, ax=ax) is host
     assert len(ax.get_lines()) == len(SHOTS) + 1
     assert len(ax.collections) == len(SHOTS)  # stars only
 
@@ -145,26 +121,24 @@ def test_plot_td_by_layer_from_task_decodability_frame(tmp_path):
     acts[2] += 3 * torch.nn.functional.one_hot(labels, 6).float()  # layer 2 decodes the task
     res = task_decodability(acts, labels, k=5, n_boot=50, label_names=["a", "b", "c"])
     frame = res.to_frame()
-    fig = viz.plot_td_by_layer(frame, path=tmp_path / "td.png")
+    fig = figures.plot_td_by_layer(frame, path=tmp_path / "td.png")
     (ax,) = fig.axes
     assert len(ax.get_lines()) == 2
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TD", "chance"]
     assert int(ax.collections[-1].get_offsets()[0][0]) == res.peak_layer == 2
-    fig = viz.plot_task_td(frame)
+    fig = figures.plot_task_td(frame)
     assert "layer 2" in fig.axes[0].get_title()
     _png_ok(tmp_path / "td.png")
 
 
-# ----------------------------------------------------------------------------------------------
-# Per-task TD
-# ----------------------------------------------------------------------------------------------
+# ---- Per-task TD -----------------------------------------------------------------------------------------
 def _bars(ax):
     return list(ax.patches)
 
 
 def test_plot_task_td_defaults_and_choices(tmp_path):
     td = _td_table()
-    fig = viz.plot_task_td(td, path=tmp_path / "bars.png")
+    fig = figures.plot_task_td(td, path=tmp_path / "bars.png")
     _png_ok(tmp_path / "bars.png")
     (ax,) = fig.axes
     bars = _bars(ax)
@@ -180,28 +154,28 @@ def test_plot_task_td_defaults_and_choices(tmp_path):
     assert len(err_container.lines[2][0].get_segments()) == len(TASKS)  # one CI bar per task
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chance"]
 
-    fig = viz.plot_task_td(td, shots=1)
+    fig = figures.plot_task_td(td, shots=1)
     assert f"layer {PEAKS[1]}" in fig.axes[0].get_title()
-    fig = viz.plot_task_td(td, layer=0, shots=4)
+    fig = figures.plot_task_td(td, layer=0, shots=4)
     expected = td[(td["level"] == "task") & (td["shots"] == 4) & (td["layer"] == 0)]["td"].to_numpy()
     np.testing.assert_allclose([b.get_height() for b in _bars(fig.axes[0])], expected)
 
     with pytest.raises(ValueError, match="layer 99 not in"):
-        viz.plot_task_td(td, layer=99)
+        figures.plot_task_td(td, layer=99)
     with pytest.raises(ValueError, match="shots=3 not in"):
-        viz.plot_task_td(td, shots=3)
+        figures.plot_task_td(td, shots=3)
     with pytest.raises(ValueError, match="per-task rows"):
-        viz.plot_task_td(td[td["level"] == "overall"])
+        figures.plot_task_td(td[td["level"] == "overall"])
     with pytest.raises(ValueError, match="overall"):
-        viz.plot_task_td(td[td["level"] == "task"])  # no overall rows for the default layer
+        figures.plot_task_td(td[td["level"] == "task"])  # no overall rows for the default layer
     # ...but an explicit layer needs none, and NaN CIs are fine
-    fig = viz.plot_task_td(td[td["level"] == "task"].assign(ci_low=np.nan), layer=2)
+    fig = figures.plot_task_td(td[td["level"] == "task"].assign(ci_low=np.nan), layer=2)
     assert len(_bars(fig.axes[0])) == len(TASKS)
 
 
 def test_plot_task_td_families():
     two = pd.concat([_td_table("bitwise"), _td_table("pos", peaks={1: 0, 4: 7, 10: 2})], ignore_index=True)
-    fig = viz.plot_task_td(two)
+    fig = figures.plot_task_td(two)
     assert len(fig.axes) == 2
     assert "bitwise" in fig.axes[0].get_title() and f"layer {PEAKS[10]}" in fig.axes[0].get_title()
     assert "pos" in fig.axes[1].get_title() and "layer 2" in fig.axes[1].get_title()
@@ -209,7 +183,7 @@ def test_plot_task_td_families():
 
 def test_plot_task_td_heatmap(tmp_path):
     td = _td_table()
-    fig = viz.plot_task_td_heatmap(td, path=tmp_path / "heat.png")
+    fig = figures.plot_task_td_heatmap(td, path=tmp_path / "heat.png")
     _png_ok(tmp_path / "heat.png")
     images = [im for a in fig.axes for im in a.get_images()]
     assert len(images) == 1 and isinstance(images[0], AxesImage)
@@ -219,30 +193,28 @@ def test_plot_task_td_heatmap(tmp_path):
     np.testing.assert_allclose(data[2], rows[rows["task"] == "xor"].sort_values("layer")["td"])
     assert len(fig.axes) == 2  # heatmap + colour bar
     assert f"L{PEAKS[10]}" in fig.axes[0].get_title()
-    fig = viz.plot_task_td_heatmap(td, shots=1)
+    fig = figures.plot_task_td_heatmap(td, shots=1)
     assert "1-shot" in fig.axes[0].get_title()
 
     two = pd.concat([_td_table("bitwise"), _td_table("pos")], ignore_index=True)
-    fig = viz.plot_task_td_heatmap(two)
+    fig = figures.plot_task_td_heatmap(two)
     assert len(fig.axes) == 3
     # a missing cell is masked, not dropped
     holes = td.drop(index=td[(td["task"] == "or") & (td["layer"] == 3)].index)
-    data = viz.plot_task_td_heatmap(holes).axes[0].get_images()[0].get_array()
+    data = figures.plot_task_td_heatmap(holes).axes[0].get_images()[0].get_array()
     assert data.shape == (len(TASKS), len(LAYERS)) and bool(data.mask[1, 3])
     with pytest.raises(ValueError, match="shots=2 not in"):
-        viz.plot_task_td_heatmap(td, shots=2)
+        figures.plot_task_td_heatmap(td, shots=2)
 
 
-# ----------------------------------------------------------------------------------------------
-# TD vs accuracy
-# ----------------------------------------------------------------------------------------------
+# ---- TD vs accuracy --------------------------------------------------------------------------------------
 def _points(ax) -> np.ndarray:
     return np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
 
 
 def test_plot_td_vs_accuracy(tmp_path):
     td, acc = _td_table("bitwise"), _acc_table("bitwise")
-    fig = viz.plot_td_vs_accuracy(td, acc, FIT, path=tmp_path / "a" / "scatter.png")
+    fig = figures.plot_td_vs_accuracy(td, acc, FIT, path=tmp_path / "a" / "scatter.png")
     _png_ok(tmp_path / "a" / "scatter.png")
     (ax,) = fig.axes
     pts = _points(ax)
@@ -260,47 +232,45 @@ def test_plot_td_vs_accuracy(tmp_path):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "fit, R² = 0.63" and "null" not in labels and "10-shot" in labels
 
-    fig = viz.plot_td_vs_accuracy(td, acc, FIT, include_null=True)
+    fig = figures.plot_td_vs_accuracy(td, acc, FIT, include_null=True)
     assert len(_points(fig.axes[0])) == len(TASKS) * len(SHOTS)
     # no family anywhere; NaN fit -> no line, "n/a"
     nofam = {k: v for k, v in FIT.items() if k != "family"} | {"r2": math.nan, "slope": math.nan}
-    fig = viz.plot_td_vs_accuracy(_td_table(), _acc_table(), nofam)
+    fig = figures.plot_td_vs_accuracy(_td_table(), _acc_table(), nofam)
     assert len(fig.axes[0].get_lines()) == 0 and "n/a" in fig.axes[0].get_title()
 
 
 def test_plot_td_vs_accuracy_joins_by_family():
     td = pd.concat([_td_table("bitwise"), _td_table("pos", seed=1)], ignore_index=True)
     acc = pd.concat([_acc_table("bitwise"), _acc_table("pos").assign(exact=0.99)], ignore_index=True)
-    fig = viz.plot_td_vs_accuracy(td, acc, FIT | {"family": "pos"})
+    fig = figures.plot_td_vs_accuracy(td, acc, FIT | {"family": "pos"})
     pts = _points(fig.axes[0])
     assert len(pts) == 9 and np.all(pts[:, 1] == pytest.approx(0.99))
     with pytest.raises(ValueError, match="family 'nope'"):
-        viz.plot_td_vs_accuracy(td, acc, FIT | {"family": "nope"})
+        figures.plot_td_vs_accuracy(td, acc, FIT | {"family": "nope"})
     without = {k: v for k, v in FIT.items() if k != "family"}
     with pytest.raises(ValueError, match="several families"):
-        viz.plot_td_vs_accuracy(td, acc.drop(columns="family"), without)
+        figures.plot_td_vs_accuracy(td, acc.drop(columns="family"), without)
 
 
 def test_plot_td_vs_accuracy_errors():
     td, acc = _td_table(), _acc_table()
     with pytest.raises(ValueError, match="fit layer 42 not in"):
-        viz.plot_td_vs_accuracy(td, acc, FIT | {"layer": 42})
+        figures.plot_td_vs_accuracy(td, acc, FIT | {"layer": 42})
     with pytest.raises(ValueError, match=r"missing key\(s\) \['r2'\]"):
-        viz.plot_td_vs_accuracy(td, acc, {k: v for k, v in FIT.items() if k != "r2"})
+        figures.plot_td_vs_accuracy(td, acc, {k: v for k, v in FIT.items() if k != "r2"})
     with pytest.raises(ValueError, match=r"accuracy table is missing column\(s\) \['exact'\]"):
-        viz.plot_td_vs_accuracy(td, acc.drop(columns="exact"), FIT)
+        figures.plot_td_vs_accuracy(td, acc.drop(columns="exact"), FIT)
     with pytest.raises(ValueError, match="accuracy table is empty"):
-        viz.plot_td_vs_accuracy(td, acc.iloc[:0], FIT)
+        figures.plot_td_vs_accuracy(td, acc.iloc[:0], FIT)
     with pytest.raises(ValueError, match="no \\(task, shots\\) pairs in common"):
-        viz.plot_td_vs_accuracy(td, acc.assign(shots=acc["shots"] + 100), FIT)
+        figures.plot_td_vs_accuracy(td, acc.assign(shots=acc["shots"] + 100), FIT)
     with pytest.raises(ValueError, match="no \\(task, shots\\) pairs in common"):  # only Null in common
-        viz.plot_td_vs_accuracy(td, acc[acc["task"] == "null"], FIT)
+        figures.plot_td_vs_accuracy(td, acc[acc["task"] == "null"], FIT)
 
 
-# ----------------------------------------------------------------------------------------------
-# Table errors shared by the TD plots
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fn", [viz.plot_td_by_layer, viz.plot_task_td, viz.plot_task_td_heatmap, viz.td_peaks])
+# ---- Table errors shared by the TD plots -----------------------------------------------------------------
+@pytest.mark.parametrize("fn", [figures.plot_td_by_layer, figures.plot_task_td, figures.plot_task_td_heatmap, figures.td_peaks])
 def test_td_table_errors(fn):
     td = _td_table()
     with pytest.raises(ValueError, match="TD table is empty"):
@@ -313,112 +283,5 @@ def test_td_table_errors(fn):
 
 def test_td_by_layer_needs_overall_rows():
     with pytest.raises(ValueError, match="no overall rows"):
-        viz.plot_td_by_layer(_td_table().query("level == 'task'"))
+        figures.plot_td_by_layer(_td_table().query("level == 'task'"))
 
-
-# ----------------------------------------------------------------------------------------------
-# UMAP
-# ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def clusters():
-    rng = np.random.default_rng(0)
-    centres = rng.normal(0, 1, (3, 8)) * 10
-    x = np.concatenate([c + rng.normal(0, 1, (20, 8)) for c in centres]).astype(np.float32)
-    labels = ["copy"] * 20 + ["reverse"] * 20 + ["sort"] * 20
-    return x, labels
-
-
-@pytest.fixture(scope="module")
-def embedding(clusters):
-    return viz.umap_embedding(clusters[0], seed=0)  # pays numba's compilation once
-
-
-def _loo_1nn_accuracy(emb: np.ndarray, labels) -> float:
-    d = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    y = np.asarray(labels)
-    return float((y[d.argmin(1)] == y).mean())
-
-
-def test_umap_embedding_separates_and_is_reproducible(clusters, embedding):
-    x, labels = clusters
-    assert embedding.shape == (60, 2) and embedding.dtype == np.float32
-    assert _loo_1nn_accuracy(embedding, labels) == 1.0
-    again = viz.umap_embedding(torch.from_numpy(x), seed=0)  # a tensor works too
-    np.testing.assert_array_equal(again, embedding)
-
-
-def test_plot_umap(tmp_path, clusters):
-    x, labels = clusters
-    codes = [["copy", "reverse", "sort"].index(name) for name in labels]
-    fig = viz.plot_umap(torch.from_numpy(x), codes, label_names=["copy", "reverse", "sort"], seed=0,
-                        path=tmp_path / "u" / "umap.png", title="layer 3")
-    _png_ok(tmp_path / "u" / "umap.png")
-    (ax,) = fig.axes
-    assert ax.get_title() == "layer 3"
-    assert [c.get_label() for c in ax.collections] == ["copy", "reverse", "sort"]
-    assert [len(c.get_offsets()) for c in ax.collections] == [20, 20, 20]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["copy", "reverse", "sort"]
-
-
-def test_umap_errors(clusters):
-    x, labels = clusters
-    with pytest.raises(ValueError, match="labels has 59 entries but acts has 60 points"):
-        viz.plot_umap(x, labels[:-1])
-    with pytest.raises(ValueError, match=r"\[n, d\]"):
-        viz.umap_embedding(x[None])
-    bad = x.copy()
-    bad[0, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        viz.umap_embedding(bad)
-    with pytest.raises(ValueError, match="at least 4 points"):
-        viz.umap_embedding(x[:3])
-    with pytest.raises(ValueError, match="label_names"):
-        viz.plot_umap(x, [0] * 30 + [5] * 30, label_names=["a", "b"])
-
-
-def test_plot_umap_grid(tmp_path, embedding, clusters):
-    _, labels = clusters
-    grid = {(layer, step): (embedding + layer, labels) for layer in (2, 6) for step in (100, 1000, 5000)}
-    del grid[(6, 100)]  # a blank cell
-    fig = viz.plot_umap_grid(grid, path=tmp_path / "grid.png", row_label="layer", col_label="step")
-    _png_ok(tmp_path / "grid.png")
-    assert len(fig.axes) == 6
-    assert [a.get_title() for a in fig.axes[:3]] == ["step 100", "step 1000", "step 5000"]
-    assert fig.axes[0].get_ylabel() == "layer 2" and fig.axes[3].get_ylabel() == "layer 6"
-    assert len(fig.axes[3].collections) == 0 and len(fig.axes[4].collections) == 3
-    # the same class has the same colour in every panel
-    colors = {tuple(c.get_facecolor()[0]) for a in fig.axes for c in a.collections if c.get_label() == "sort"}
-    assert len(colors) == 1
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["copy", "reverse", "sort"]
-
-    with pytest.raises(ValueError, match="empty"):
-        viz.plot_umap_grid({})
-    with pytest.raises(ValueError, match=r"\[n, 2\]"):
-        viz.plot_umap_grid({(0, 0): (np.zeros((60, 3)), labels)})
-    with pytest.raises(ValueError, match=r"labels has 60 entries but embedding \(0, 0\) has 10 points"):
-        viz.plot_umap_grid({(0, 0): (embedding[:10], labels)})
-    with pytest.raises(ValueError, match="pairs"):
-        viz.plot_umap_grid({0: (embedding, labels)})
-
-
-def test_umap_embedding_keeps_torch_thread_count(clusters, monkeypatch):
-    # umap-learn's first fit in a process (numba compiling its parallel functions) can reset torch's thread
-    # count; simulate that deterministically and check umap_embedding puts the caller's count back
-    import torch
-    import umap
-
-    fit = umap.UMAP.fit_transform
-
-    def resetting_fit(self, *args, **kwargs):
-        torch.set_num_threads(3)
-        return fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(umap.UMAP, "fit_transform", resetting_fit)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        viz.umap_embedding(clusters[0], seed=0)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

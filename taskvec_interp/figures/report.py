@@ -1,0 +1,98 @@
+"""The demo's report: ONE self-contained HTML file (:func:`write_demo_report`) with each part's text, its
+headline numbers beside the paper's, its figures embedded as base64 PNG and its tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from ..demo import DemoResult, Part
+
+__all__ = ["write_demo_report"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1d1d1f;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em} th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:left;vertical-align:top} th{background:#f3f3f3}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .paper{color:#555;font-style:italic}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0} .skipped{color:#a00} .meta{color:#555;font-size:.9em}
+details{margin:.5em 0} pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+nav a{margin-right:1em}
+"""
+
+
+def _img(path: Path) -> str:
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{path.name}" src="data:image/png;base64,{data}"><figcaption class="meta">' \
+           f'{path.name}</figcaption></figure>'
+
+
+def _table_html(df: pd.DataFrame, max_rows: int = 40) -> str:
+    shown = df.head(max_rows)
+    html = shown.to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}", na_rep="")
+    more = f'<p class="meta">{len(df) - max_rows} more rows in the table file</p>' if len(df) > max_rows else ""
+    return html + more
+
+
+def _nav_label(part: Part) -> str:
+    label = part.title.split(":")[0]
+    return f"{label} ({part.name.split('_', 1)[1]})" if "_" in part.name else label
+
+
+def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Path:
+    """ONE self-contained HTML file for a :class:`~taskvec_interp.demo.DemoResult`: each part's
+    text, its headline numbers beside the paper's, its figures (embedded as base64 PNG) and tables, then
+    the configuration, the model's identity, package versions and wall times."""
+    import html
+    import json
+
+    from ..results import provenance
+
+    out = Path(result.out)
+    path = Path(path) if path is not None else out / "report.html"
+    esc = html.escape
+    body = [f"<h1>Task vectors in in-context learning: the paper's story on {esc(str(result.model.get('name')))}</h1>",
+            '<p class="meta">Han, Song, Gore &amp; Agrawal, <i>Emergence and Effectiveness of Task Vectors in '
+            "In-Context Learning: An Encoder-Decoder Perspective</i> (ICML 2025), reproduced by taskvec_interp. "
+            f"{'Quick settings' if result.config.quick else 'Full settings'}; the parts took "
+            f"{sum(p.seconds for p in result.parts):.0f} s together (this run's wall time: {result.seconds:.0f} s; "
+            "parts reused from an earlier run count the time they took when they ran).</p>",
+            "<nav>" + "".join(f'<a href="#{esc(p.name)}">{esc(_nav_label(p))}</a>' for p in result.parts)
+            + "</nav>"]
+    for part in result.parts:
+        body.append(f'<section id="{esc(part.name)}"><h2>{esc(part.title)}</h2>')
+        if part.skipped:
+            body.append(f'<p class="skipped">Skipped: {esc(part.skipped)}</p></section>')
+            continue
+        body.append(f"<p>{esc(part.text)}</p>")
+        rows = "".join(f"<tr><td>{esc(r['metric'])}</td><td class='num'>{esc(str(r['ours']))}</td>"
+                       f"<td class='paper'>{esc(r['paper'])}</td></tr>" for r in part.headline)
+        body.append(f"<table class='headline'><tr><th>headline</th><th>ours</th><th>paper</th></tr>{rows}</table>")
+        for fig in part.figures:
+            body.append(_img(out / fig))
+        for caption, table in part.tables.items():
+            body.append(f"<details open><summary>{esc(caption)} (<code>{esc(table)}</code>)</summary>"
+                        f"{_table_html(pd.read_parquet(out / table))}</details>")
+        body.append(f'<p class="meta">wall time {part.seconds:.0f} s</p></section>')
+    from dataclasses import asdict
+
+    times = "".join(f"<tr><td>{esc(p.name)}</td><td class='num'>{'skipped' if p.skipped else f'{p.seconds:.0f} s'}"
+                    f"</td></tr>" for p in result.parts)
+    meta = {"config": asdict(result.config), "resolved settings": result.config.resolved(),
+            **provenance(result.model)}
+    body.append("<section id='provenance'><h2>Configuration, model and versions</h2>"
+                f"<table><tr><th>part</th><th>wall time</th></tr>{times}</table>"
+                f"<pre>{esc(json.dumps(meta, indent=2, default=str))}</pre></section>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>taskvec_interp demo</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    from ..checkpoints import atomic_write_text
+
+    atomic_write_text(path, page)
+    return path
