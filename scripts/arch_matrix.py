@@ -1,8 +1,8 @@
 """Write the architecture matrix table into docs/architectures.md (between the matrix markers).
 
 Usage: ``python scripts/arch_matrix.py [--doc docs/architectures.md] [model_type ...]``. Every causal-LM
-model type of the installed transformers is built tiny and checked on the torch and nnsight adapters
-(taskvec_interp/adapters/arch_matrix.py, the same code the test runs). Prints a JSON summary last.
+model type of the installed transformers is built tiny and checked on the registry's matrix backends (torch and
+nnsight) by taskvec_interp/testing/arch_matrix.py, the same code the test runs. Prints a JSON summary last.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from taskvec_interp.adapters import arch_matrix as AM
+    from taskvec_interp.testing import arch_matrix as AM
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model_types", nargs="*")

@@ -11,9 +11,10 @@ code::
     acts.tensor       # the plain tensor, indexed by position
 
 Only indexing (and assigning) by an int (or a tuple starting with one) is by layer number; a negative int counts from the
-last captured layer, and slices, lists and tensors index positions, as on any tensor. Every other operation
-(arithmetic, ``torch`` functions, ``.mean(0)``) works as on the plain tensor and returns a plain tensor, so
-nothing downstream carries stale layer numbers.
+last captured layer, and a layer that was not captured raises ``ValueError`` naming it and the captured layers.
+Slices, lists and tensors index positions, as on any tensor. Every other operation (arithmetic, ``torch``
+functions, ``.mean(0)``) works as on the plain tensor and returns a plain tensor, so nothing downstream carries
+stale layer numbers.
 """
 
 from __future__ import annotations
@@ -54,15 +55,16 @@ class Activations(Tensor):
         return self.as_subclass(Tensor)
 
     def position(self, layer: int) -> int:
-        """The first-axis position of ``layer`` (``ValueError`` naming the captured layers if absent)."""
+        """The first-axis position of ``layer`` (a negative one counts from the last captured layer);
+        ``ValueError`` naming the layer and the captured layers if there is none."""
         if layer < 0:
             if -layer > len(self.layers):
-                raise IndexError(f"layer index {layer} out of range for {len(self.layers)} captured layers")
+                raise ValueError(f"layer {layer} is out of range: {len(self.layers)} layers were captured "
+                                 f"(captured layers: {self.layers})")
             return len(self.layers) + layer
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise KeyError(f"layer {layer} was not captured (captured layers: {self.layers})") from None
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not captured (captured layers: {self.layers})")
+        return self.layers.index(layer)
 
     def __getitem__(self, index):
         return self.tensor[self._map(index)]

@@ -29,8 +29,14 @@ def test_capture_is_indexed_by_layer_number(adapter):
     assert torch.equal(some[2, 3], every[2, 3])
     assert torch.equal(some.tensor[0], every[2])  # the plain tensor is indexed by position
     assert torch.equal(some[-1], every[0])  # negative: from the last captured
-    with pytest.raises(KeyError, match=r"layer 1 was not captured \(captured layers: \[2, 0\]\)"):
+    with pytest.raises(ValueError, match=r"layer 1 was not captured \(captured layers: \[2, 0\]\)"):
         some[1]
+    with pytest.raises(ValueError, match=r"layer 5 was not captured \(captured layers: \[2, 0\]\)"):
+        some[5, 0]  # a tuple index starting with a layer
+    with pytest.raises(ValueError, match=r"layer -3 is out of range: 2 layers were captured \(captured layers: \[2, 0\]\)"):
+        some[-3]
+    with pytest.raises(ValueError, match=r"layer 1 was not captured"):
+        some[1] = 0.0  # assignment too
     vec = some[2].mean(0)  # the README's natural code
     assert type(vec) is torch.Tensor and vec.shape == (adapter.d_model,)
     assert type(some - every[[2, 0]]) is torch.Tensor  # results of operations are plain tensors

@@ -14,6 +14,7 @@ from taskvec_interp.adapters import (
     make_adapter,
     verify_adapter,
 )
+from taskvec_interp.adapters.arch import get_module, measure_hidden_states_offset
 from taskvec_interp.hooks import Site
 
 ATOL = 1e-5
@@ -36,7 +37,7 @@ def test_capture_matches_models_own_forward(tiny_arch, word_tokenizer):
     adapter = TorchHooksAdapter(model, word_tokenizer)
     acts = adapter.capture(PROMPTS, batch_size=3, progress=False)
     assert acts.shape == (adapter.n_layers, len(PROMPTS), adapter.d_model)
-    first = 1 if adapter.arch.hidden_states_has_embeddings else 0
+    first = measure_hidden_states_offset(model, get_module(model, adapter.arch.blocks), adapter.arch.position_ids)
     for i, ids in enumerate(adapter.encode(PROMPTS)):
         hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         for layer in range(adapter.n_layers - 1):

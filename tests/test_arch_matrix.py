@@ -1,9 +1,10 @@
 """Architecture discovery and the matrix: every causal-LM model type of the installed transformers, tiny and
-random, through the torch and nnsight adapters (see taskvec_interp/adapters/arch_matrix.py)."""
+random, through the torch and nnsight adapters (see taskvec_interp/testing/arch_matrix.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ from taskvec_interp.adapters import (
     make_adapter,
     verify_adapter,
 )
-from taskvec_interp.adapters import arch_matrix as AM
-from taskvec_interp.adapters.arch import discover_arch, find_arch
+from taskvec_interp.adapters.arch import discover_arch, find_arch, get_module, measure_hidden_states_offset
 from taskvec_interp.hooks import Site
+from taskvec_interp.testing import arch_matrix as AM
 
 MODEL_TYPES = AM.causal_lm_model_types()
 MIN_VERIFIED_FRACTION = 0.9
@@ -72,9 +73,53 @@ def test_matrix_pass_rate():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mamba2"])
 def test_discovery_agrees_with_the_table(arch):
+    """The table row (paths) plus what find_arch measures on load (position_ids) is what discovery finds on its
+    own (discovery also measures hidden_states_has_embeddings, which find_arch leaves to verify_adapter)."""
     model = build_tiny(arch)
-    assert discover_arch(model) == ARCHS[model.config.model_type]
-    assert find_arch(model, discover=True) == ARCHS[model.config.model_type]
+    found = discover_arch(model)
+    assert find_arch(model) == dataclasses.replace(found, hidden_states_has_embeddings=None)
+    assert dataclasses.replace(find_arch(model, discover=True), hidden_states_has_embeddings=None) == \
+        dataclasses.replace(found, hidden_states_has_embeddings=None)
+    row = ARCHS[model.config.model_type]
+    assert row.position_ids is None and row.hidden_states_has_embeddings is None  # the table holds paths only
+    for name in ("blocks", "attn", "mlp", "mixer", "final_norm"):
+        assert getattr(row, name) == getattr(found, name), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mamba2"])
+def test_hidden_states_layout_is_measured_not_tabled(arch):
+    """Whether output_hidden_states starts with the embeddings is the installed transformers' choice (Mamba-2:
+    no on 5.24, yes on 5.25): it is measured (measure_hidden_states_offset, what verify_adapter uses), never read
+    from the table; loading a model runs no forward (transformers would leave its capture hooks behind)."""
+    model = build_tiny(arch)
+    spec = find_arch(model)
+    assert spec.hidden_states_has_embeddings is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    offset = measure_hidden_states_offset(model, get_module(model, spec.blocks), spec.position_ids)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["block 0 input"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    handle = get_module(model, spec.blocks)[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hs = model(torch.randint(1, 100, (1, 5)), output_hidden_states=True).hidden_states
+    finally:
+        handle.remove()
+    assert (offset == 1) is torch.allclose(hs[0], seen["block 0 input"])
+    assert spec.position_ids is ("position_ids" in inspect.signature(model.forward).parameters)
+
+
+def test_a_stale_table_row_fails_on_load_naming_the_field(monkeypatch):
+    model = build_tiny("llama")
+    monkeypatch.setitem(ARCHS, "llama", dataclasses.replace(ARCHS["llama"], mlp="feed_forward"))
+    with pytest.raises(ValueError, match=r"ARCHS row for model_type 'llama' says mlp='feed_forward', but block 0 "
+                                         r"of LlamaForCausalLM \(model.layers\) has no such submodule"):
+        TorchHooksAdapter(model)
+    monkeypatch.setitem(ARCHS, "llama", dataclasses.replace(ARCHS["llama"], final_norm="model.final_norm"))
+    with pytest.raises(ValueError, match=r"says final_norm='model.final_norm'.*discover=True"):
+        find_arch(model)
 
 
 def test_discovered_adapter_captures_what_the_table_row_captures():

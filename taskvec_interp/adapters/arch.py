@@ -6,6 +6,16 @@ without a row is discovered from its own structure (transformers' declared block
 of sublayer and norm names) and validated by one forward pass on random tokens before it is used.
 Paths are dotted attribute paths: ``blocks`` from the model root to the ``nn.ModuleList`` of blocks,
 the others relative to one block. ``None`` means the family has no such sublayer.
+
+A row holds paths only. Facts about the loaded model that its version of transformers decides
+(whether its forward takes ``position_ids``, whether ``output_hidden_states`` starts with the
+embeddings) are measured on load by :func:`find_arch`, and every path of a row is checked against the
+model then (a ``ValueError`` names the field): a row cannot go stale silently. (transformers 5.25 moved
+Mamba-2 to the generic hidden-states recorder: its ``hidden_states`` now start with the embeddings,
+as GPT-2's do, where 5.24's started with block 0's output; Mamba (1) still starts with block 0.)
+
+The rest of this module reads what a model says about itself (:func:`config_d_model`,
+:func:`config_n_ctx`, :func:`heads_of`, :func:`input_device`, :func:`model_logits`), for every backend.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,10 +37,14 @@ class ArchSpec:
     mlp: str | None = None
     mixer: str | None = None
     final_norm: str | None = None
-    position_ids: bool = True
-    """Whether the model's forward takes ``position_ids`` (left padding needs them)."""
-    hidden_states_has_embeddings: bool = True
-    """Whether ``output_hidden_states`` starts with the embeddings (GPT-2/Llama) or not (Mamba)."""
+    position_ids: bool | None = None
+    """Whether the model's forward takes ``position_ids`` (left padding needs them). Measured on load from
+    the forward's signature where a row leaves it ``None`` (every table row)."""
+    hidden_states_has_embeddings: bool | None = None
+    """Whether ``output_hidden_states`` starts with the embeddings (GPT-2, Llama, Mamba-2 on transformers
+    >= 5.25) or with block 0's output (Mamba, Mamba-2 on <= 5.24). Measured on load by one forward on two
+    tokens (:func:`measure_hidden_states_offset`); ``None`` where the model cannot run here (weights on the
+    meta device: a remote nnsight model) or its ``hidden_states`` do not line up with its blocks."""
     left_padding: bool = True
     """Whether a left-padded row equals the same prompt run alone. ``False`` for models whose positions
     cannot follow the padding (absolute positions without ``position_ids``, as BART-style decoders; their
@@ -65,11 +80,10 @@ ARCHS: dict[str, ArchSpec] = {
     "olmo": _DECODER,
     "olmo2": _DECODER,
     "phi3": _DECODER,
-    "mamba": ArchSpec(blocks="backbone.layers", mixer="mixer", final_norm="backbone.norm_f", position_ids=False,
-                      hidden_states_has_embeddings=False),
-    "mamba2": ArchSpec(blocks="backbone.layers", mixer="mixer", final_norm="backbone.norm_f", position_ids=False,
-                       hidden_states_has_embeddings=False),
+    "mamba": ArchSpec(blocks="backbone.layers", mixer="mixer", final_norm="backbone.norm_f"),
+    "mamba2": ArchSpec(blocks="backbone.layers", mixer="mixer", final_norm="backbone.norm_f"),
 }
+"""Paths only: the measured facts (``position_ids``, ``hidden_states_has_embeddings``) stay ``None`` here."""
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -99,6 +113,7 @@ def find_arch(model: nn.Module, blocks: str | None = None, discover: bool = Fals
                 spec = discover_arch(model, blocks=blocks)
     elif model_type in ARCHS and not discover:
         spec = ARCHS[model_type]
+        check_row(model, spec, f"the ARCHS row for model_type {model_type!r}")
     elif getattr(model, "config", None) is not None:
         spec = discover_arch(model)
     else:
@@ -113,7 +128,88 @@ def find_arch(model: nn.Module, blocks: str | None = None, discover: bool = Fals
         found = find_o_proj(mods)
         if found is not None:
             spec = replace(spec, o_proj=found)
+    return measured(model, spec, mods)
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether ``model.forward`` names a ``position_ids`` parameter."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def measured(model: nn.Module, spec: ArchSpec, blocks: nn.ModuleList | None = None) -> ArchSpec:
+    """``spec`` with ``position_ids`` measured from the forward's signature. ``hidden_states_has_embeddings``
+    stays ``None`` here and is measured where it is needed (:func:`~taskvec_interp.adapters.verify.verify_adapter`,
+    discovery) by :func:`measure_hidden_states_offset`: a forward with ``output_hidden_states`` makes transformers
+    (>= 5.25) install its own output-capturing hooks on the blocks for good, so loading a model never runs one."""
+    if spec.position_ids is None:
+        spec = replace(spec, position_ids=takes_position_ids(model))
     return spec
+
+
+def check_row(model: nn.Module, spec: ArchSpec, what: str) -> None:
+    """Every path of a hand-written ``spec`` exists on ``model`` (``blocks`` a non-empty module list; the
+    sublayers and ``o_proj`` on every block; ``final_norm`` from the root), else a ``ValueError`` naming
+    the field: a table row that no longer fits the installed transformers fails on load, not later."""
+    name = type(model).__name__
+    fix = "update the row, or pass discover=True (find_arch) to build one from the model itself"
+    blocks = _get_or_none(model, spec.blocks)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise ValueError(f"{what} says blocks={spec.blocks!r}, but {name} has no non-empty module list there; {fix}")
+    if spec.final_norm is not None and _get_or_none(model, spec.final_norm) is None:
+        raise ValueError(f"{what} says final_norm={spec.final_norm!r}, but {name} has no such submodule; {fix}")
+    for field in ("attn", "mlp", "mixer", "o_proj"):
+        path = getattr(spec, field)
+        if path is None:
+            continue
+        missing = [i for i, block in enumerate(blocks) if _get_or_none(block, path) is None]
+        if missing:
+            raise ValueError(f"{what} says {field}={path!r}, but block {missing[0]} of {name} ({spec.blocks}) has "
+                             f"no such submodule; {fix}")
+
+
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def hidden_states_offset(hs: Sequence[Tensor], outs: Sequence[Tensor], rtol: float) -> int | None:
+    """Where block 0's output sits in a model's ``hidden_states`` (``1``: the embeddings come first; ``0``: the
+    blocks do), from the blocks' own outputs ``outs`` (one forward); ``None`` if they do not line up. The
+    entries must be the blocks' outputs in order (the last may be through the final norm)."""
+    n = len(outs)
+    if len(hs) not in (n, n + 1):
+        return None
+    firsts = [f for f in dict.fromkeys((len(hs) - n, 0)) if all(_close(outs[i], hs[f + i], rtol) for i in range(n - 1))]
+    return firsts[0] if firsts else None
+
+
+def measure_hidden_states_offset(model: nn.Module, blocks: nn.ModuleList, position_ids: bool) -> int | None:
+    """:func:`hidden_states_offset` measured by one forward of ``model`` on two random tokens (cached per model).
+    ``None`` where it cannot run here (every weight on the meta device and no accelerate hook to bring them:
+    a remote nnsight model), its forward on token ids fails, or its ``hidden_states`` do not line up."""
+    if model in _OFFSETS:
+        return _OFFSETS[model]
+    params = list(model.parameters())
+    if params and all(p.device.type == "meta" for p in params) and not any(
+            hasattr(m, "_hf_hook") for m in model.modules()):
+        return None
+    rec: dict[str, list] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _recording({str(i): b for i, b in enumerate(blocks)}, rec):
+            out = model(**_probe_inputs(model, position_ids, lengths=(2,)), **_call_kwargs(model))
+    except Exception:  # a model that needs more than token ids: the fact stays unknown (verify_adapter says so)
+        return None
+    finally:
+        model.train(was_training)
+    hs = getattr(out, "hidden_states", None)
+    calls = [rec.get(str(i), []) for i in range(len(blocks))]
+    offset = None
+    if hs and all(len(c) == 1 and c[0][1] is not None for c in calls):
+        dtype = next(iter(params)).dtype if params else torch.float32
+        rtol = max(1e-4, 16 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+        offset = hidden_states_offset(hs, [c[0][1] for c in calls], rtol)
+    _OFFSETS[model] = offset
+    return offset
 
 
 O_PROJ_NAMES: tuple[str, ...] = ("attn.c_proj", "self_attn.o_proj", "attention.dense", "self_attention.dense",
@@ -396,14 +492,12 @@ def _validate(model: nn.Module, candidates: list[tuple[str, str]], inputs: dict[
         if len(hs) not in (n, n + 1):
             tried.append(f"{path!r} ({why}): {n} blocks but {len(hs)} hidden_states")
             continue
-        # n + 1 entries: the embeddings first (GPT-2, Llama) or the blocks then a final normed copy (Mamba-2)
-        firsts = [f for f in dict.fromkeys((len(hs) - n, 0))
-                  if all(_close(outs[i], hs[f + i], rtol) for i in range(n - 1))]
-        if not firsts:
+        # n + 1 entries: the embeddings first (GPT-2, Llama) or the blocks then a final normed copy (Mamba)
+        first = hidden_states_offset(hs, outs, rtol)
+        if first is None:
             tried.append(f"{path!r} ({why}): block 0's output differs from hidden_states[{len(hs) - n}] "
                          "(and the blocks' outputs from hidden_states in order)")
             continue
-        first = firsts[0]
         final_norm, ok = None, _close(outs[-1], hs[-1], rtol)
         norms = _norm_candidates(model, path)
         if not ok:
@@ -494,3 +588,82 @@ def _padding_mismatch(model: nn.Module, blocks: nn.ModuleList, inputs: dict[str,
             return (f"a row of an unpadded batch differs from the same row alone at block {i} (max abs diff "
                     f"{diff:.3g}; the model {how})")
     return None
+
+
+# ---------------------------------------------------------------- introspection
+# What a loaded model says about itself (every backend reads it through these).
+
+
+def model_logits(out: object) -> Tensor:
+    """Logits of a model output (``ModelOutput.logits``, a tuple's first item, or a tensor)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def config_d_model(model: nn.Module) -> int | None:
+    """The residual width from the model's config: its own, else its text model's (multimodal models keep
+    it in ``text_config``), else a ``d_model`` attribute of the module."""
+    cfg = getattr(model, "config", None)
+    configs = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            configs.append(get_text())
+        except (TypeError, ValueError, AttributeError):
+            pass
+    for c in configs:
+        for attr in ("hidden_size", "n_embd", "d_model"):
+            value = getattr(c, attr, None) if c is not None else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return getattr(model, "d_model", None)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the input embedding's execution device for a model dispatched with
+    accelerate (``device_map``: its weights may sit on other devices, the CPU or disk, as ``meta``
+    parameters), else the first real parameter's device; the CPU for a parameterless or all-meta model
+    (e.g. an nnsight model whose weights live on a remote NDIF server)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for p in ([*emb.parameters()] if isinstance(emb, nn.Module) else []) + [*model.parameters()]:
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def config_n_ctx(model: nn.Module) -> int | None:
+    """The context length from the config (``n_positions`` / ``max_position_embeddings``); ``None`` for
+    recurrent models (Mamba, Mamba-2: no positions, no limit)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) in ("mamba", "mamba2"):
+        return None
+    for attr in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    return None
+
+
+def heads_of(model: nn.Module, arch, blocks: nn.ModuleList) -> tuple[int | None, str | None]:
+    """``(n_heads, None)`` where the per-head ``z`` site is available, else ``(None, why not)``."""
+    if arch.o_proj is None:
+        kind = "has no attention" if arch.attn is None and arch.mixer is not None else \
+            "has no known attention output projection (o_proj)"
+        return None, (f"{type(model).__name__} {kind}; the z site hooks the input of the attention's output "
+                      "projection: give its ArchSpec an o_proj path (e.g. 'self_attn.o_proj')")
+    n = o_proj_heads(model, arch, blocks)
+    if n is None:
+        return None, f"the head count of {type(model).__name__}'s attention ({arch.o_proj}) is unknown"
+    return n, None

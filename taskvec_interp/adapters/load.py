@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .base import Adapter
+from .registry import get_backend, owner_of, with_capability
 
-BACKENDS = ("torch", "transformer_lens", "nnsight")
 BUILTIN = {"smollm2-135m": "SmolLM2-135M-Instruct"}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -248,29 +248,22 @@ def unwrap_peft(model: object, merge: bool = False) -> object:
 
 def make_adapter(model: object, tokenizer: object | None = None, backend: str = "torch", *, merge: bool = False,
                  **kwargs: object) -> Adapter:
-    """Wrap an already-loaded model in the adapter for ``backend`` (a peft model: see :func:`unwrap_peft`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    """Wrap an already-loaded model in the adapter for ``backend`` (a peft model: see :func:`unwrap_peft`).
+
+    The backend's row of :data:`~taskvec_interp.adapters.registry.BACKENDS` says which adapter class and how
+    to wrap the model for it; a model one backend owns (a ``TransformerBridge``) is taken as it is."""
+    row = get_backend(backend)
     model = unwrap_peft(model, merge)
-    if type(model).__name__ == "TransformerBridge":
-        if backend != "transformer_lens":
-            raise ValueError(f"a TransformerBridge can only use backend 'transformer_lens', not {backend!r}")
-        from .transformer_lens import TransformerLensAdapter
+    owner = owner_of(model)
+    if owner is not None and owner.name != row.name:
+        raise ValueError(f"a {type(model).__name__} can only use backend {owner.name!r}, not {backend!r}")
+    wrap = row.wrapper() if owner is None else None
+    return row.adapter_class()(model if wrap is None else wrap(model, tokenizer), tokenizer, **kwargs)
 
-        return TransformerLensAdapter(model, tokenizer=tokenizer, **kwargs)
-    if backend == "torch":
-        from .torch_hooks import TorchHooksAdapter
 
-        return TorchHooksAdapter(model, tokenizer, **kwargs)
-    if backend == "nnsight":
-        from .nnsight import NNsightAdapter
-
-        return NNsightAdapter(model, tokenizer, **kwargs)
-    from .transformer_lens import TransformerLensAdapter, bridge_from_hf
-
-    if tokenizer is None:
-        raise ValueError("backend 'transformer_lens' needs a tokenizer to wrap a Hugging Face model")
-    return TransformerLensAdapter(bridge_from_hf(model, tokenizer), tokenizer=tokenizer, **kwargs)
+def _listed(names: tuple[str, ...]) -> str:
+    quoted = [repr(n) for n in names]
+    return " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def load_model(
@@ -281,9 +274,10 @@ def load_model(
 ) -> Adapter:
     """Load ``spec`` (see module doc) and wrap it in the ``backend``'s adapter.
 
-    ``backend``: ``"torch"`` (plain forward hooks, fastest), ``"transformer_lens"`` (TransformerBridge)
-    or ``"nnsight"``. ``verify=True`` runs :func:`verify_adapter` before returning. A peft
-    ``PeftModel`` runs with its adapter active, or merged into the weights with ``merge=True``.
+    ``backend``: ``"torch"`` (plain forward hooks, fastest), ``"transformer_lens"`` (TransformerBridge),
+    ``"nnsight"``, or any other registered one (:mod:`~taskvec_interp.adapters.registry`). ``verify=True``
+    runs :func:`verify_adapter` before returning. A peft ``PeftModel`` runs with its adapter active, or
+    merged into the weights with ``merge=True``.
 
     Big models: ``device_map`` (``"auto"`` or a dict), ``max_memory`` and ``offload_folder`` go to
     accelerate (``from_pretrained`` for a path or hub id, ``dispatch_model`` for a module): weights
@@ -292,15 +286,15 @@ def load_model(
     (needs an NDIF API key; the weights are never downloaded: a hub id becomes a meta-device
     ``nnsight.TransformersModel``); ``remote="local"`` is nnsight's local dry run of the same path.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if remote and backend != "nnsight":
-        raise ValueError(f"remote={remote!r} runs through NDIF, which only the 'nnsight' backend speaks "
-                         f"(got backend {backend!r})")
+    row = get_backend(backend)
+    if remote and not row.remote:
+        speakers = with_capability("remote")
+        raise ValueError(f"remote={remote!r} runs through NDIF, which only the {_listed(speakers)} backend"
+                         f"{' speaks' if len(speakers) == 1 else 's speak'} (got backend {backend!r})")
     placement = Placement(device=device, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    if placement.device_map is not None and backend == "transformer_lens":
-        raise ValueError("device_map= is supported on the 'torch' and 'nnsight' backends; TransformerBridge "
-                         "places its own weights (load on one device, or use backend='nnsight')")
+    if placement.device_map is not None and not row.device_map:
+        raise ValueError(f"device_map= is supported on the {_listed(with_capability('device_map'))} backends, not "
+                         f"{backend!r} (it places its own weights: load on one device, or use another backend)")
     if remote:
         model = _remote_model(spec, tokenizer, revision, placement)
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

@@ -14,9 +14,8 @@ import nnsight
 from torch import Tensor, nn
 
 from ..hooks import HookFn, Site, checked_call
-from .arch import find_arch, get_module
+from .arch import config_d_model, config_n_ctx, find_arch, get_module, heads_of, input_device, model_logits
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
-from .torch_hooks import config_d_model, config_n_ctx, heads_of, input_device, model_logits
 
 
 class NNsightAdapter(Adapter):
@@ -37,9 +36,9 @@ class NNsightAdapter(Adapter):
             # our hook functions run on the server: ship taskvec_interp's code with the request
             nnsight.register("taskvec_interp")
 
-        if isinstance(model, nnsight.NNsight):
+        if isinstance(model, (nnsight.NNsight, nnsight.TransformersModel)):  # 0.8: both Envoys, neither a subclass
             self.nn = model
-            module = model._model
+            module = model._module
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         elif isinstance(model, nn.Module):
             module = model

@@ -13,11 +13,10 @@ import inspect
 from collections.abc import Iterator
 from itertools import groupby
 
-import torch
 from torch import Tensor, nn
 
 from ..hooks import HookFn, Site, checked_call
-from .arch import find_arch, get_module, o_proj_heads
+from .arch import config_d_model, config_n_ctx, find_arch, get_module, heads_of, input_device, model_logits
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
 
 
@@ -32,66 +31,6 @@ def _chain(fns: list[HookFn], site: Site, state: _CallState):
         return act
 
     return run
-
-
-def model_logits(out: object) -> Tensor:
-    """Logits of a model output (``ModelOutput.logits``, a tuple's first item, or a tensor)."""
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def config_d_model(model: nn.Module) -> int | None:
-    """The residual width from the model's config: its own, else its text model's (multimodal models keep
-    it in ``text_config``), else a ``d_model`` attribute of the module."""
-    cfg = getattr(model, "config", None)
-    configs = [cfg]
-    get_text = getattr(cfg, "get_text_config", None)
-    if callable(get_text):
-        try:
-            configs.append(get_text())
-        except (TypeError, ValueError, AttributeError):
-            pass
-    for c in configs:
-        for attr in ("hidden_size", "n_embd", "d_model"):
-            value = getattr(c, attr, None) if c is not None else None
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-    return getattr(model, "d_model", None)
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: the input embedding's execution device for a model dispatched with
-    accelerate (``device_map``: its weights may sit on other devices, the CPU or disk, as ``meta``
-    parameters), else the first real parameter's device; the CPU for a parameterless or all-meta model
-    (e.g. an nnsight model whose weights live on a remote NDIF server)."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = None
-    if callable(get):
-        try:
-            emb = get()
-        except (NotImplementedError, AttributeError):
-            emb = None
-    hook = getattr(emb, "_hf_hook", None)
-    dev = getattr(hook, "execution_device", None)
-    if dev is not None:
-        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    for p in ([*emb.parameters()] if isinstance(emb, nn.Module) else []) + [*model.parameters()]:
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-def config_n_ctx(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) in ("mamba", "mamba2"):
-        return None
-    for attr in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
-    return None
 
 
 class TorchHooksAdapter(Adapter):
@@ -280,19 +219,6 @@ def _branch_dispatch(site: Site, per_branch: list[list[HookFn]]) -> HookFn:
         return out
 
     return hook
-
-
-def heads_of(model: nn.Module, arch, blocks: nn.ModuleList) -> tuple[int | None, str | None]:
-    """``(n_heads, None)`` where the per-head ``z`` site is available, else ``(None, why not)``."""
-    if arch.o_proj is None:
-        kind = "has no attention" if arch.attn is None and arch.mixer is not None else \
-            "has no known attention output projection (o_proj)"
-        return None, (f"{type(model).__name__} {kind}; the z site hooks the input of the attention's output "
-                      "projection: give its ArchSpec an o_proj path (e.g. 'self_attn.o_proj')")
-    n = o_proj_heads(model, arch, blocks)
-    if n is None:
-        return None, f"the head count of {type(model).__name__}'s attention ({arch.o_proj}) is unknown"
-    return n, None
 
 
 def per_head(run, n_heads: int):

@@ -14,7 +14,6 @@ once in a cached prefill.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import shutil
 import tempfile
 import weakref
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..hooks import HookFn, Site, checked_call
-from .arch import ARCHS
+from .arch import takes_position_ids
 from .base import Adapter, LogitsMode, ModelInputs, _CallState
 
 HOOK_NAMES = {
@@ -61,6 +60,13 @@ def bridge_from_hf(model: torch.nn.Module, tokenizer: object, name: str | None =
     return bridge
 
 
+def wrap_hf(model: torch.nn.Module, tokenizer: object | None) -> object:
+    """The backend's ``wrap``: a Hugging Face causal LM and its tokenizer -> a ``TransformerBridge``."""
+    if tokenizer is None:
+        raise ValueError("backend 'transformer_lens' needs a tokenizer to wrap a Hugging Face model")
+    return bridge_from_hf(model, tokenizer)
+
+
 class TransformerLensAdapter(Adapter):
     """Backend on a TransformerLens 4.x ``TransformerBridge`` (from HF models or ``boot_native``).
 
@@ -80,11 +86,9 @@ class TransformerLensAdapter(Adapter):
         components = [c for c, h in HOOK_NAMES.items() if f"blocks.0.{h}" in names]
         original = getattr(bridge, "original_model", None)
         model_type = getattr(getattr(original, "config", None), "model_type", None)
-        if model_type in ARCHS:
-            position_ids = ARCHS[model_type].position_ids
-        else:  # a model without a table row takes position ids if its forward says so (boot_native: none)
-            forward = getattr(original, "forward", None)
-            position_ids = forward is not None and "position_ids" in inspect.signature(forward).parameters
+        # position ids where the wrapped model's forward takes them (measured, as for the other backends;
+        # a boot_native bridge wraps no HF model: none)
+        position_ids = callable(getattr(original, "forward", None)) and takes_position_ids(original)
         param = next(bridge.parameters(), None)
         cfg = bridge.cfg
         has_z = f"blocks.0.{HEAD_HOOK_NAMES['z']}" in names and isinstance(getattr(cfg, "n_heads", None), int)

@@ -12,7 +12,8 @@ carry residual entries in the hundreds, where fp32 batching noise is ~1e-6 relat
 
 What the model comparison needs (where the blocks are, the final norm, whether ``hidden_states``
 starts with the embeddings) comes from the adapter's own ``adapter.arch`` (a table row or a discovered
-architecture alike); an adapter without one (TransformerLens) gets the padding and hook checks only.
+architecture alike, its layout facts measured on load; one left unmeasured is measured here); an adapter
+without one (TransformerLens) gets the padding and hook checks only.
 ``prompts`` may be strings or, for a model without a tokenizer, a left-padded :class:`ModelInputs`.
 """
 
@@ -24,9 +25,8 @@ import pandas as pd
 import torch
 
 from ..hooks import Site
-from .arch import ArchSpec, get_module
+from .arch import ArchSpec, get_module, measure_hidden_states_offset, model_logits
 from .base import Adapter, ModelInputs
-from .torch_hooks import model_logits
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -38,14 +38,6 @@ DEFAULT_PROMPTS = (
 
 class AdapterMismatchError(ValueError):
     """An adapter's activations or logits disagree with the model's own forward."""
-
-
-def _plain_model(adapter: Adapter) -> torch.nn.Module | None:
-    if adapter.backend == "transformer_lens":
-        return getattr(adapter.bridge, "original_model", None)
-    if adapter.backend == "nnsight":
-        return adapter.module
-    return adapter.model
 
 
 def _rows(prompts: list[str] | ModelInputs) -> list[list[str] | ModelInputs]:
@@ -76,6 +68,17 @@ def _forward(adapter: Adapter, prompts: Sequence[str] | ModelInputs, hooks: list
     return torch.stack(out)
 
 
+def _hidden_states_offset(model: torch.nn.Module, spec: ArchSpec) -> int:
+    """Where block 0's output sits in ``model``'s ``hidden_states``: the adapter's measured fact, else measured now."""
+    if spec.hidden_states_has_embeddings is not None:
+        return int(spec.hidden_states_has_embeddings)
+    offset = measure_hidden_states_offset(model, get_module(model, spec.blocks), bool(spec.position_ids))
+    if offset is None:
+        raise ValueError(f"cannot compare {type(model).__name__}'s captured residuals with its output_hidden_states: "
+                         "they do not line up with its blocks (hidden_states_has_embeddings is unknown)")
+    return offset
+
+
 def verify_adapter(
     adapter: Adapter, prompts: Sequence[str] | ModelInputs | None = None, atol: float = 1e-4, rtol: float = 1e-5,
     raise_on_fail: bool = True,
@@ -97,19 +100,19 @@ def verify_adapter(
     single = torch.cat([adapter.capture(p, progress=False) for p in _rows(prompts)], dim=1)
     rows.append(("padded_vs_single", (batched - single).abs().max().item(), single.abs().max().item()))
 
-    model = _plain_model(adapter)
+    model = adapter._hf_module()  # the plain model under any backend's wrapper
     spec = getattr(adapter, "arch", None)
     if isinstance(spec, ArchSpec) and getattr(model, "config", None) is not None:
         ids = _token_ids(adapter, prompts)
         resid_diff, logit_diff, resid_scale, logit_scale = 0.0, 0.0, 0.0, 0.0
         logits = _forward(adapter, prompts)
         device = adapter.device
+        first = _hidden_states_offset(model, spec)
         with torch.no_grad():
             norm = get_module(model, spec.final_norm) if spec.final_norm else torch.nn.Identity()
             for i, row in enumerate(ids):
                 out = model(input_ids=torch.tensor([row], device=device), output_hidden_states=True)
                 hs = out.hidden_states
-                first = 1 if spec.hidden_states_has_embeddings else 0
                 ref = torch.stack([hs[first + layer][0, -1] for layer in range(adapter.n_layers - 1)])
                 mine = batched[: adapter.n_layers - 1, i].to(ref.dtype)
                 last = norm(batched[-1, i].to(device=device, dtype=hs[-1].dtype)[None, None])[0, 0]

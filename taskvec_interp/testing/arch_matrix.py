@@ -1,6 +1,7 @@
 """The architecture matrix: every causal-LM ``model_type`` of the installed transformers, as a tiny random
-model, loaded through each adapter backend and verified (used by ``tests/test_arch_matrix.py`` and
-``scripts/arch_matrix.py``, which writes the table in ``docs/architectures.md``).
+model, loaded through each adapter backend the registry marks for it (:func:`matrix_backends`) and verified
+(a test harness: used by ``tests/test_arch_matrix.py`` and ``scripts/arch_matrix.py``, which writes the
+table in ``docs/architectures.md``).
 
 The model types come from transformers' own auto mapping (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), not a
 hand-written list. A tiny config is the model type's default config (``AutoConfig.for_model``) made tiny
@@ -28,10 +29,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import _probe_inputs
-from .base import ModelInputs
+from ..adapters.arch import _probe_inputs
+from ..adapters.base import ModelInputs
 
-MATRIX_BACKENDS = ("torch", "nnsight")
+
+def matrix_backends() -> tuple[str, ...]:
+    """The registered backends the matrix checks (those whose ``Backend.arch_matrix`` is set: torch, nnsight)."""
+    from ..adapters.registry import with_capability
+
+    return with_capability("arch_matrix")
+
+
 TINY_SIZES: dict[str, int] = {
     # width
     "hidden_size": 32, "n_embd": 32, "d_model": 32, "n_embed": 32, "embed_dim": 32, "dim": 32,
@@ -384,8 +392,8 @@ def _raised_by_us(err: BaseException) -> bool:
 
 def check_backend(model: nn.Module, backend: str) -> Outcome:
     """Wrap ``model`` in ``backend``'s adapter and verify it on random token rows."""
-    from .load import make_adapter
-    from .verify import AdapterMismatchError, verify_adapter
+    from ..adapters.load import make_adapter
+    from ..adapters.verify import AdapterMismatchError, verify_adapter
 
     t0 = time.perf_counter()
     try:
@@ -406,11 +414,12 @@ def check_backend(model: nn.Module, backend: str) -> Outcome:
     return Outcome("verified", "", time.perf_counter() - t0)
 
 
-def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKENDS) -> MatrixRow:
-    """Build ``model_type`` tiny and check it on every backend (a failed build is recorded, not raised)."""
+def check_model_type(model_type: str, backends: tuple[str, ...] | None = None) -> MatrixRow:
+    """Build ``model_type`` tiny and check it on every backend (default :func:`matrix_backends`; a failed build
+    is recorded, not raised)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .arch import ARCHS, find_arch
+    from ..adapters.arch import ARCHS, find_arch
 
     row = MatrixRow(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""))
     t0 = time.perf_counter()
@@ -424,7 +433,7 @@ def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKEND
         return row
     row.build = Outcome("built", "", time.perf_counter() - t0)
     row.recipe = getattr(model, "tiny_recipe", "")
-    for backend in backends:
+    for backend in backends if backends is not None else matrix_backends():
         row.backends[backend] = check_backend(model, backend)
     with contextlib.suppress(Exception):
         spec = find_arch(model)
@@ -438,7 +447,7 @@ def check_model_type(model_type: str, backends: tuple[str, ...] = MATRIX_BACKEND
     return row
 
 
-def run_matrix(model_types: list[str] | None = None, backends: tuple[str, ...] = MATRIX_BACKENDS,
+def run_matrix(model_types: list[str] | None = None, backends: tuple[str, ...] | None = None,
                progress: bool = False) -> list[MatrixRow]:
     rows = []
     for mt in model_types if model_types is not None else causal_lm_model_types():
@@ -459,8 +468,9 @@ def summary(rows: list[MatrixRow]) -> dict[str, int]:
             "not_built": len(rows) - len(built)}
 
 
-def markdown_table(rows: list[MatrixRow], backends: tuple[str, ...] = MATRIX_BACKENDS) -> str:
-    """The matrix as a Markdown table (one row per model type)."""
+def markdown_table(rows: list[MatrixRow], backends: tuple[str, ...] | None = None) -> str:
+    """The matrix as a Markdown table (one row per model type; default backends: :func:`matrix_backends`)."""
+    backends = backends if backends is not None else matrix_backends()
     def cell(o: Outcome) -> str:
         return "verified" if o.status == "verified" else f"**{o.status}**: {o.reason}".replace("|", "\\|")
 
