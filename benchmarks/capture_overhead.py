@@ -15,6 +15,10 @@ discover=True)``: its table row is skipped) vs plain ``output_hidden_states``, o
 random token rows; the ratio should stay within 1.05x (``--discovered-only`` runs just this part).
 
 The last printed line is JSON.
+
+``--smoke``: the same code on a 2-layer d_model 32 GPT-2 (vocab 1,000), 40 prompts for the memory part and,
+for the discovered architecture, a tiny random Llama over SmolLM2's tokenizer (seconds; checks that the
+benchmark runs, not its speed).
 """
 
 from __future__ import annotations
@@ -30,13 +34,22 @@ import time
 import torch
 
 N_LAYERS, D_MODEL, VOCAB = 12, 768, 50257
+SMOKE_SIZES = {"N_LAYERS": 2, "D_MODEL": 32, "VOCAB": 1000}
+SMOKE = False
+
+
+def use_smoke_sizes() -> None:
+    global N_LAYERS, D_MODEL, VOCAB, SMOKE
+    N_LAYERS, D_MODEL, VOCAB = SMOKE_SIZES["N_LAYERS"], SMOKE_SIZES["D_MODEL"], SMOKE_SIZES["VOCAB"]
+    SMOKE = True
 
 
 def build(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=12, vocab_size=VOCAB, n_positions=1024)
+    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=4 if SMOKE else 12, vocab_size=VOCAB,
+                     n_positions=1024)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -144,9 +157,14 @@ def discovered(repeats: int, batch: int, length: int) -> dict:
     """All-layer capture on SmolLM2-135M through a discovered architecture vs HF ``output_hidden_states``."""
     from taskvec_interp.adapters import ARCHS, TorchHooksAdapter, load_model
     from taskvec_interp.adapters.arch import find_arch, get_module
-    from taskvec_interp.adapters.arch_matrix import random_inputs
+    from taskvec_interp.testing.arch_matrix import random_inputs
 
-    model = load_model("smollm2-135m").model
+    if SMOKE:
+        from _smoke import tiny_model_dir
+
+        model = load_model(tiny_model_dir()).model
+    else:
+        model = load_model("smollm2-135m").model
     t0 = time.perf_counter()
     spec = find_arch(model, discover=True)
     discover_s = time.perf_counter() - t0
@@ -166,7 +184,8 @@ def discovered(repeats: int, batch: int, length: int) -> dict:
 
     diff = (capture()[:-1] - baseline()[:-1]).abs().max().item()
     times = interleaved_medians({"hf_output_hidden_states": baseline, "discovered_capture": capture}, repeats)
-    return {"model": "smollm2-135m", "spec": str(spec), "same_as_table_row": spec == ARCHS[model.config.model_type],
+    return {"model": "a tiny random Llama (smoke)" if SMOKE else "smollm2-135m", "spec": str(spec),
+            "same_as_table_row": spec == ARCHS[model.config.model_type],
             "discover_seconds": round(discover_s, 3), "batch": [batch, length],
             "seconds": {k: round(v, 4) for k, v in times.items()},
             "ratio": round(times["discovered_capture"] / times["hf_output_hidden_states"], 3),
@@ -202,7 +221,7 @@ def memory(n: int, length: int, batch: int) -> dict:
     out = {}
     for mode in ("adapter", "full_cache"):
         proc = subprocess.run([sys.executable, __file__, "--memory-child", mode, "--mem-prompts", str(n),
-                               "--mem-length", str(length), "--mem-batch", str(batch)],
+                               "--mem-length", str(length), "--mem-batch", str(batch), *(["--smoke"] if SMOKE else [])],
                               capture_output=True, text=True, check=True)
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["expected_adapter_result_mib"] = round(N_LAYERS * n * D_MODEL * 4 / 2**20, 1)
@@ -221,17 +240,24 @@ def main() -> None:
     parser.add_argument("--memory-child", choices=["adapter", "full_cache"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--discovered-only", action="store_true", help="only the discovered-architecture part")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        use_smoke_sizes()
+        if not args.memory_child:
+            args.repeats, args.batch, args.length = 1, 2, 16
+            args.mem_prompts, args.mem_length, args.mem_batch = 40, 8, 10
     if args.memory_child:
         memory_child(args.memory_child, args.mem_prompts, args.mem_length, args.mem_batch)
         return
     torch.set_num_threads(args.threads)
     if args.discovered_only:
-        print(json.dumps({"benchmark": "capture_overhead/discovered", "repeats": args.repeats,
+        print(json.dumps({"benchmark": "capture_overhead/discovered", "smoke": SMOKE, "repeats": args.repeats,
                           "discovered_smollm2": discovered(args.repeats, args.batch, args.length)}))
         return
     result = {
         "benchmark": "capture_overhead",
+        "smoke": SMOKE,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "model": f"random GPT-2 {N_LAYERS}L d{D_MODEL} vocab {VOCAB}",
         "batch": [args.batch, args.length],

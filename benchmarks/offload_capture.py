@@ -5,6 +5,9 @@ The offloaded model keeps the embeddings, the final norm, the head and the first
 layers in memory and every other layer on disk (weights read back layer by layer during the forward).
 Both captures run ``--repeats`` times, interleaved; medians are reported with ``identical`` (bitwise
 equal activations). The last printed line is JSON.
+
+``--smoke``: the same code on a tiny random Llama over SmolLM2's tokenizer (2 of its 4 layers on disk),
+8 prompts, one repeat (seconds; checks that the benchmark runs, not its speed).
 """
 
 from __future__ import annotations
@@ -41,12 +44,19 @@ def main() -> None:
     ap.add_argument("--in-memory", type=int, default=4, help="decoder layers kept in memory (the rest on disk)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    model_name = "smollm2-135m"
+    if args.smoke:
+        from _smoke import tiny_model_dir
 
-    memory = load_model("smollm2-135m")
+        model_name = tiny_model_dir()
+        args.n_prompts, args.in_memory, args.repeats, args.batch_size = 8, 2, 1, 4
+
+    memory = load_model(model_name)
     folder = tempfile.mkdtemp(prefix="taskvec-offload-")
-    offloaded = load_model("smollm2-135m", device_map=device_map(memory.n_layers, args.in_memory),
+    offloaded = load_model(model_name, device_map=device_map(memory.n_layers, args.in_memory),
                            offload_folder=folder)
     on_disk = sum(v == "disk" for v in offloaded.model.hf_device_map.values())
     prompts = bitwise_prompts(args.n_prompts)
@@ -60,7 +70,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     n_tokens = [len(ids) for ids in memory.encode(prompts)]
     out = {
-        "benchmark": "offload_capture", "model": "smollm2-135m", "backend": "torch",
+        "benchmark": "offload_capture", "smoke": args.smoke,
+        "model": "a tiny random Llama (smoke)" if args.smoke else model_name, "backend": "torch",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "n_prompts": len(prompts), "prompt_tokens": {"min": min(n_tokens), "max": max(n_tokens)},
         "layers_captured": memory.n_layers, "layers_on_disk": on_disk, "repeats": args.repeats,

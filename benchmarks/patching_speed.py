@@ -11,6 +11,9 @@ Setting (issue 9): bitwise 4-shot, 7 tasks x 10 prompts, 10 layers (every third)
   prefix's KV cache, conditions stacked along the batch axis.
 
 ``identical`` is true when every generated answer (token ids) is equal. The last line is JSON.
+
+``--smoke``: the same code on a tiny random Llama over SmolLM2's tokenizer, 7 tasks x 2 prompts, 2-shot,
+2 layers (seconds; checks that the benchmark runs, not its speed).
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="patch every this many layers")
     ap.add_argument("--max-rows", type=int, default=256, help="rows (conditions x prompts) stacked per call")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.n_per_task, args.shots, args.every = 2, 2, 2
     torch.set_num_threads(args.threads)
 
     from taskvec_interp import hooks as H
@@ -80,7 +86,12 @@ def main() -> None:
     from taskvec_interp.probes.vectors import task_vectors
     from taskvec_interp.tasks import PromptBuilder, get_family
 
-    adapter = load_model("smollm2-135m")
+    if args.smoke:
+        from _smoke import tiny_model_dir
+
+        adapter = load_model(tiny_model_dir())
+    else:
+        adapter = load_model("smollm2-135m")
     fam = get_family("bitwise")
     builder = PromptBuilder()
     prompts = builder.build(fam, n_per_task=args.n_per_task, shots=args.shots, seed=0)
@@ -112,7 +123,8 @@ def main() -> None:
     n_diff = sum(a != b for g, r in zip(ours, ref, strict=True) for a, b in zip(g.tokens, r, strict=True))
     lengths = [len(ids) for ids in adapter.encode(texts)]
     print(json.dumps({
-        "benchmark": "patching_speed", "model": "smollm2-135m", "backend": adapter.backend,
+        "benchmark": "patching_speed", "smoke": args.smoke,
+        "model": "a tiny random Llama (smoke)" if args.smoke else "smollm2-135m", "backend": adapter.backend,
         "machine": f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}",
         "family": "bitwise", "shots": args.shots, "tasks": len(fam.task_names), "n_prompts": len(prompts),
         "layers": layers, "conditions": len(conds), "max_new_tokens": max_new,

@@ -10,6 +10,9 @@ states of both paths are compared per layer. The last layer differs by design: H
 ``hidden_states`` entry is after the final norm, the adapter captures the block output (residual
 stream), so the end-to-end TD difference is reported per layer. Timings are measured
 in the same run. The last line is JSON.
+
+``--smoke``: the same code on a tiny random Llama over SmolLM2's tokenizer, 7 tasks x 6 prompts, 2-shot
+(seconds; checks that the benchmark runs, not its speed).
 """
 
 from __future__ import annotations
@@ -63,7 +66,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.n_per_task, args.shots, args.batch_size = 6, 2, 16
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,16 +79,23 @@ def main() -> None:
     from taskvec_interp.experiments.sweep import SweepConfig, run_sweep
     from taskvec_interp.tasks import build_prompts, get_family, max_answer_tokens
 
-    adapter = load_model("smollm2-135m")
+    if args.smoke:
+        from _smoke import tiny_model_dir
+
+        model_dir = tiny_model_dir()
+        model_name = "a tiny random Llama (smoke)"
+    else:
+        model_dir, model_name = smollm2_dir(), "smollm2-135m"
+    adapter = load_model(model_dir if args.smoke else "smollm2-135m")
     cfg = SweepConfig(family="bitwise", shots=(args.shots,), n_per_task=args.n_per_task, n_boot=0,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, k=min(SweepConfig.k, args.n_per_task - 2))
     prompts = build_prompts(get_family("bitwise"), n_per_task=args.n_per_task, shots=args.shots, seed=cfg.seed)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
     budget = max_answer_tokens(tok, prompts)
 
-    # warm both paths on a few prompts (allocator, lazy imports)
-    run_sweep(adapter, SweepConfig(family="bitwise", shots=(1,), n_per_task=2, n_boot=0, k=2), progress=False)
+    # warm both paths on a few prompts (allocator, lazy imports); k must stay below n_per_task - 1
+    run_sweep(adapter, SweepConfig(family="bitwise", shots=(1,), n_per_task=4, n_boot=0, k=2), progress=False)
     obvious_script(hf, tok, prompts[:16], 2, 2, args.batch_size, 1)
 
     t0 = time.perf_counter()
@@ -105,7 +118,9 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "sweep_speed",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "work": f"bitwise 7 tasks x {args.n_per_task} prompts, {args.shots}-shot, smollm2-135m (30 layers)",
+        "smoke": args.smoke,
+        "work": f"bitwise 7 tasks x {args.n_per_task} prompts, {args.shots}-shot, {model_name} "
+                f"({adapter.n_layers} layers)",
         "ours_s": round(t_ours, 2),
         "obvious_script_s": round(t_base, 2),
         "speedup": round(t_base / t_ours, 2),

@@ -3,6 +3,8 @@ after another with `train`, same run, same steps. Checks that every seed's final
 solo run. The last line is JSON.
 
     python benchmarks/synthetic_seeds.py --config small --seeds 5 --steps 300
+
+``--smoke``: the same code on the ``tiny`` config, 2 seeds x 6 steps (seconds; checks that it runs).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.config, args.seeds, args.steps, args.compile = "tiny", 2, 6, False
     torch.set_num_threads(args.threads)
     from taskvec_interp.synthetic import train, train_config
     from taskvec_interp.synthetic.train import read_metrics, seed_dir, train_seeds
@@ -44,7 +49,7 @@ def main() -> None:
         mse_t = [read_metrics(seed_dir(Path(tmp) / "together", s))[-1]["test_mse"] for s in seeds]
         mse_s = [read_metrics(Path(tmp) / f"solo_{s}")[-1]["test_mse"] for s in seeds]
     print(json.dumps({
-        "benchmark": "synthetic_seeds", "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "benchmark": "synthetic_seeds", "smoke": args.smoke, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "config": args.config, "seeds": len(seeds), "steps": args.steps,
         "compile": args.compile, "together_s": round(together, 1), "sequential_s": round(sequential, 1),
         "together_ms_per_seed_step": round(1e3 * together / (len(seeds) * args.steps), 2),

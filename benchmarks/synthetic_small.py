@@ -6,6 +6,9 @@ sparsity gap closed, the loss-drop step, the step its loss goes below ridge on a
 TD-rise step, and TD (middle layer, first and last checkpoint; per basis; the peak layer at the end).
 Target: every basis learned (MSE near the rank-r oracle), middle-layer TD from ~chance to >= 0.95,
 in <= 15 min on 2 cores.
+
+``--smoke``: the same code (training, analysis with UMAP, figures) on the config's data with the ``tiny``
+model, 20 eager steps and a small analysis (seconds; checks that it runs, not what it learns).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps (say so when reporting)")
     parser.add_argument("--no-compile", action="store_true", help="train eagerly (the config compiles on CPU)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from taskvec_interp.report import synthetic_figures
+    from taskvec_interp.figures import synthetic_figures
     from taskvec_interp.synthetic import train, train_config
     from taskvec_interp.synthetic.analysis import AnalysisConfig, analyze_run
 
@@ -40,12 +44,17 @@ def main() -> None:
     over = {} if args.steps is None else {"steps": args.steps}
     if args.no_compile:
         over["compile"] = False
+    analysis = AnalysisConfig()
+    if args.smoke:
+        over |= {"model": "tiny", "steps": 20, "compile": False, "warmup_steps": 2, "batch_size": 16,
+                 "eval_every": 10, "log_every": 5, "ckpt_every": 10, "ckpt_log_points": 0, "n_test_per_basis": 16}
+        analysis = AnalysisConfig(n_per_basis=12, k=3, n_boot=0, umap_checkpoints=2, umap_layers=[0, 1])
     cfg = train_config(args.config, backbone=args.backbone, seed=args.seed, **over)
     t0 = time.perf_counter()
     train(cfg, run, progress=False)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = analyze_run(run, AnalysisConfig(), progress=False)
+    res = analyze_run(run, analysis, progress=False)
     res.save(run / "analysis")
     figures = [str(p) for p in synthetic_figures(res, run / "analysis")]
     t_analyze = time.perf_counter() - t0
@@ -58,7 +67,7 @@ def main() -> None:
     last = res.td[(res.td["level"] == "overall") & (res.td["step"] == res.td["step"].max())]
     peak = last.loc[last["td"].idxmax()]
     print(json.dumps({
-        "benchmark": "synthetic_small",
+        "benchmark": "synthetic_small", "smoke": args.smoke,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "config": args.config, "backbone": args.backbone, "steps": cfg.steps, "compile": cfg.compile, "run": str(run),
         "data": {k: getattr(cfg.data, k) for k in ("n_dims", "rank", "n_bases", "n_points", "noise_var")},

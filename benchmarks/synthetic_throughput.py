@@ -9,6 +9,8 @@ took ~8 h for 80K steps of the ``paper`` config on an A100. The last line is JSO
 
     python benchmarks/synthetic_throughput.py --config small --compile          # CPU, 2 threads
     python benchmarks/synthetic_throughput.py --config paper --device cuda --bf16 --compile
+
+``--smoke``: the same code on the ``tiny`` config, 2 warm-up and 3 timed steps (seconds; checks that it runs).
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ def main() -> None:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode (default: reduce-overhead = CUDA graphs on a GPU, default on CPU)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.config, args.steps, args.warmup = "tiny", 3, 2
     torch.set_num_threads(args.threads)
     from taskvec_interp.synthetic import train_config
 
@@ -81,7 +86,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     m = cfg.model
     print(json.dumps({
-        "benchmark": "synthetic_throughput", "machine": name, "torch": torch.__version__, "config": args.config,
+        "benchmark": "synthetic_throughput", "smoke": args.smoke, "machine": name, "torch": torch.__version__, "config": args.config,
         "model": f"{m.backbone} {m.n_layer}L d{m.d_model} {m.n_head} heads, {m.attn_implementation} attention, "
                  f"{m.activation}, batch {cfg.batch_size}, {cfg.data.n_points} examples ({2 * cfg.data.n_points} tokens)",
         "options": {"bf16": args.bf16, "compile": args.compile, "compile_mode": mode if args.compile else None,

@@ -7,6 +7,9 @@ coordinates; families: the family-aware oracle where defined, ridge on x, zero),
 the sparsity gap closed (MSLR), the step its loss goes below ridge on all coordinates and its TD rise,
 TD at the middle layer at the first and last checkpoint (overall, per basis, and per group for the
 overlapping bases), and the peak TD layer at the end. UMAP is off (time); ``--steps`` shortens a run.
+
+``--smoke``: the same code on the variant's data (default ``overlap8_d16``: it has groups) with the ``tiny``
+model, 20 eager steps and a small analysis (seconds; checks that it runs, not what it learns).
 """
 
 from __future__ import annotations
@@ -29,13 +32,18 @@ def _r(v: float | None, nd: int = 4) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    parser.add_argument("--variant", choices=VARIANTS, help="required, except with --smoke")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temp dir)")
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (seconds): CI's check that it runs")
     args = parser.parse_args()
+    if args.variant is None:
+        if not args.smoke:
+            parser.error("the following arguments are required: --variant")
+        args.variant = "overlap8_d16"
     torch.set_num_threads(args.threads)
 
     from taskvec_interp.synthetic import train, train_config
@@ -43,12 +51,17 @@ def main() -> None:
 
     run = args.out or Path(tempfile.mkdtemp(prefix=f"mslr-{args.variant}-"))
     over = {"seed": args.seed} | ({"steps": args.steps} if args.steps is not None else {})
+    analysis = AnalysisConfig(n_boot=args.n_boot)
+    if args.smoke:
+        over |= {"model": "tiny", "steps": 20, "compile": False, "warmup_steps": 2, "batch_size": 16,
+                 "eval_every": 10, "log_every": 5, "ckpt_every": 10, "ckpt_log_points": 0, "n_test_per_basis": 16}
+        analysis = AnalysisConfig(n_per_basis=12, k=3, n_boot=0)
     cfg = train_config(args.variant, **over)
     t0 = time.perf_counter()
     train(cfg, run, progress=False)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = analyze_run(run, AnalysisConfig(n_boot=args.n_boot), umap=False, progress=False)
+    res = analyze_run(run, analysis, umap=False, progress=False)
     res.save(run / "analysis")
     t_analyze = time.perf_counter() - t0
     s, oracles, bases = res.summary, res.summary["oracles"], res.summary["bases"]
@@ -62,7 +75,7 @@ def main() -> None:
     last_all = res.td[(res.td["level"] == "overall") & (res.td["step"] == last_step)]
     peak = last_all.loc[last_all["td"].idxmax()]
     out = {
-        "benchmark": "synthetic_variants", "variant": args.variant,
+        "benchmark": "synthetic_variants", "smoke": args.smoke, "variant": args.variant,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "steps": cfg.steps, "run": str(run),
         "data": {"kind": cfg.to_dict()["data"]["kind"], **cfg.data.to_dict()},

@@ -17,6 +17,9 @@ what the baselines compute) and with the default n_boot=1000 CI, at default torc
 one thread; the faster is used (``ours_threads``). float32 distances are timed for information. The last printed line is a JSON object.
 
 Run: ``.venv/bin/python benchmarks/td_speed.py``
+
+``--smoke``: the same code on 4 layers x 7 tasks x 12 points x 32 dims, k = 3, one repeat (seconds; checks
+that it runs, not its speed).
 """
 
 import argparse
@@ -34,6 +37,11 @@ from threadpoolctl import threadpool_limits
 from taskvec_interp.probes import task_decodability
 
 N_LAYERS, PER_TASK, N_TASKS, D_MODEL, K = 30, 100, 7, 576, 10
+
+
+def use_smoke_sizes() -> None:
+    global N_LAYERS, PER_TASK, D_MODEL, K
+    N_LAYERS, PER_TASK, D_MODEL, K = 4, 12, 32, 3
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--naive-layers", type=int, default=3, help="layers the naive LOO loop really runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds): CI's check that it runs")
     args = ap.parse_args()
+    if args.smoke:
+        use_smoke_sizes()
+        args.repeats, args.naive_layers = 1, 2
 
     x, y = make_data()
     xn, yn = x.numpy(), y.numpy()
@@ -142,6 +154,8 @@ def main() -> None:
     )
     ci_same = bool(torch.equal(res_ci.td, res.td))
     summary = {
+        "benchmark": "td_speed",
+        "smoke": args.smoke,
         "shape": [N_LAYERS, len(y), D_MODEL],
         "n_tasks": N_TASKS,
         "k": K,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TASKVEC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+UD_EXCERPT = ROOT / "tests" / "data" / "ud_english_ewt"  # shipped: 300 sentences of UD English EWT (CC BY-SA 4.0)
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 NO_RUN = re.compile(r"^\s*<!--\s*no-run\s*:(?P<reason>.*?)-->\s*$")
 NO_RUN_ANY = re.compile(r"<!--\s*no-run\b")
@@ -106,9 +106,8 @@ def test_doc_code_runs(path: Path, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ud = SHARED_DATA / "ud_english_ewt"
-    if "TASKVEC_UD_PATH" not in os.environ and ud.exists():
-        monkeypatch.setenv("TASKVEC_UD_PATH", str(ud))  # the treebank `get_family("pos")` reads; no download
+    if "TASKVEC_UD_PATH" not in os.environ:
+        monkeypatch.setenv("TASKVEC_UD_PATH", str(UD_EXCERPT))  # the treebank `get_family("pos")` reads; no download
     namespace: dict = {"__name__": "__docs__"}
     ran = skipped = 0
     for block in python_blocks(path):

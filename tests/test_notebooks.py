@@ -32,6 +32,7 @@ def test_notebook_is_saved_without_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
 
 
+@pytest.mark.slow  # each notebook loads the real model (SmolLM2) or trains: minutes in all
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
     # the kernel inherits this environment: small sizes, and this checkout's package first on the path
