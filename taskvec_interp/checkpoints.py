@@ -12,7 +12,6 @@ step, so it needs no state. ``metrics.jsonl`` tolerates a torn last line (a kill
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,14 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .io import MANIFEST, atomic_write_text, manifest_problem, sha256_file, write_manifest
+
+__all__ = ["MANIFEST", "atomic_write_text", "sha256_file", "write_manifest"]  # re-exported: they live in io.py
+__all__ += ["checkpoint_problem", "clean_partial", "config_diffs", "latest_good_checkpoint", "list_checkpoints",
+            "load_optimizer", "optimizer_from_disk", "optimizer_to_disk", "read_metrics", "save_checkpoint",
+            "scheduled_lr"]
+
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -71,44 +70,10 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    """``manifest.json``: every other file's size and sha256 (written last: its presence marks a whole set)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint directory ``path`` cannot be trusted (``None``: every file matches its manifest)."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        have = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        return f"no {MANIFEST} (an incomplete write; holds {have or 'nothing'})"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return f"unreadable {MANIFEST} ({type(err).__name__})"
-    for name, want in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-        if sha256_file(f) != want["sha256"]:
-            return f"{name} does not match its sha256 in the manifest (corrupted)"
-    return None
+    """Why the checkpoint directory ``path`` cannot be trusted (``None``: every file matches its manifest,
+    :func:`taskvec_interp.io.manifest_problem`)."""
+    return manifest_problem(Path(path))
 
 
 def latest_good_checkpoint(run_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:

@@ -1,18 +1,25 @@
-"""What every saved result shares: the output-directory check, atomic JSON, and provenance
-(the model's real identity and the library versions that produced the numbers)."""
+"""What every saved result shares: the output-directory check, atomic JSON, readers that name the file, and
+provenance (the model's real identity and the library versions that produced the numbers).
+
+Result directories are written and read through ONE writer / reader pair, :func:`write_result_dir` /
+:func:`read_result_dir` (in :mod:`taskvec_interp.io`, re-exported here): built under a temporary sibling and
+renamed into place, with a marker (``result.json``: kind, package version, config hash) and a manifest
+(``manifest.json``: every file's relative path, size and sha256) checked on every load.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata as md
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-PACKAGES = ("taskvec-interp", "torch", "transformers", "transformer-lens", "nnsight", "peft")
+from .io import atomic_write_text, read_result_dir, write_result_dir
+
+__all__ = ["PACKAGES", "check_out_dir", "provenance", "read_json", "read_parquet", "read_result_dir", "write_json",
+           "write_result_dir"]
+
+PACKAGES = ("taskvec-interp", "torch", "transformers", "peft")
+"""The core distributions provenance records; every registered backend's own (``backend_packages()``) follow."""
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -25,56 +32,20 @@ def check_out_dir(out: str | Path) -> Path:
 
 def write_json(path: Path, obj: object) -> None:
     """Strict JSON (no NaN), written atomically: never a half-written file."""
-    from .checkpoints import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False))
 
 
 def provenance(model: dict) -> dict:
     """The model's identity (``Adapter.identity()``) and the versions of the libraries in use."""
+    from .adapters.registry import backend_packages
+
     versions = {}
-    for pkg in PACKAGES:
+    for pkg in dict.fromkeys((*PACKAGES, *backend_packages())):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {"model": model, "versions": versions}
-
-
-@contextlib.contextmanager
-def replacing_dir(out: str | Path) -> Iterator[Path]:
-    """Write a result directory whole: yields a temporary sibling to fill; on success it replaces ``out``
-    (an older result there is moved aside first and deleted after), on error it is removed. A failed or
-    killed write leaves the old result or the new one, never a mix of both."""
-    out = check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def check_result_dir(directory: str | Path, files: tuple[str, ...], kind: str) -> Path:
-    """``directory`` as a Path holding every one of ``files``; ``ValueError`` naming it and what is missing."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ValueError(f"{kind} directory {str(d)!r} does not exist (or is not a directory)")
-    missing = [f for f in files if not (d / f).is_file()]
-    if missing:
-        raise ValueError(f"{str(d)!r} is not a complete {kind} result: missing {missing} (written by another "
-                         "command, or a run that did not finish)")
-    return d
 
 
 def read_json(path: Path) -> object:

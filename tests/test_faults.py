@@ -127,7 +127,7 @@ def test_bad_optimiser_settings_refused_before_anything_is_written(tmp_path):
 def test_finetune_run_resumes_past_a_torn_checkpoint(smol_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from taskvec_interp.experiments.finetune import FinetuneConfig, finetune
+    from taskvec_interp.experiments.finetune import FinetuneConfig, FinetuneResult, finetune
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
@@ -135,18 +135,26 @@ def test_finetune_run_resumes_past_a_torn_checkpoint(smol_tokenizer, tmp_path):
                                         max_position_embeddings=256, tie_word_embeddings=True,
                                         eos_token_id=smol_tokenizer.eos_token_id)).eval()
     cfg = FinetuneConfig(model="tiny", layers="first:2", n_train=6, steps=6, batch_size=4, lr=5e-2, warmup_steps=2,
-                         ckpt_every=2, eval_n_per_task=3, shots=2, k=1)
+                         ckpt_every=2, n_per_task=3, shots=2, k=1)
     kw = {"model": base, "tokenizer": smol_tokenizer, "progress": False, "evaluate": False}
-    full = finetune(cfg, tmp_path / "full", **kw)
+    full = finetune(cfg, tmp_path / "full", **kw).path
     cut = tmp_path / "cut"
-    finetune(cfg, cut, stop_at=4, **kw)  # checkpoints 2 and 4
+    assert finetune(cfg, cut, stop_at=4, **kw) is None  # checkpoints 2 and 4, no result
+    with pytest.raises(ValueError, match="finetune result is not finished"):
+        FinetuneResult.load(cut)  # the run directory of a killed run is no result
     _torn(cut / "checkpoints" / "step_0000004" / "trainable.safetensors")
     with pytest.warns(UserWarning, match="step_0000004"):
-        finetune(cfg, cut, **kw)  # resumes from step 2
+        resumed = finetune(cfg, cut, **kw)  # resumes from step 2
     a, b = load_file(full / "trained.safetensors"), load_file(cut / "trained.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], resumed.trained[k]) for k in a)
     losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert losses == [r["loss"] for r in read_metrics(cut)]
+    assert losses == [r["loss"] for r in read_metrics(cut)] == FinetuneResult.load(cut).metrics["loss"].tolist()
+    assert (cut / "checkpoints" / "step_0000006").is_dir()  # the result replaced the run, its checkpoints kept
+    evaluated = finetune(cfg, cut, **{**kw, "evaluate": True})  # trained, never evaluated: evaluates the weights
+    assert evaluated.eval is not None and evaluated.eval_pretrained is not None
+    assert all(torch.equal(a[k], evaluated.trained[k]) for k in a)
+    assert FinetuneResult.load(cut).eval.td.equals(evaluated.eval.td)
 
 
 def test_progress_bar_never_shows_a_nan_loss(tmp_path, monkeypatch):
