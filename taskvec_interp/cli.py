@@ -8,29 +8,44 @@ from pathlib import Path
 
 import typer
 
+from .cli_config import config_command
+from .config import backend_names
+from .demo import DemoConfig
+from .experiments.finetune import FinetuneConfig
+from .experiments.heads_cli import fv as fv_command
+from .experiments.heads_cli import heads as heads_command
+from .experiments.patching import PatchConfig
+from .experiments.sweep import SweepConfig
+from .experiments.trajectory import TrajectoryConfig
+from .synthetic.analysis import SYNTHETIC_TEST_SEED, AnalysisConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Task vectors in in-context learning.")
 
+# Every command's config options are built from its config dataclass (cli_config.config_command): type, default
+# and help come from the fields. Declared here are only the options that are not config fields.
+MODEL_HELP = "model: built-in name, local HF directory or hub id"
+
+
+def _backend_option() -> typer.models.OptionInfo:
+    names = backend_names()
+    return typer.Option("torch", metavar="[" + "|".join(names) + "]", help="adapter backend: " + " | ".join(names))
+
+
 @app.command()
+@config_command(DemoConfig)
 def demo(
+    config: DemoConfig,
     out: Path = typer.Option(Path("runs/demo"), help="output directory: report.html + every part's tables"),
-    quick: bool = typer.Option(False, "--quick", help="the same parts on smaller settings (about 3 min)"),
-    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
-    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
-    parts: str = typer.Option(",".join(("synthetic", "td", "patch", "finetune", "trajectory")),
-                              help="comma-separated parts to run"),
-    families: str = typer.Option("bitwise,pos", help="task families of the language-model parts"),
-    seed: int = typer.Option(0),
 ) -> None:
     """The paper's story in one command: synthetic emergence, TD over layers and shots, task-vector patching,
     first- vs last-layer fine-tuning and a checkpoint trajectory, in ONE self-contained HTML report.
-    Re-running with the same --out reuses finished parts (a killed demo resumes)."""
-    from .demo import DemoConfig, run_demo
-    from .report import write_demo_report
+    Re-running with the same --out reuses finished parts (a killed demo resumes). A part's setting left unset
+    takes the full or the --quick preset's value."""
+    from .demo import run_demo
+    from .figures import write_demo_report
 
     _check_out_dir(out)
-    cfg = DemoConfig(quick=quick, model=model, backend=backend, seed=seed,
-                     parts=tuple(x.strip() for x in parts.split(",") if x.strip()),
-                     families=tuple(x.strip() for x in families.split(",") if x.strip()))
+    cfg = config
     t0 = time.perf_counter()
     result = run_demo(out, cfg, log=typer.echo)
     path = write_demo_report(result)
@@ -44,34 +59,19 @@ def demo(
     typer.echo(f"report: {path} ({time.perf_counter() - t0:.0f}s)")
 
 
-def _parse_shots(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError as err:
-        raise typer.BadParameter(f"--shots must be comma-separated ints, got {text!r}") from err
-
-
 @app.command()
+@config_command(SweepConfig)
 def td(
-    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
-    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
-    shots: str = typer.Option("1,4,10", help="comma-separated shot counts"),
-    n_per_task: int = typer.Option(100, help="prompts per task (Null included)"),
+    config: SweepConfig,
     out: Path = typer.Option(Path("runs/td"), help="output directory (results + config + figures)"),
-    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
-    k: int = typer.Option(10, help="neighbours of the leave-one-out k-NN"),
-    metric: str = typer.Option("euclidean", help="euclidean | cosine"),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(16),
     figures: bool = typer.Option(True, help="write PNG figures"),
 ) -> None:
     """Task decodability over layers x shots and ICL accuracy per task; TD-vs-accuracy R^2."""
     from .adapters import load_model
-    from .experiments.sweep import SweepConfig, run_sweep, summarize
+    from .experiments.sweep import run_sweep, summarize
 
     _check_out_dir(out)
-    cfg = SweepConfig(model=model, backend=backend, family=family, shots=_parse_shots(shots),
-                      n_per_task=n_per_task, seed=seed, k=k, metric=metric, batch_size=batch_size)
+    cfg = config
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails before the model loads
@@ -84,28 +84,11 @@ def td(
     typer.echo(f"TD vs accuracy at layer {result.fit['layer']}: R^2 = {result.fit['r2']:.3f} "
                f"({result.fit['n_points']} points)")
     if figures:
-        from .report import sweep_figures
+        from .figures import sweep_figures
 
         for path in sweep_figures(result, out):
             typer.echo(f"wrote {path}")
     typer.echo(f"results in {out} ({result.seconds:.0f}s)")
-
-
-def _parse_layers(text: str) -> str | list[int]:
-    if text in ("all", "peak"):
-        return text
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--layers must be 'all', 'peak' or comma-separated ints, got {text!r}") from None
-
-
-def _parse_choice(text: str, option: str, choices: tuple[str, ...], both: str | None = None) -> tuple[str, ...]:
-    items = choices if both is not None and text == both else tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [x for x in items if x not in choices]
-    if bad or not items:
-        raise typer.BadParameter(f"{option} must be comma-separated values of {choices}, got {text!r}")
-    return items
 
 
 def _check_out_dir(out: Path) -> None:
@@ -118,43 +101,23 @@ def _check_out_dir(out: Path) -> None:
 
 
 @app.command()
+@config_command(PatchConfig)
 def patch(
-    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
-    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
-    shots: int = typer.Option(4, help="demonstrations in the prompts the task vectors are read from"),
-    n_per_task: int = typer.Option(50, help="evaluation prompts per task (Null included)"),
-    layers: str = typer.Option("all", help="all | peak | comma-separated layers, e.g. 3,5"),
-    mode: str = typer.Option("both", help="add | replace | both"),
-    vectors: str = typer.Option("paper", help="paper | hendel | mean (task-vector definition)"),
-    directions: str = typer.Option("positive,negative", help="comma-separated: positive, negative, matrix"),
-    scale: float = typer.Option(1.0, help="scale of added vectors"),
-    zero_shot: bool = typer.Option(False, "--zero-shot", help="evaluate queries without demonstrations"),
-    logprob: bool = typer.Option(False, "--logprob", help="also score each answer's teacher-forced log-prob"),
-    center: bool = typer.Option(False, "--center", help="add only the task-specific part (vector minus the "
-                                                        "mean over tasks)"),
+    config: PatchConfig,
     td_sweep: Path = typer.Option(None, help="a `taskvec td` output directory to read the peak layer from"),
     vectors_file: Path = typer.Option(None, help="task vectors saved by an earlier run (vectors.safetensors) "
                                                  "instead of computing them; refused if from another model"),
     out: Path = typer.Option(Path("runs/patch"), help="output directory (results + config + figures)"),
-    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(16),
-    n_boot: int = typer.Option(1000, help="bootstrap resamples of the accuracy CIs"),
-    k: int = typer.Option(10, help="neighbours of the baseline TD's leave-one-out k-NN"),
     chunk: int = typer.Option(16, help="conditions per saved chunk (a killed run resumes from the last one)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
 ) -> None:
-    """Task vectors patched in: positive (own task) / negative (Null), add / replace, over layers."""
-    from .experiments.patching import DIRECTIONS, MODES, PatchConfig, run_patching
+    """Task vectors patched in: positive (own task) / negative (Null), add / replace / ablate, over layers."""
+    from .experiments.patching import run_patching
     from .experiments.sweep import load_sweep
     from .tasks import get_family
 
     _check_out_dir(out)
-    cfg = PatchConfig(model=model, backend=backend, family=family, shots=shots, n_per_task=n_per_task, seed=seed,
-                      definition=vectors, layers=_parse_layers(layers),
-                      modes=_parse_choice(mode, "--mode", MODES, both="both"),
-                      directions=_parse_choice(directions, "--directions", DIRECTIONS), scale=scale,
-                      zero_shot=zero_shot, logprob=logprob, center=center, batch_size=batch_size, n_boot=n_boot, k=k)
+    cfg = config
     sweep_td = load_sweep(td_sweep).td if td_sweep is not None else None
     fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
     from .adapters import load_model
@@ -173,7 +136,7 @@ def patch(
                f"interventions at layer {s['layer']}:")
     typer.echo(result.at_layer().to_string(float_format=lambda v: f"{v:.2f}"))
     if figures:
-        from .report import patching_figures
+        from .figures import patching_figures
 
         for path in patching_figures(result, out):
             typer.echo(f"wrote {path}")
@@ -182,8 +145,8 @@ def patch(
 
 @app.command()
 def verify(
-    model: str = typer.Argument(..., help="built-in name, local HF directory or hub id"),
-    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    backend: str = _backend_option(),
 ) -> None:
     """Check an adapter against the model's own forward (residuals, logits, padding, hooks)."""
     from .adapters import load_model, verify_adapter
@@ -196,41 +159,19 @@ app.add_typer(finetune_app, name="finetune")
 
 
 @finetune_app.callback(invoke_without_command=True)
+@config_command(FinetuneConfig)
 def finetune_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", help="built-in name, local HF directory or hub id"),
-    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH (trains on its train split)"),
-    layers: str = typer.Option("first:10", help="first:k | last:k | a-b | 3,5,7 | td:encoder"),
-    method: str = typer.Option("lora", help="lora | full (every parameter of those blocks)"),
-    steps: int = typer.Option(200, help="optimizer steps"),
+    config: FinetuneConfig,
     out: Path = typer.Option(Path("runs/finetune"), help="run directory (resumes if it has checkpoints)"),
-    shots: int = typer.Option(4),
-    n_train: int = typer.Option(500, help="training prompts per task"),
-    batch_size: int = typer.Option(8),
-    grad_accum: int = typer.Option(1),
-    lr: float = typer.Option(2e-4),
-    rank: int = typer.Option(16, help="LoRA rank (alpha = rank unless --alpha)"),
-    alpha: float = typer.Option(None, help="LoRA alpha"),
-    dropout: float = typer.Option(0.1, help="LoRA dropout"),
-    include_null: bool = typer.Option(False, help="train on the Null task too"),
-    td_sweep: Path = typer.Option(None, help="a `taskvec td` output of this model (for td:encoder)"),
-    eval_n_per_task: int = typer.Option(50, help="evaluation prompts per task (test split)"),
-    k: int = typer.Option(10, help="neighbours of the evaluation TD's leave-one-out k-NN"),
-    eval_before: bool = typer.Option(True, help="also evaluate the pretrained model (once per run directory)"),
-    seed: int = typer.Option(0),
 ) -> None:
     """Fine-tune a layer subset, then evaluate TD and accuracy before and after (subcommand: compare)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .experiments.finetune import FinetuneConfig, check_layer_spec, finetune
+    from .experiments.finetune import finetune
 
     _check_out_dir(out)
-    check_layer_spec(layers)
-    cfg = FinetuneConfig(model=model, family=family, layers=layers, method=method, steps=steps, shots=shots,
-                         n_train=n_train, batch_size=batch_size, grad_accum=grad_accum, lr=lr, rank=rank,
-                         alpha=float(rank) if alpha is None else alpha, dropout=dropout, include_null=include_null,
-                         td_sweep=None if td_sweep is None else str(td_sweep), eval_n_per_task=eval_n_per_task,
-                         k=k, eval_before=eval_before, seed=seed)
+    cfg = config
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs, split="train")  # a bad family fails before the model loads
@@ -239,7 +180,7 @@ def finetune_cmd(
 
     summary, _, _ = compare_runs([run])
     typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    typer.echo(f"run in {run}")
+    typer.echo(f"run in {run.path}")
 
 
 @finetune_app.command("compare")
@@ -257,14 +198,17 @@ def finetune_compare(
     typer.echo(per_task.pivot_table(index="task", columns="model", values="exact", sort=False)
                .to_string(float_format=lambda v: f"{v:.2f}"))
     if out is not None:
-        from .report import finetune_figures
+        from .experiments.finetune import FinetuneComparison
+        from .figures import finetune_figures
 
-        out.mkdir(parents=True, exist_ok=True)
-        for name, table in (("summary", summary), ("per_task", per_task), ("td", td)):
-            table.to_parquet(out / f"{name}.parquet", index=False)
+        FinetuneComparison(summary, per_task, td).save(out)  # the tables, whole (kind "finetune_comparison")
         for path in finetune_figures(per_task, td, out):
             typer.echo(f"wrote {path}")
 
+
+# attention heads on language models (Todd et al.'s function vectors): their commands live with the experiment
+app.command("heads")(heads_command)
+app.command("fv")(fv_command)
 
 synthetic_app = typer.Typer(no_args_is_help=True, help="The synthetic MSLR experiment (GPT-2 / Mamba-2).")
 app.add_typer(synthetic_app, name="synthetic")
@@ -314,36 +258,28 @@ def synthetic_train(
 
 
 @synthetic_app.command("analyze")
+@config_command(AnalysisConfig)
 def synthetic_analyze(
+    config: AnalysisConfig,
     run: Path = typer.Argument(..., help="a run directory written by `taskvec synthetic train`"),
-    out: Path = typer.Option(None, help="where to write (default: RUN/analysis)"),
-    n_per_basis: int = typer.Option(100),
-    td_layer: int = typer.Option(None, help="layer for the loss/TD figure and summary (default: middle)"),
-    patch_mode: str = typer.Option("replace", help="replace | add"),
-    patch_position: str = typer.Option("context", help="'context' (every token before the query) or one "
-                                                       "token's negative index, e.g. -3"),
+    out: Path = typer.Option(None, help="where to write (default: RUN/analysis; a --seeds run: RUN, each seed to OUT/seed_<n>/analysis, the spread to OUT)"),
     umap: bool = typer.Option(True, help="compute the UMAP grid"),
 ) -> None:
     """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, head ablation, figures +
     summary.json. A `--seeds` run: every seed (RUN/seed_<n>/analysis) and the spread (RUN/seeds_summary.json)."""
-    from .report import synthetic_figures
-    from .synthetic.analysis import AnalysisConfig, analyze_run, analyze_seeds
+    from .figures import synthetic_figures
+    from .synthetic.analysis import analyze_run, analyze_seeds
 
-    out = out or run / "analysis"
-    position: int | str = patch_position
-    if patch_position != "context":
-        try:
-            position = int(patch_position)
-        except ValueError:
-            raise typer.BadParameter(f"--patch-position must be 'context' or an int, got {patch_position!r}") from None
-    acfg = AnalysisConfig(n_per_basis=n_per_basis, td_layer=td_layer, patch_mode=patch_mode, patch_position=position)
+    acfg = config
     if not (run / "config.json").exists() and any(run.glob("seed_*/config.json")):
-        results, _, spread = analyze_seeds(run, acfg, umap=umap)
+        seeds_out = out or run  # each seed to OUT/seed_<n>/analysis, the spread to OUT
+        results, _, spread = analyze_seeds(run, acfg, umap=umap, out=seeds_out)
         for seed, result in results.items():
-            for path in synthetic_figures(result, run / f"seed_{seed}" / "analysis"):
+            for path in synthetic_figures(result, seeds_out / f"seed_{seed}" / "analysis"):
                 typer.echo(f"wrote {path}")
         typer.echo(json.dumps(spread, indent=2))
         return
+    out = out or run / "analysis"
     result = analyze_run(run, acfg, umap=umap)
     result.save(out)
     for path in synthetic_figures(result, out):
@@ -357,7 +293,9 @@ def _split(values: list[str] | str | None) -> list[str]:
 
 
 @app.command()
+@config_command(TrajectoryConfig)
 def trajectory(
+    config: TrajectoryConfig,
     checkpoints: list[str] = typer.Option(None, "--checkpoints", help="local HF model directories, comma-separated "
                                                                       "or the option repeated"),
     model: str = typer.Option(None, help="a hub id whose --revisions to run, e.g. allenai/OLMo-7B-0424-hf"),
@@ -366,27 +304,16 @@ def trajectory(
     synthetic_run: Path = typer.Option(None, help="a `taskvec synthetic train` run: TD and MSE per basis"),
     steps: str = typer.Option(None, help="comma-separated steps, one per checkpoint (default: read from the "
                                          "revision or directory name, else the position)"),
-    family: str = typer.Option("bitwise", help="bitwise | pos | files:PATH"),
-    shots: int = typer.Option(4, help="demonstrations per prompt"),
-    n_per_task: int = typer.Option(100, help="prompts per task, Null included (synthetic: test sequences per basis)"),
-    seed: int = typer.Option(0),
-    k: int = typer.Option(10, help="neighbours of the leave-one-out k-NN"),
-    metric: str = typer.Option("euclidean", help="euclidean | cosine"),
-    backend: str = typer.Option("torch", help="torch | transformer_lens | nnsight"),
-    dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32)"),
-    device: str = typer.Option(None, help="e.g. cuda (default: cpu)"),
-    batch_size: int = typer.Option(16),
-    n_boot: int = typer.Option(1000, help="bootstrap resamples of the TD CIs"),
-    layer: int = typer.Option(None, help="layer of the summary's mean TD (default: each checkpoint's peak)"),
     out: Path = typer.Option(Path("runs/trajectory"), help="output directory (a rerun skips finished checkpoints)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
 ) -> None:
-    """TD and ICL accuracy over checkpoints (paper Fig. 5): local directories, hub revisions or a synthetic run.
+    """TD and ICL accuracy over checkpoints (paper Fig. 5): local directories, hub revisions or a synthetic run
+    (its test sequences drawn with the synthetic analysis' test seed plus --seed: at --seed 0 the test set
+    `taskvec synthetic analyze` reads).
 
     Exits with status 1, naming each bad checkpoint by its index, after writing the good ones.
     """
     from .experiments.trajectory import (
-        TrajectoryConfig,
         TrajectoryError,
         check_checkpoints,
         hub_checkpoints,
@@ -413,9 +340,7 @@ def trajectory(
             entries = local_checkpoints(paths, given)
         else:
             entries = hub_checkpoints(model, revs, given)
-        cfg = TrajectoryConfig(family=family, shots=shots, n_per_task=n_per_task, seed=seed, k=k, metric=metric,
-                               backend=backend, dtype=dtype, device=device, batch_size=batch_size, n_boot=n_boot,
-                               summary_layer=layer)
+        cfg = config
         if synthetic_run is None:
             from .tasks import get_family
 
@@ -429,8 +354,8 @@ def trajectory(
         if synthetic_run is not None:
             from .synthetic.analysis import synthetic_trajectory
 
-            result = synthetic_trajectory(synthetic_run, n_per_basis=n_per_task, k=k, seed=seed, n_boot=n_boot,
-                                          steps=given, out=out)
+            result = synthetic_trajectory(synthetic_run, n_per_basis=cfg.n_per_task, k=cfg.k,
+                                          seed=SYNTHETIC_TEST_SEED + cfg.seed, n_boot=cfg.n_boot, steps=given, out=out)
         else:
             result = run_trajectory(entries, cfg, fam, out=out)
     except TrajectoryError as err:
@@ -438,7 +363,7 @@ def trajectory(
         raise typer.Exit(1) from None
     typer.echo(result.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if figures:
-        from .report import trajectory_figures
+        from .figures import trajectory_figures
 
         for path in trajectory_figures(result, out):
             typer.echo(f"wrote {path}")

@@ -1,5 +1,5 @@
 """The paper's story in one command: ``taskvec demo`` runs every experiment of the package on the built-in
-defaults and writes one self-contained HTML report (see :func:`taskvec_interp.report.write_demo_report`).
+defaults and writes one self-contained HTML report (see :func:`taskvec_interp.figures.report.write_demo_report`).
 
 Parts, each in its own subdirectory of ``out`` and each a plain library call:
 
@@ -20,13 +20,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .checkpoints import atomic_write_text
-from .results import check_out_dir
-from .validate import check_bool, check_int, check_str
+from .config import backend_field, backend_names, model_field, opt
+from .hooks import FINETUNE_LAYERS, check_layer_spec
+from .validate import (
+    check_bool,
+    check_choice,
+    check_choices,
+    check_ints,
+    check_knn_k,
+    check_n_boot,
+    check_number,
+    check_optional_int,
+    check_seed,
+    check_str,
+)
 
 PARTS = ("synthetic", "td", "patch", "finetune", "trajectory")
 FAMILIES = ("bitwise", "pos")
@@ -46,64 +58,214 @@ PAPER = {
 }
 
 
-@dataclass
-class DemoConfig:
-    """What the demo runs. ``quick``: the same parts on smaller settings (about 3 minutes on 2 cores)."""
-
-    quick: bool = False
-    model: str = "smollm2-135m"
-    backend: str = "torch"
-    seed: int = 0
-    families: tuple[str, ...] = FAMILIES
-    parts: tuple[str, ...] = PARTS
-    settings: dict = field(default_factory=dict)
-    """Overrides of :func:`demo_settings` (``{"td": {"n_per_task": 50}}``)."""
-
-    def __post_init__(self) -> None:
-        check_bool("DemoConfig.quick", self.quick)
-        check_str("DemoConfig.model", self.model)
-        check_int("DemoConfig.seed", self.seed, 0)
-        self.families, self.parts = tuple(self.families), tuple(self.parts)
-        for f in self.families:
-            if f not in FAMILIES:
-                raise ValueError(f"DemoConfig.families: {f!r} is none of {FAMILIES}")
-        for p in self.parts:
-            if p not in PARTS:
-                raise ValueError(f"DemoConfig.parts: {p!r} is none of {PARTS}")
-        if not self.parts:
-            raise ValueError("DemoConfig.parts is empty")
-        base = demo_settings(self.quick)
-        for part, over in self.settings.items():
-            if part not in base or not isinstance(over, dict):
-                raise ValueError(f"DemoConfig.settings: unknown part {part!r} (parts: {sorted(base)})")
-            bad = sorted(set(over) - set(base[part]))
-            if bad:
-                raise ValueError(f"DemoConfig.settings[{part!r}]: unknown keys {bad} (known: {sorted(base[part])})")
-
-    def resolved(self) -> dict:
-        base = demo_settings(self.quick)
-        return {part: {**values, **self.settings.get(part, {})} for part, values in base.items()}
-
-
 def demo_settings(quick: bool) -> dict:
     """The sizes of each part: the full demo (<= 20 min on 2 CPU cores) or ``quick`` (<= 4 min)."""
     if quick:
         return {
             "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
-            "td": {"shots": [1, 4], "n_per_task": 8, "k": 3, "n_boot": 50},
+            "td": {"shots": (1, 4), "n_per_task": 8, "k": 3, "n_boot": 50},
             "patch": {"shots": 4, "n_per_task": 6, "k": 2, "n_boot": 50},
-            "finetune": {"family": "bitwise", "layers": ["first:10", "last:10"], "steps": 4, "n_train": 8,
-                         "batch_size": 4, "eval_n_per_task": 5, "k": 2, "lr": 2e-3},
+            "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 4, "n_train": 8,
+                         "batch_size": 4, "n_per_task": 5, "k": 2, "lr": 2e-3},
             "trajectory": {"n_per_basis": 30, "k": 5},
         }
     return {
         "synthetic": {"config": "small", "steps": 3000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
-        "td": {"shots": [1, 4, 10], "n_per_task": 30, "k": 10, "n_boot": 300},
+        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300},
         "patch": {"shots": 4, "n_per_task": 20, "k": 10, "n_boot": 300},
-        "finetune": {"family": "bitwise", "layers": ["first:10", "last:10"], "steps": 40, "n_train": 100,
-                     "batch_size": 8, "eval_n_per_task": 20, "k": 10, "lr": 1e-3},
+        "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 40, "n_train": 100,
+                     "batch_size": 8, "n_per_task": 20, "k": 10, "lr": 1e-3},
         "trajectory": {"n_per_basis": 50, "k": 10},
     }
+
+def _preset(part: str, name: str, text: str) -> str:
+    """A part setting's help: ``text`` and the two presets' values (read from :func:`demo_settings`)."""
+    def show(v: object) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    full, quick = demo_settings(False)[part][name], demo_settings(True)[part][name]
+    return f"{text} (full {show(full)}, quick {show(quick)})"
+
+
+def _train_configs() -> tuple[str, ...]:
+    from .synthetic.train import TRAIN_CONFIGS
+
+    return tuple(sorted(TRAIN_CONFIGS))
+
+
+class _PresetPart:
+    """A part's settings; ``None`` fields take the preset's value (:func:`demo_settings`, full or quick) when the
+    :class:`DemoConfig` holding the part is built. Each set field is checked here, the whole part there."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:  # pragma: no cover - every part defines it
+        raise NotImplementedError
+
+    def _name(self, field_name: str) -> str:
+        return f"DemoConfig.{PART_FIELDS[type(self)]}.{field_name}"
+
+    def _int(self, field_name: str, minimum: int) -> None:
+        check_optional_int(self._name(field_name), getattr(self, field_name), minimum)
+
+    def _k(self, size_field: str) -> None:
+        self._int("k", 1)
+        if self.k is not None and getattr(self, size_field) is not None:  # type: ignore[attr-defined]
+            check_knn_k(self._name("k"), self.k, getattr(self, size_field), size_field)  # type: ignore[attr-defined]
+
+
+@dataclass
+class DemoSyntheticConfig(_PresetPart):
+    """(a) the synthetic model: trained with the named config, then analysed (``analyze_run``)."""
+
+    config: str | None = opt(None, _preset("synthetic", "config", "named synthetic training config"),
+                             choices=_train_configs)
+    steps: int | None = opt(None, _preset("synthetic", "steps", "training steps"))
+    n_per_basis: int | None = opt(None, _preset("synthetic", "n_per_basis", "test sequences per basis"))
+    k: int | None = opt(None, _preset("synthetic", "k", "neighbours of the TD k-NN"))
+    umap_checkpoints: int | None = opt(None, _preset("synthetic", "umap_checkpoints", "checkpoints of the UMAP grid"))
+
+    def check(self) -> None:
+        if self.config is not None:
+            check_choice(self._name("config"), self.config, _train_configs())
+        self._int("steps", 1)
+        self._int("n_per_basis", 1)
+        self._k("n_per_basis")
+        self._int("umap_checkpoints", 0)
+
+
+@dataclass
+class DemoTDConfig(_PresetPart):
+    """(b) the TD sweep of each family (:class:`~taskvec_interp.experiments.sweep.SweepConfig`)."""
+
+    shots: tuple[int, ...] | None = opt(None, _preset("td", "shots", "shot counts, comma-separated"))
+    n_per_task: int | None = opt(None, _preset("td", "n_per_task", "prompts per task"))
+    k: int | None = opt(None, _preset("td", "k", "neighbours of the TD k-NN"))
+    n_boot: int | None = opt(None, _preset("td", "n_boot", "bootstrap resamples"))
+
+    def check(self) -> None:
+        if self.shots is not None:
+            self.shots = check_ints(self._name("shots"), self.shots, 0)
+        self._int("n_per_task", 1)
+        self._k("n_per_task")
+        if self.n_boot is not None:
+            check_n_boot(self._name("n_boot"), self.n_boot)
+
+
+@dataclass
+class DemoPatchConfig(_PresetPart):
+    """(c) task-vector patching of each family at the sweep's peak layer
+    (:class:`~taskvec_interp.experiments.patching.PatchConfig`)."""
+
+    shots: int | None = opt(None, _preset("patch", "shots", "demonstrations per prompt"))
+    n_per_task: int | None = opt(None, _preset("patch", "n_per_task", "evaluation prompts per task"))
+    k: int | None = opt(None, _preset("patch", "k", "neighbours of the TD k-NN"))
+    n_boot: int | None = opt(None, _preset("patch", "n_boot", "bootstrap resamples"))
+
+    def check(self) -> None:
+        self._int("shots", 1)
+        self._int("n_per_task", 1)
+        self._k("n_per_task")
+        if self.n_boot is not None:
+            check_n_boot(self._name("n_boot"), self.n_boot)
+
+
+@dataclass
+class DemoFinetuneConfig(_PresetPart):
+    """(d) first-k vs last-k fine-tuning (:class:`~taskvec_interp.experiments.finetune.FinetuneConfig`), one run
+    per layer spec."""
+
+    family: str | None = opt(None, _preset("finetune", "family", "task family"))
+    layers: tuple[str, ...] | None = opt(None, _preset("finetune", "layers", "layer specs, one run each, "
+                                                                            "comma-separated"))
+    steps: int | None = opt(None, _preset("finetune", "steps", "optimizer steps"))
+    n_train: int | None = opt(None, _preset("finetune", "n_train", "training prompts per task"))
+    batch_size: int | None = opt(None, _preset("finetune", "batch_size", "training prompts per step"))
+    n_per_task: int | None = opt(None, _preset("finetune", "n_per_task", "evaluation prompts per task"))
+    k: int | None = opt(None, _preset("finetune", "k", "neighbours of the TD k-NN"))
+    lr: float | None = opt(None, _preset("finetune", "lr", "learning rate"))
+
+    def check(self) -> None:
+        if self.family is not None:
+            check_str(self._name("family"), self.family)
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ValueError(f"{self._name('layers')} must be a non-empty list of layer specs, got "
+                                 f"{self.layers!r}")
+            self.layers = tuple(self.layers)
+            for spec in self.layers:
+                if not isinstance(spec, str):
+                    raise ValueError(f"{self._name('layers')} must be layer specs (strings), got {spec!r}")
+                check_layer_spec(spec, FINETUNE_LAYERS, self._name("layers"))
+        for name in ("steps", "n_train", "batch_size", "n_per_task"):
+            self._int(name, 1)
+        self._k("n_per_task")
+        if self.lr is not None:
+            check_number(self._name("lr"), self.lr, 0.0, low_open=True)
+
+
+@dataclass
+class DemoTrajectoryConfig(_PresetPart):
+    """(e) the trajectory over the synthetic run's checkpoints (``synthetic_trajectory``)."""
+
+    n_per_basis: int | None = opt(None, _preset("trajectory", "n_per_basis", "test sequences per basis"))
+    k: int | None = opt(None, _preset("trajectory", "k", "neighbours of the TD k-NN"))
+
+    def check(self) -> None:
+        self._int("n_per_basis", 1)
+        self._k("n_per_basis")
+
+
+PART_FIELDS: dict[type, str] = {DemoSyntheticConfig: "synthetic", DemoTDConfig: "td", DemoPatchConfig: "patch",
+                                DemoFinetuneConfig: "finetune", DemoTrajectoryConfig: "trajectory"}
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs. ``quick``: the same parts on smaller settings (about 3 minutes on 2 cores).
+
+    Each part has its settings (``td=DemoTDConfig(n_per_task=50)``); a setting left ``None`` takes the value
+    of the preset (:func:`demo_settings`: full, or ``quick``), filled in when the config is built.
+    """
+
+    quick: bool = opt(False, "the same parts on smaller settings (about 3 min)")
+    model: str = model_field()
+    backend: str = backend_field()
+    seed: int = opt(0, "seed of every part (prompts, training, the synthetic test set's offset)")
+    families: tuple[str, ...] = opt(FAMILIES, "task families of the language-model parts, comma-separated",
+                                    choices=FAMILIES)
+    parts: tuple[str, ...] = opt(PARTS, "parts to run, comma-separated", choices=PARTS)
+    synthetic: DemoSyntheticConfig = opt(factory=DemoSyntheticConfig)
+    td: DemoTDConfig = opt(factory=DemoTDConfig)
+    patch: DemoPatchConfig = opt(factory=DemoPatchConfig)
+    finetune: DemoFinetuneConfig = opt(factory=DemoFinetuneConfig)
+    trajectory: DemoTrajectoryConfig = opt(factory=DemoTrajectoryConfig)
+
+    def __post_init__(self) -> None:
+        check_bool("DemoConfig.quick", self.quick)
+        check_str("DemoConfig.model", self.model)
+        check_choice("DemoConfig.backend", self.backend, backend_names())
+        check_seed("DemoConfig.seed", self.seed)
+        self.families = check_choices("DemoConfig.families", self.families, FAMILIES)
+        self.parts = check_choices("DemoConfig.parts", self.parts, PARTS)
+        preset = demo_settings(self.quick)
+        for cls, name in PART_FIELDS.items():
+            part = getattr(self, name)
+            if isinstance(part, dict):  # read back from demo_config.json
+                unknown = sorted(set(part) - {f.name for f in fields(cls)})
+                if unknown:
+                    raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got "
+                                     f"{part!r}: unknown keys {unknown}")
+                part = cls(**part)
+            if not isinstance(part, cls):
+                raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got {part!r}")
+            fill = {k: v for k, v in preset[name].items() if getattr(part, k) is None}
+            setattr(self, name, replace(part, **fill) if fill else part)
+
+    def resolved(self) -> dict:
+        """Every part's settings, as plain dicts."""
+        return {name: asdict(getattr(self, name)) for name in PART_FIELDS.values()}
 
 
 @dataclass
@@ -121,13 +283,48 @@ class Part:
     skipped: str | None = None
 
 
+DEMO_KIND = "demo"
+"""The result kind a demo directory is marked with (``result.json``)."""
+DEMO_KEEP = ("demo_config.json", "report.html", "synthetic", "finetune", "trajectory",
+             *(f"{p}_{f}" for p in ("td", "patch") for f in FAMILIES))
+"""What a demo directory holds besides ``demo.json``: each part's directory (its results, each a result directory
+of its own), the config record and the report; carried over when the demo's result is saved again."""
+
+
 @dataclass
 class DemoResult:
+    """What :func:`run_demo` returns and saves in its ``out``: ``demo.json`` (config, parts, seconds, model) as a
+    result directory of kind ``"demo"``; ``load(out)`` reads it. The parts' figures and tables are paths
+    relative to ``out``; their directories are carried over when the result is saved again."""
+
     config: DemoConfig
     parts: list[Part]
     out: Path
     seconds: float
     model: dict = field(default_factory=dict)
+
+    def save(self, out: str | Path) -> Path:
+        """``demo.json`` in ``out``, written whole (:func:`taskvec_interp.io.write_result_dir`): an older demo
+        result is replaced (the parts' directories carried over), anything else there is refused."""
+        from .io import write_result_dir
+
+        record = {"config": asdict(self.config), "parts": [asdict(p) for p in self.parts], "seconds": self.seconds,
+                  "model": self.model}
+        with write_result_dir(out, DEMO_KIND, record["config"], keep=DEMO_KEEP) as tmp:
+            (tmp / "demo.json").write_text(json.dumps(record, indent=2, default=str))
+        return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DemoResult:
+        """Read back what :meth:`save` wrote (``out`` is ``directory``); ``ValueError`` naming the file when it
+        is not a complete, intact demo result."""
+        from .io import read_result_dir
+        from .results import read_json
+
+        d = read_result_dir(directory, DEMO_KIND)
+        record = read_json(d / "demo.json")
+        return cls(DemoConfig(**record["config"]), [Part(**p) for p in record["parts"]], d, record["seconds"],
+                   record.get("model", {}))
 
 
 def _row(metric: str, ours: Any, paper: str = "") -> dict:
@@ -153,10 +350,11 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
              log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo's parts into ``out`` (reusing finished ones) and return them; see the module doc."""
     config = config or DemoConfig()
-    out = check_out_dir(out)
+    from .io import check_result_owner
+
+    out = check_result_owner(out, DEMO_KIND, DEMO_KEEP)  # a directory of someone else's is refused up front
     out.mkdir(parents=True, exist_ok=True)
-    s = config.resolved()
-    atomic_write_text(out / "demo_config.json", json.dumps({**asdict(config), "resolved": s}, indent=2))
+    atomic_write_text(out / "demo_config.json", json.dumps(asdict(config), indent=2))
     t0 = time.perf_counter()
     state: dict[str, Any] = {}
     parts: list[Part] = []
@@ -185,38 +383,40 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         return part
 
     if "synthetic" in config.parts or "trajectory" in config.parts:
-        parts.append(run_part("synthetic", lambda d: _synthetic(d, out, s["synthetic"], config.seed, progress)))
+        parts.append(run_part("synthetic", lambda d: _synthetic(d, out, config.synthetic, config.seed, progress)))
     if "td" in config.parts or "patch" in config.parts:
         for fam in config.families:
             why = _pos_available() if fam == "pos" else None
             if why:
                 parts.append(Part(f"td_{fam}", f"TD over layers and shots: {fam}", "", skipped=why))
                 continue
-            parts.append(run_part(f"td_{fam}", lambda d, fam=fam: _td(d, out, adapter(), fam, s["td"], config,
+            parts.append(run_part(f"td_{fam}", lambda d, fam=fam: _td(d, out, adapter(), fam, config.td, config,
                                                                           progress)))
             if "patch" in config.parts:
-                parts.append(run_part(f"patch_{fam}", lambda d, fam=fam: _patch(d, out, adapter(), fam, s["patch"],
+                parts.append(run_part(f"patch_{fam}", lambda d, fam=fam: _patch(d, out, adapter(), fam, config.patch,
                                                                                 config, progress)))
     if "finetune" in config.parts:
-        parts.append(run_part("finetune", lambda d: _finetune(d, out, adapter(), s["finetune"], config, progress)))
+        parts.append(run_part("finetune", lambda d: _finetune(d, out, adapter(), config.finetune, config, progress)))
     if "trajectory" in config.parts:
-        parts.append(run_part("trajectory", lambda d: _trajectory(d, out, s["trajectory"], config.seed, progress)))
+        parts.append(run_part("trajectory", lambda d: _trajectory(d, out, config.trajectory, config.seed, progress)))
     model = state["adapter"].identity() if "adapter" in state else {"name": config.model, "backend": config.backend}
-    return DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model)
+    result = DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model)
+    result.save(out)  # demo.json, whole; the parts' directories carried over
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- parts
 
 
-def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
-    from .report import synthetic_figures
+def _synthetic(d: Path, out: Path, s: DemoSyntheticConfig, seed: int, progress: bool) -> Part:
+    from .figures import synthetic_figures
     from .synthetic import train, train_config
     from .synthetic.analysis import AnalysisConfig, analyze_run
 
     run = d / "run"
-    train(train_config(s["config"], steps=s["steps"], seed=seed), run, progress=progress)
-    result = analyze_run(run, AnalysisConfig(n_per_basis=s["n_per_basis"], k=s["k"],
-                                             umap_checkpoints=s["umap_checkpoints"]), progress=progress)
+    train(train_config(s.config, steps=s.steps, seed=seed), run, progress=progress)
+    result = analyze_run(run, AnalysisConfig(n_per_basis=s.n_per_basis, k=s.k,
+                                             umap_checkpoints=s.umap_checkpoints), progress=progress)
     result.save(d / "analysis")
     figs = synthetic_figures(result, d / "analysis")
     sm = result.summary
@@ -234,7 +434,7 @@ def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
              f"mean {sum(gaps) / len(gaps):.2f}" if gaps else "n/a"),
     ]
     cfg = json.loads((run / "config.json").read_text())
-    text = (f"A {cfg['model']['n_layer']}-layer GPT-2 (d_model {cfg['model']['d_model']}) trained for {s['steps']} "
+    text = (f"A {cfg['model']['n_layer']}-layer GPT-2 (d_model {cfg['model']['d_model']}) trained for {s.steps} "
             f"steps on the Mixture of Sparse Linear Regression ({cfg['data']['n_bases']} bases, D = "
             f"{cfg['data']['n_dims']}). TD is the leave-one-out k-NN decodability of the basis from the residual "
             "stream at the y token of the last demonstration. Encoding (TD) and decoding (the basis's loss) emerge "
@@ -243,12 +443,12 @@ def _synthetic(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
                 _rel(figs, out), {"TD per layer and checkpoint (overall)": str((d / "analysis" / "td.parquet").relative_to(out))})
 
 
-def _td(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
+def _td(d: Path, out: Path, adapter, fam: str, s: DemoTDConfig, config: DemoConfig, progress: bool) -> Part:
     from .experiments.sweep import SweepConfig, run_sweep, summarize
-    from .report import sweep_figures
+    from .figures import sweep_figures
 
-    cfg = SweepConfig(model=config.model, backend=config.backend, family=fam, shots=tuple(s["shots"]),
-                      n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], seed=config.seed)
+    cfg = SweepConfig(model=config.model, backend=config.backend, family=fam, shots=tuple(s.shots),
+                      n_per_task=s.n_per_task, k=s.k, n_boot=s.n_boot, seed=config.seed)
     result = run_sweep(adapter, cfg, progress=progress)
     result.save(d / "sweep")
     figs = sweep_figures(result, d / "sweep", umap=False)
@@ -277,18 +477,18 @@ def _td(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, prog
                 {"peak TD and accuracy per shot count": str((d / "summary.parquet").relative_to(out))})
 
 
-def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, progress: bool) -> Part:
+def _patch(d: Path, out: Path, adapter, fam: str, s: DemoPatchConfig, config: DemoConfig, progress: bool) -> Part:
     from .experiments.patching import PatchConfig, run_patching
     from .experiments.sweep import load_sweep
-    from .report import patching_figures
+    from .figures import patching_figures
 
     sweep_td = load_sweep(out / f"td_{fam}" / "sweep").td
-    cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, shots=s["shots"],
-                      n_per_task=s["n_per_task"], k=s["k"], n_boot=s["n_boot"], layers="peak",
+    cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, shots=s.shots,
+                      n_per_task=s.n_per_task, k=s.k, n_boot=s.n_boot, layers="peak",
                       modes=("add", "replace"), directions=("positive", "negative"), seed=config.seed,
                       logprob=True)
-    result = run_patching(adapter, cfg, td_sweep=sweep_td[sweep_td["shots"] == s["shots"]]
-                          if s["shots"] in set(sweep_td["shots"]) else sweep_td, progress=progress)
+    result = run_patching(adapter, cfg, td_sweep=sweep_td[sweep_td["shots"] == s.shots]
+                          if s.shots in set(sweep_td["shots"]) else sweep_td, progress=progress)
     result.save(d / "patching")
     figs = patching_figures(result, d / "patching")
     sm = result.summary
@@ -313,38 +513,37 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: dict, config: DemoConfig, p
                 tables)
 
 
-def _finetune(d: Path, out: Path, adapter, s: dict, config: DemoConfig, progress: bool) -> Part:
+def _finetune(d: Path, out: Path, adapter, s: DemoFinetuneConfig, config: DemoConfig, progress: bool) -> Part:
     from .experiments.finetune import FinetuneConfig, compare_runs, finetune
-    from .report import finetune_figures
+    from .figures import finetune_figures
 
     module = adapter._hf_module()
     runs = []
-    for layers in s["layers"]:
-        cfg = FinetuneConfig(model=config.model, family=s["family"], layers=layers, steps=s["steps"],
-                             n_train=s["n_train"], batch_size=s["batch_size"], eval_n_per_task=s["eval_n_per_task"],
-                             k=s["k"], lr=s["lr"], warmup_steps=max(1, s["steps"] // 10), ckpt_every=s["steps"],
+    for layers in s.layers:
+        cfg = FinetuneConfig(model=config.model, family=s.family, layers=layers, steps=s.steps,
+                             n_train=s.n_train, batch_size=s.batch_size, n_per_task=s.n_per_task,
+                             k=s.k, lr=s.lr, warmup_steps=max(1, s.steps // 10), ckpt_every=s.steps,
                              seed=config.seed, eval_before=not runs)
         runs.append(finetune(cfg, d / layers.replace(":", ""), model=module, tokenizer=adapter.tokenizer,
                              progress=progress))
     summary, per_task, td = compare_runs(runs)
     summary.to_parquet(d / "summary.parquet", index=False)
-    figs = finetune_figures(per_task, td, d, title=f"{s['family']}: first vs last layers")
+    figs = finetune_figures(per_task, td, d, title=f"{s.family}: first vs last layers")
     rows = [_row(f"{r.model}: accuracy / TD (layer {r.td_layer})", f"{r.accuracy_mean:.2f} / {r.td_mean:.2f}",
                  PAPER["finetune"] if i == 0 else "") for i, r in enumerate(summary.itertuples())]
-    text = (f"LoRA (rank 16) on the first or the last 10 of {adapter.n_layers} layers, {s['steps']} steps on "
-            f"{s['family']}'s train side; accuracy and TD on its test side before and after. A short run: the "
+    text = (f"LoRA (rank 16) on the first or the last 10 of {adapter.n_layers} layers, {s.steps} steps on "
+            f"{s.family}'s train side; accuracy and TD on its test side before and after. A short run: the "
             "direction of the effect, not the paper's magnitude.")
     return Part("finetune", "(d) Fine-tuning the first vs the last layers", text, rows, _rel(figs, out),
                 {"accuracy and TD per model": str((d / "summary.parquet").relative_to(out))})
 
 
-def _trajectory(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
-    from .report import trajectory_figures
-    from .synthetic.analysis import synthetic_trajectory
+def _trajectory(d: Path, out: Path, s: DemoTrajectoryConfig, seed: int, progress: bool) -> Part:
+    from .figures import trajectory_figures
+    from .synthetic.analysis import SYNTHETIC_TEST_SEED, synthetic_trajectory
 
-    result = synthetic_trajectory(out / "synthetic" / "run", n_per_basis=s["n_per_basis"], k=s["k"], seed=4321 + seed,
-                                  out=d / "trajectory", progress=progress)
-    result.save(d / "trajectory")
+    result = synthetic_trajectory(out / "synthetic" / "run", n_per_basis=s.n_per_basis, k=s.k, seed=SYNTHETIC_TEST_SEED + seed,
+                                  out=d / "trajectory", progress=progress)  # saves it there
     figs = trajectory_figures(result, d / "trajectory", title="synthetic run: TD and loss over training")
     summ = result.tables["summary"]
     first, last = summ.iloc[0], summ.iloc[-1]
@@ -357,4 +556,5 @@ def _trajectory(d: Path, out: Path, s: dict, seed: int, progress: bool) -> Part:
                 _rel(figs, out), {"trajectory summary": str((d / "trajectory" / "summary.parquet").relative_to(out))})
 
 
-__all__ = ["DemoConfig", "DemoResult", "PAPER", "PARTS", "Part", "demo_settings", "run_demo"]
+__all__ = ["DemoConfig", "DemoFinetuneConfig", "DemoPatchConfig", "DemoResult", "DemoSyntheticConfig", "DemoTDConfig",
+           "DemoTrajectoryConfig", "PAPER", "PARTS", "Part", "demo_settings", "run_demo"]

@@ -122,21 +122,138 @@ def parse_site(site: str | Site | int, n_layers: int | None = None) -> Site:
     return out
 
 
-def resolve_layers(layers: str | int | Sequence[int], n_layers: int) -> list[int]:
-    """``"all"``, an int or a sequence of ints (negative from the end) -> checked layer indices."""
-    if isinstance(layers, str):
-        if layers != "all":
-            raise ValueError(f"layers must be 'all', an int or a list of ints, got {layers!r}")
+LAYER_FORMS: dict[str, str] = {
+    "all": "'all'", "peak": "'peak'", "td:encoder": "'td:encoder'", "first": "'first:K'", "last": "'last:K'",
+    "range": "'A-B'", "list": "ints like '3,5,7' (negative from the end)",
+}
+"""The layer-spec grammar, one parser for every command (:func:`parse_layers`): ``all``; ``peak`` (the layer of
+the highest TD); ``td:encoder`` (layers ``0..peak``); ``first:K`` / ``last:K``; ``A-B`` (inclusive); a
+comma-separated list of ints, an int, a list or a tensor of ints. Each command accepts the forms that make sense:"""
+CAPTURE_LAYERS: tuple[str, ...] = ("all", "first", "last", "range", "list")
+"""Layers to capture (``adapter.capture``, sweeps, trajectories)."""
+PATCH_LAYERS: tuple[str, ...] = ("all", "peak", "first", "last", "range", "list")
+"""Layers to patch (``PatchConfig.layers``): also the peak-TD layer."""
+FINETUNE_LAYERS: tuple[str, ...] = ("all", "td:encoder", "first", "last", "range", "list")
+"""Layers to fine-tune (``FinetuneConfig.layers``): also the TD "encoder", every layer up to the TD peak."""
+LayerSpec = Union[str, int, Sequence[int], Tensor]
+
+_FIRST_LAST = re.compile(r"^(first|last):(.*)$")
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+def _layer_error(what: str, allowed: Sequence[str], spec: object, detail: str = "") -> ValueError:
+    forms = [LAYER_FORMS[a] for a in allowed]
+    menu = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
+    return ValueError(f"{what} must be {menu}, got {spec!r}" + (f": {detail}" if detail else ""))
+
+
+def _layer_int(text: str, what: str, allowed: Sequence[str], spec: object) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _layer_error(what, allowed, spec, f"{text!r} is not an int") from None
+
+
+def _parse_layer_spec(spec: object, allowed: Sequence[str], what: str) -> tuple[str, object]:
+    """``(form, payload)``: the syntax only (no model): ``("first", K)``, ``("range", (A, B))``,
+    ``("list", [ints])``, or ``(form, None)`` for ``all`` / ``peak`` / ``td:encoder``."""
+    unknown = [a for a in allowed if a not in LAYER_FORMS]
+    if unknown:
+        raise ValueError(f"unknown layer-spec forms {unknown}; known: {tuple(LAYER_FORMS)}")
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s in ("all", "peak", "td:encoder"):
+            form, payload = s, None
+        elif m := _FIRST_LAST.match(s):
+            form, payload = m.group(1), _layer_int(m.group(2).strip(), what, allowed, spec)
+        elif m := _RANGE.match(s):
+            form, payload = "range", (int(m.group(1)), int(m.group(2)))
+            if payload[0] > payload[1]:
+                raise _layer_error(what, allowed, spec, f"the range is empty (start {payload[0]} > end {payload[1]})")
+        else:
+            items = [x.strip() for x in s.split(",") if x.strip()]
+            if not items:
+                raise _layer_error(what, allowed, spec, "no layers")
+            form, payload = "list", [_layer_int(x, what, allowed, spec) for x in items]
+    elif isinstance(spec, bool) or not isinstance(spec, (numbers.Integral, Sequence, Tensor)):
+        raise _layer_error(what, allowed, spec)
+    else:
+        seq = [spec] if isinstance(spec, numbers.Integral) else (spec.tolist() if isinstance(spec, Tensor)
+                                                                else list(spec))
+        if isinstance(spec, Tensor) and spec.ndim == 0:
+            seq = [spec.item()]
+        if not seq:
+            raise _layer_error(what, allowed, spec, "an empty list of layers")
+        for layer in seq:  # never truncate: layers=[1.7] is an error, not layer 1 (numpy ints are fine)
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise ValueError(f"{what} must be ints, got {layer!r} ({type(layer).__name__}) in {seq!r}")
+        form, payload = "list", [int(x) for x in seq]
+    if form not in allowed:
+        raise _layer_error(what, allowed, spec)
+    if form == "list":
+        twice = sorted({x for x in payload if payload.count(x) > 1})  # type: ignore[union-attr]
+        if twice:
+            raise _layer_error(what, allowed, spec, f"repeats layer{'s' if len(twice) > 1 else ''} "
+                               f"{', '.join(map(str, twice))}")
+    return form, payload
+
+
+def check_layer_spec(spec: LayerSpec, allowed: Sequence[str] = tuple(LAYER_FORMS), what: str = "layers"
+                     ) -> str | list[int]:
+    """The checks of :func:`parse_layers` that need no model; returns the spec's canonical form: explicit
+    layers as a list of ints (``"8,12"`` -> ``[8, 12]``), any other form as its stripped string."""
+    form, payload = _parse_layer_spec(spec, allowed, what)
+    if form in ("first", "last") and payload < 1:  # type: ignore[operator]
+        raise _layer_error(what, allowed, spec, "K must be >= 1")
+    return payload if form == "list" else spec.strip()  # type: ignore[return-value,union-attr]
+
+
+def parse_layers(spec: LayerSpec, n_layers: int, *, allowed: Sequence[str] = tuple(LAYER_FORMS),
+                 peak: int | None = None, what: str = "layers") -> list[int]:
+    """A layer spec (see :data:`LAYER_FORMS`; ``allowed``: the forms this caller accepts) -> checked layer
+    indices of a model with ``n_layers`` layers, in the order given (ranges ascending; negative ints count from
+    the end). ``peak``: the peak-TD layer, needed by ``peak`` and ``td:encoder``. Every error reads
+    ``{what} must be <the allowed forms>, got <spec>: <why>``."""
+    form, payload = _parse_layer_spec(spec, allowed, what)
+
+    def out_of_range(layer: int) -> ValueError:
+        return _layer_error(what, allowed, spec, f"layer {layer} out of range for a model with {n_layers} layers")
+
+    if form == "all":
         return list(range(n_layers))
-    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence, Tensor)):
-        raise ValueError(f"layers must be 'all', an int or a list of ints, got {layers!r}")
-    seq = [layers] if isinstance(layers, int) else (layers.tolist() if isinstance(layers, Tensor) else list(layers))
-    if not seq:
-        raise ValueError("empty list of layers")
-    for layer in seq:  # never truncate: layers=[1.7] is an error, not layer 1 (numpy ints are fine)
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"layers must be ints, got {layer!r} ({type(layer).__name__}) in {seq!r}")
-    return [parse_site(int(layer), n_layers).layer for layer in seq]
+    if form in ("peak", "td:encoder"):
+        if peak is None:
+            raise _layer_error(what, allowed, spec, "it needs a TD sweep of this model (the peak of its TD curve)")
+        if not 0 <= peak < n_layers:
+            raise _layer_error(what, allowed, spec, f"the TD peak layer {peak} is out of range for a model with "
+                                                    f"{n_layers} layers (a TD sweep of another model?)")
+        return [peak] if form == "peak" else list(range(peak + 1))
+    if form in ("first", "last"):
+        k = payload
+        if not 1 <= k <= n_layers:  # type: ignore[operator]
+            raise _layer_error(what, allowed, spec, f"K must be in [1, {n_layers}] for a model with {n_layers} layers")
+        return list(range(k)) if form == "first" else list(range(n_layers - k, n_layers))  # type: ignore[arg-type,operator]
+    if form == "range":
+        a, b = payload  # type: ignore[misc]
+        if b >= n_layers:
+            raise out_of_range(b)
+        return list(range(a, b + 1))
+    layers = []
+    for layer in payload:  # type: ignore[union-attr]
+        if not -n_layers <= layer < n_layers:
+            raise out_of_range(layer)
+        layers.append(layer % n_layers)
+    twice = sorted({x for x in layers if layers.count(x) > 1})
+    if twice:
+        raise _layer_error(what, allowed, spec, f"repeats layer{'s' if len(twice) > 1 else ''} "
+                           f"{', '.join(map(str, twice))} (negative layers count from the end)")
+    return layers
+
+
+def resolve_layers(layers: LayerSpec, n_layers: int, what: str = "layers") -> list[int]:
+    """Layers to capture: :func:`parse_layers` with the :data:`CAPTURE_LAYERS` forms (``"all"``, ``first:K``,
+    ``last:K``, ``A-B``, an int or ints, negative from the end) -> checked layer indices."""
+    return parse_layers(layers, n_layers, allowed=CAPTURE_LAYERS, what=what)
 
 
 class LayerIndex(int):

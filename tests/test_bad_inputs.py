@@ -28,9 +28,11 @@ from taskvec_interp.engine import local_checkpoints, run_checkpoints
 from taskvec_interp.experiments.finetune import FinetuneConfig
 from taskvec_interp.experiments.patching import PatchConfig, load_patching
 from taskvec_interp.experiments.sweep import SweepConfig, load_sweep
+from taskvec_interp.experiments.trajectory import TrajectoryConfig
 from taskvec_interp.hooks import HookContext, Site, last_token
 from taskvec_interp.probes.decodability import task_decodability
 from taskvec_interp.synthetic import train_config
+from taskvec_interp.synthetic.analysis import AnalysisConfig
 from taskvec_interp.synthetic.data import MSLRConfig
 from taskvec_interp.synthetic.train import load_checkpoint
 
@@ -116,14 +118,23 @@ def _cli_spy(monkeypatch_calls: list) -> Callable:
 CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
     # --- TD sweep config
     ("sweep-shots-empty", ValueError, r"shots must be a non-empty list.*\(\)", lambda e: SweepConfig(shots=())),
-    ("sweep-shots-twice", ValueError, r"shot count twice: \[1, 1\]", lambda e: SweepConfig(shots=(1, 1))),
-    ("sweep-shots-float", ValueError, r"shots entries must be an int >= 0, got 1\.5", lambda e: SweepConfig(shots=(1.5,))),
+    ("sweep-shots-twice", ValueError, r"SweepConfig\.shots must not list a value twice, got \[1, 1\]",
+     lambda e: SweepConfig(shots=(1, 1))),
+    ("sweep-shots-float", ValueError, r"SweepConfig\.shots must be a non-empty list of ints >= 0, got 1\.5",
+     lambda e: SweepConfig(shots=(1.5,))),
     ("sweep-n-bool", ValueError, r"n_per_task must be an int >= 1, got True", lambda e: SweepConfig(n_per_task=True)),
     ("sweep-k-zero", ValueError, r"k must be an int >= 1, got 0", lambda e: SweepConfig(k=0)),
-    ("sweep-k-vs-n", ValueError, r"k=10 is not below n_per_task - 1 = 4", lambda e: SweepConfig(n_per_task=5)),
+    ("sweep-k-vs-n", ValueError, r"SweepConfig\.k must be <= n_per_task - 2 = 3 .*got 10",
+     lambda e: SweepConfig(n_per_task=5)),
     ("sweep-metric", ValueError, r"metric must be one of .*'manhattan'", lambda e: SweepConfig(metric="manhattan")),
-    ("sweep-layers-float", ValueError, r"layers entries must be ints, got 1\.7", lambda e: SweepConfig(layers=[1.7])),
-    ("sweep-layers-word", ValueError, r"layers must be one of \('all',\), got 'some'", lambda e: SweepConfig(layers="some")),
+    ("sweep-layers-float", ValueError, r"SweepConfig\.layers must be ints, got 1\.7",
+     lambda e: SweepConfig(layers=[1.7])),
+    ("sweep-layers-word", ValueError, r"SweepConfig\.layers must be 'all', 'first:K', .*got 'some'",
+     lambda e: SweepConfig(layers="some")),
+    ("sweep-layers-peak", ValueError, r"SweepConfig\.layers must be 'all', 'first:K', .*got 'peak'",
+     lambda e: SweepConfig(layers="peak")),
+    ("sweep-template-key", ValueError, r"SweepConfig\.template must hold PromptTemplate fields .*\['sep'\]",
+     lambda e: SweepConfig(template={"sep": " | "})),
     ("sweep-backend", ValueError, r"backend must be one of .*'jax'", lambda e: SweepConfig(backend="jax")),
     ("sweep-n-boot", ValueError, r"n_boot must be an int >= 0, got -1", lambda e: SweepConfig(n_boot=-1)),
     ("sweep-max-new", ValueError, r"max_new_tokens must be an int >= 1, got 0", lambda e: SweepConfig(max_new_tokens=0)),
@@ -144,13 +155,34 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
     # --- patching and fine-tuning configs
     ("patch-layers-float", ValueError, r"layers must be ints, got 1\.7", lambda e: PatchConfig(layers=[1.7])),
     ("patch-scale-nan", ValueError, r"scale must be a finite number, got nan", lambda e: PatchConfig(scale=math.nan)),
-    ("patch-k-vs-n", ValueError, r"k=10 is not below n_per_task - 1 = 2", lambda e: PatchConfig(n_per_task=3)),
-    ("patch-mode", ValueError, r"modes must be a non-empty subset .*'swap'", lambda e: PatchConfig(modes=("swap",))),
-    ("finetune-k-vs-n", ValueError, r"k=10 is not below eval_n_per_task - 1 = 4", lambda e: FinetuneConfig(eval_n_per_task=5)),
+    ("patch-k-vs-n", ValueError, r"PatchConfig\.k must be <= n_per_task - 2 = 1 .*got 10",
+     lambda e: PatchConfig(n_per_task=3)),
+    ("patch-k-vs-vector-prompts", ValueError, r"PatchConfig\.k must be <= n_vector_prompts - 2 = 2 .*got 10",
+     lambda e: PatchConfig(zero_shot=True, n_vector_prompts=4)),
+    ("patch-mode", ValueError, r"PatchConfig\.modes must be a non-empty list of .*got 'swap'",
+     lambda e: PatchConfig(modes=("swap",))),
+    ("patch-n-boot", ValueError, r"PatchConfig\.n_boot must be an int >= 0, got -1", lambda e: PatchConfig(n_boot=-1)),
+    ("patch-shots-zero", ValueError, r"PatchConfig\.shots must be an int >= 1 .*got 0", lambda e: PatchConfig(shots=0)),
+    ("finetune-k-vs-n", ValueError, r"FinetuneConfig\.k must be <= n_per_task - 2 = 3 .*got 10",
+     lambda e: FinetuneConfig(n_per_task=5)),
+    ("finetune-layers-k", ValueError, r"FinetuneConfig\.layers must be .*got 'first:0': K must be >= 1$",
+     lambda e: FinetuneConfig(layers="first:0")),
+    ("finetune-layers-peak", ValueError, r"FinetuneConfig\.layers must be 'all', 'td:encoder', .*got 'peak'",
+     lambda e: FinetuneConfig(layers="peak")),
     ("finetune-clip-zero", ValueError, r"grad_clip must be > 0\.0, got 0\.0", lambda e: FinetuneConfig(grad_clip=0.0)),
     ("finetune-lr-nan", ValueError, r"lr must be a finite number, got nan", lambda e: FinetuneConfig(lr=math.nan)),
     ("finetune-dropout", ValueError, r"dropout must be in \[0\.0, 1\.0\), got 1\.0", lambda e: FinetuneConfig(dropout=1.0)),
-    ("finetune-method", ValueError, r"unknown fine-tuning method 'qlora'", lambda e: FinetuneConfig(method="qlora")),
+    ("finetune-method", ValueError, r"FinetuneConfig\.method must be one of \('lora', 'full'\), got 'qlora'",
+     lambda e: FinetuneConfig(method="qlora")),
+    ("finetune-seed", ValueError, r"FinetuneConfig\.seed must be an int >= 0, got -1", lambda e: FinetuneConfig(seed=-1)),
+    ("trajectory-k-vs-n", ValueError, r"TrajectoryConfig\.k must be <= n_per_task - 2 = 1 .*got 10",
+     lambda e: TrajectoryConfig(n_per_task=3)),
+    ("analysis-k-vs-n", ValueError, r"AnalysisConfig\.k must be <= n_per_basis - 2 = 3 .*got 10",
+     lambda e: AnalysisConfig(n_per_basis=5)),
+    ("analysis-position", ValueError, r"AnalysisConfig\.patch_position must be 'context' or an int <= -2 .*got -1",
+     lambda e: AnalysisConfig(patch_position=-1)),
+    ("analysis-head-mode", ValueError, r"AnalysisConfig\.head_mode must be one of \('mean', 'zero'\), got 'max'",
+     lambda e: AnalysisConfig(head_mode="max")),
     # --- task decodability
     ("td-k-class", ValueError, r"k = 3 is not below .*task 'b' has 4 points",
      lambda e: task_decodability(torch.randn(12, 3), ["a"] * 8 + ["b"] * 4, k=3, n_boot=0)),
@@ -203,10 +235,11 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
      lambda e: TorchHooksAdapter(build_tiny("gpt2"), NoPadTokenizer())),
     ("no-block-list", ValueError, r"no architecture row for Linear .* Pass blocks='path.to.ModuleList'", lambda e: find_arch(torch.nn.Linear(3, 3))),
     # --- readers of results and checkpoints
-    ("load-sweep-missing", ValueError, r"TD sweep directory '.*nowhere' does not exist", lambda e: load_sweep(e.tmp / "nowhere")),
-    ("load-sweep-incomplete", ValueError, r"not a complete TD sweep result: missing \['fit\.json'",
+    ("load-sweep-missing", ValueError, r"sweep directory '.*nowhere' cannot be read: it does not exist",
+     lambda e: load_sweep(e.tmp / "nowhere")),
+    ("load-sweep-incomplete", ValueError, r"sweep directory '.*sweep' cannot be read: no result\.json",
      lambda e: load_sweep(_incomplete_sweep(e))),
-    ("load-patching-json", ValueError, r"patch/config\.json is not valid JSON", lambda e: load_patching(_corrupt_patch(e))),
+    ("load-patching-json", ValueError, r"patch' cannot be read: no result\.json", lambda e: load_patching(_corrupt_patch(e))),
     ("checkpoint-torn", ValueError, r"step_0000010/model\.safetensors is unreadable",
      lambda e: load_checkpoint(_torn_checkpoint(e))),
     ("checkpoint-missing", ValueError, r"checkpoint .*step_9 cannot be loaded: no manifest\.json",
@@ -222,7 +255,7 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
     # --- the command line (config and --out checked before any model loads)
     ("cli-td-k", ValueError, r"SweepConfig\.k must be an int >= 1, got 0",
      lambda e: e.cli("td", "--model", "no/such-model", "--k", "0", "--out", str(e.tmp / "o"))),
-    ("cli-td-n-per-task-2", ValueError, r"k=10 is not below n_per_task - 1 = 1",
+    ("cli-td-n-per-task-2", ValueError, r"SweepConfig\.k must be <= n_per_task - 2 = 0 .*got 10",
      lambda e: e.cli("td", "--model", "no/such-model", "--n-per-task", "2", "--out", str(e.tmp / "o"))),
     ("cli-td-metric", ValueError, r"metric must be one of .*'manhattan'",
      lambda e: e.cli("td", "--model", "no/such-model", "--metric", "manhattan", "--out", str(e.tmp / "o"))),
@@ -230,15 +263,27 @@ CASES: list[tuple[str, type[Exception], str, Callable[[Env], object]]] = [
      lambda e: e.cli("td", "--model", "no/such-model", "--family", "nope", "--out", str(e.tmp / "o"))),
     ("cli-td-shots", ValueError, r"--shots must be comma-separated ints, got '1,x'",
      lambda e: e.cli("td", "--model", "no/such-model", "--shots", "1,x", "--out", str(e.tmp / "o"))),
-    ("cli-patch-k", ValueError, r"k=5 is not below n_per_task - 1 = 2",
+    ("cli-patch-k", ValueError, r"PatchConfig\.k must be <= n_per_task - 2 = 1 .*got 5",
      lambda e: e.cli("patch", "--model", "no/such-model", "--n-per-task", "3", "--k", "5", "--out", str(e.tmp / "o"))),
-    ("cli-finetune-k", ValueError, r"k=10 is not below eval_n_per_task - 1 = 4",
-     lambda e: e.cli("finetune", "--model", "no/such-model", "--eval-n-per-task", "5", "--out", str(e.tmp / "o"))),
-    ("demo-part", ValueError, r"DemoConfig.parts: 'umap' is none of", lambda e: __import__(
+    ("cli-patch-template", ValueError, r"PatchConfig\.template\['prefix'\] must be a string, got 3",
+     lambda e: e.cli("patch", "--model", "no/such-model", "--template", '{"prefix": 3}', "--out", str(e.tmp / "o"))),
+    ("cli-patch-template-json", ValueError, r"--template must be a JSON object, got '\{prefix'",
+     lambda e: e.cli("patch", "--model", "no/such-model", "--template", "{prefix", "--out", str(e.tmp / "o"))),
+    ("cli-patch-mode", ValueError, r"PatchConfig\.modes must be a non-empty list of .*got 'both'",
+     lambda e: e.cli("patch", "--model", "no/such-model", "--modes", "both", "--out", str(e.tmp / "o"))),
+    ("cli-finetune-k", ValueError, r"FinetuneConfig\.k must be <= n_per_task - 2 = 3 .*got 10",
+     lambda e: e.cli("finetune", "--model", "no/such-model", "--n-per-task", "5", "--out", str(e.tmp / "o"))),
+    ("cli-finetune-layers", ValueError, r"FinetuneConfig\.layers must be .*got '3-1': the range is empty",
+     lambda e: e.cli("finetune", "--model", "no/such-model", "--layers", "3-1", "--out", str(e.tmp / "o"))),
+    ("cli-analyze-k", ValueError, r"AnalysisConfig\.k must be <= n_per_basis - 2 = 2 .*got 10",
+     lambda e: e.cli("synthetic", "analyze", str(e.tmp), "--n-per-basis", "4")),
+    ("demo-part", ValueError, r"DemoConfig\.parts must be a non-empty list of .*got 'umap'", lambda e: __import__(
         "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(parts=("umap",))),
-    ("demo-setting", ValueError, r"DemoConfig.settings\['td'\]: unknown keys \['bogus'\]", lambda e: __import__(
-        "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(settings={"td": {"bogus": 1}})),
-    ("cli-demo-family", ValueError, r"DemoConfig.families: 'sentiment' is none of",
+    ("demo-setting", ValueError, r"DemoConfig\.td must be a DemoTDConfig .*unknown keys \['bogus'\]", lambda e: __import__(
+        "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(td={"bogus": 1})),
+    ("demo-part-k", ValueError, r"DemoConfig\.td\.k must be <= n_per_task - 2 = 2 .*got 3", lambda e: __import__(
+        "taskvec_interp.demo", fromlist=["DemoConfig"]).DemoConfig(quick=True, td={"n_per_task": 4})),
+    ("cli-demo-family", ValueError, r"DemoConfig\.families must be a non-empty list of .*got 'sentiment'",
      lambda e: e.cli("demo", "--families", "sentiment", "--out", str(e.tmp / "o"))),
     ("cli-trajectory-none", ValueError, r"give exactly one of --checkpoints",
      lambda e: e.cli("trajectory", "--family", "bitwise", "--out", str(e.tmp / "o"))),

@@ -53,12 +53,12 @@ def test_bad_cli_inputs(tiny_dir, tmp_path):
 def test_demo_command_on_a_local_model(tiny_dir, tmp_path, monkeypatch):
     """The demo end to end on a tiny local model (the real-model quick demo runs in CI's .ci/run): the
     report is written, and a second run reuses every finished part."""
-    from taskvec_interp.experiments import demo as D
+    from taskvec_interp import demo as D
 
     tiny = {"synthetic": {"steps": 40, "n_per_basis": 12, "k": 3, "umap_checkpoints": 2},
             "td": {"shots": [1, 2], "n_per_task": 5, "k": 2, "n_boot": 10},
             "patch": {"shots": 2, "n_per_task": 4, "k": 1, "n_boot": 10},
-            "finetune": {"steps": 2, "n_train": 4, "batch_size": 2, "eval_n_per_task": 4, "k": 1,
+            "finetune": {"steps": 2, "n_train": 4, "batch_size": 2, "n_per_task": 4, "k": 1,
                          "layers": ["first:2", "last:2"]},
             "trajectory": {"n_per_basis": 12, "k": 3}}
     real = D.demo_settings

@@ -45,7 +45,7 @@ def _tiny(arch: str, tok, layers: int = 4):
 
 
 FAST = {"n_train": 6, "steps": 6, "batch_size": 4, "lr": 5e-2, "warmup_steps": 2, "ckpt_every": 3,
-        "eval_n_per_task": 3, "shots": 2, "k": 1}
+        "n_per_task": 3, "shots": 2, "k": 1}
 
 
 def test_layer_specs():
@@ -53,6 +53,7 @@ def test_layer_specs():
     assert resolve_layer_spec("last:2", 10) == [8, 9]
     assert resolve_layer_spec("3-5", 10) == [3, 4, 5]
     assert resolve_layer_spec("7,2", 10) == [2, 7]
+    assert resolve_layer_spec("all", 3) == [0, 1, 2] and resolve_layer_spec("-1", 4) == [3]
     assert resolve_layer_spec([4, 1], 10) == [1, 4]
     td = pd.DataFrame({"layer": [0, 1, 2, 3], "level": "overall", "task": "all", "td": [0.1, 0.5, 0.9, 0.4]})
     assert resolve_layer_spec("td:encoder", 10, td) == [0, 1, 2]
@@ -114,7 +115,7 @@ def test_labels_are_the_answer_tokens_only(smol_tokenizer, tiny_smol):
 
 
 def test_train_and_evaluation_prompts_are_disjoint(smol_tokenizer):
-    cfg = FinetuneConfig(model="tiny", n_train=200, shots=4, eval_n_per_task=50)
+    cfg = FinetuneConfig(model="tiny", n_train=200, shots=4, n_per_task=50)
     train = training_data(smol_tokenizer, cfg).prompts
     evaluation = eval_prompts(cfg)
     assert len(evaluation) == 7 * 50 and {p.n_shots for p in evaluation} == {4}
@@ -129,7 +130,7 @@ def test_kill_and_resume_is_exact(smol_tokenizer, tmp_path):
     base = _tiny("llama", smol_tokenizer)
     cfg = FinetuneConfig(model="tiny", layers="first:2", **FAST)
     state = torch.get_rng_state()
-    full = finetune(cfg, tmp_path / "full", model=base, tokenizer=smol_tokenizer, progress=False, evaluate=False)
+    full = finetune(cfg, tmp_path / "full", model=base, tokenizer=smol_tokenizer, progress=False, evaluate=False).path
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is forked, never reseeded
     cut = tmp_path / "cut"
     finetune(cfg, cut, model=base, tokenizer=smol_tokenizer, progress=False, evaluate=False, stop_at=4)
@@ -153,15 +154,16 @@ def test_finetune_evaluates_before_and_after_and_compares(smol_tokenizer, tmp_pa
         runs.append(finetune(cfg, tmp_path / layers.replace(":", ""), model=base, tokenizer=smol_tokenizer,
                              progress=False))
     for run in runs:
-        assert (run / "eval" / "td.parquet").exists() and (run / "eval_pretrained" / "accuracy.parquet").exists()
-        saved = json.loads((run / "config.json").read_text())
+        assert (run.path / "eval" / "td.parquet").exists() and (run.path / "eval_pretrained" / "accuracy.parquet").exists()
+        saved = json.loads((run.path / "config.json").read_text())
         assert saved["provenance"]["model"]["trainable_params"] > 0 and saved["resolved_layers"]
     summary, per_task, td = compare_runs(runs)
     assert summary["model"].tolist() == ["pretrained", "lora first:2", "lora last:2"]
     assert set(per_task["task"]) == set(get_family("bitwise").task_names[:-1])
     assert set(td["model"]) == set(summary["model"]) and td["layer"].nunique() == 4
-    before = pd.read_parquet(runs[0] / "eval_pretrained" / "td.parquet")
-    pd.testing.assert_frame_equal(before, pd.read_parquet(runs[1] / "eval_pretrained" / "td.parquet"))
+    before = pd.read_parquet(runs[0].path / "eval_pretrained" / "td.parquet")
+    pd.testing.assert_frame_equal(before, pd.read_parquet(runs[1].path / "eval_pretrained" / "td.parquet"))
+    assert compare_runs([r.path for r in runs]).summary.equals(summary)  # the saved runs compare the same
     with pytest.raises(ValueError, match="no eval"):
         compare_runs([tmp_path])
 
@@ -229,7 +231,7 @@ def test_finetune_cli_trains_resumes_and_compares(smol_tokenizer, tmp_path):
     smol_tokenizer.save_pretrained(model_dir)
     runner = CliRunner()
     args = ["finetune", "--model", str(model_dir), "--layers", "first:2", "--steps", "4", "--n-train", "4",
-            "--batch-size", "2", "--shots", "2", "--eval-n-per-task", "3", "--k", "1", "--lr", "0.01"]
+            "--batch-size", "2", "--shots", "2", "--n-per-task", "3", "--k", "1", "--lr", "0.01"]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert (tmp_path / "a" / "trained.safetensors").exists()
@@ -258,7 +260,7 @@ def test_td_encoder_reads_the_models_own_sweep(smol_tokenizer, tmp_path):
     peak = int(overall.loc[overall["td"].idxmax(), "layer"])
     cfg = FinetuneConfig(model="tiny", layers="td:encoder", td_sweep=str(sweep), **FAST)
     run = finetune(cfg, tmp_path / "run", model=base, tokenizer=smol_tokenizer, progress=False, evaluate=False)
-    assert json.loads((run / "config.json").read_text())["resolved_layers"] == list(range(peak + 1))
+    assert json.loads((run.path / "config.json").read_text())["resolved_layers"] == list(range(peak + 1))
     with pytest.raises(ValueError, match="another model"):
         finetune(cfg, tmp_path / "other", model=_tiny("llama", smol_tokenizer, layers=3), tokenizer=smol_tokenizer,
                  progress=False, evaluate=False)
@@ -266,14 +268,14 @@ def test_td_encoder_reads_the_models_own_sweep(smol_tokenizer, tmp_path):
 
 
 def test_finetune_figures_draw_the_tables(tmp_path):
-    from taskvec_interp import viz
+    from taskvec_interp import figures
 
     per_task = pd.DataFrame({"model": ["pretrained"] * 2 + ["lora first:2"] * 2, "task": ["AND", "OR"] * 2,
                              "exact": [0.1, 0.2, 0.5, 0.7], "td": [0.3, 0.4, 0.6, 0.8]})
-    fig = viz.plot_finetune_accuracy(per_task, path=tmp_path / "acc.png")
+    fig = figures.plot_finetune_accuracy(per_task, path=tmp_path / "acc.png")
     assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx([0.1, 0.2, 0.5, 0.7])
     td = pd.DataFrame({"model": ["pretrained"] * 3 + ["lora first:2"] * 3, "layer": [0, 1, 2] * 2,
                        "td": [0.2, 0.5, 0.4, 0.3, 0.7, 0.6]})
-    fig = viz.plot_finetune_td(td, path=tmp_path / "td.png")
+    fig = figures.plot_finetune_td(td, path=tmp_path / "td.png")
     assert [list(line.get_ydata()) for line in fig.axes[0].lines] == [[0.2, 0.5, 0.4], [0.3, 0.7, 0.6]]
     assert (tmp_path / "acc.png").exists() and (tmp_path / "td.png").exists()

@@ -360,7 +360,7 @@ def test_bad_patching_inputs_fail_before_model_work(tiny_smol, bitwise, tmp_path
     for kwargs, match in [({"definition": "fv"}, "definition"), ({"layers": [1.7]}, "ints"),
                           ({"layers": [True]}, "ints"), ({"layers": "some"}, "'all', 'peak'"),
                           ({"scale": float("nan")}, "finite"), ({"scale": float("inf")}, "finite"),
-                          ({"shots": 0}, "shots=0"), ({"modes": ("swap",)}, "modes"),
+                          ({"shots": 0}, "shots must be an int >= 1"), ({"modes": ("swap",)}, "modes"),
                           ({"directions": ()}, "directions"), ({"n_per_task": 0}, "n_per_task"),
                           ({"layers": []}, "empty")]:
         with pytest.raises(ValueError, match=match):
@@ -386,8 +386,8 @@ def test_bad_patching_inputs_fail_before_model_work(tiny_smol, bitwise, tmp_path
     runner = CliRunner(env={"COLUMNS": "400"})  # one line per message: no wrapping inside the error box
     result = runner.invoke(app, ["patch", "--model", "no/such-model", "--out", str(tmp_path / "file")])
     assert result.exit_code != 0 and "is a file" in result.output
-    for args, match in [(["--layers", "3,x"], "--layers"), (["--mode", "swap"], "--mode"),
-                        (["--vectors", "fv"], "definition"), (["--family", "nope"], "unknown task family")]:
+    for args, match in [(["--layers", "3,x"], "PatchConfig.layers"), (["--modes", "swap"], "PatchConfig.modes"),
+                        (["--definition", "fv"], "definition"), (["--family", "nope"], "unknown task family")]:
         result = runner.invoke(app, ["patch", "--model", "no/such-model", "--out", str(tmp_path / "o"), *args])
         assert result.exit_code != 0, args
         text = result.output + repr(result.exception)
@@ -443,26 +443,26 @@ def _accuracy_table() -> pd.DataFrame:
 
 
 def test_patching_figures_draw_the_table(tmp_path):
-    from taskvec_interp import viz
+    from taskvec_interp import figures
 
     acc = _accuracy_table()
-    fig = viz.plot_patch_bars(acc, 5, path=tmp_path / "bars.png")
+    fig = figures.plot_patch_bars(acc, 5, path=tmp_path / "bars.png")
     assert (tmp_path / "bars.png").exists() and len(fig.axes) == 2
     heights = [p.get_height() for p in fig.axes[0].patches]
     base = acc[acc["direction"] == "baseline"]["accuracy"].tolist()
     assert heights[:3] == pytest.approx(base)  # baseline bars first, one per task
-    fig = viz.plot_patch_heatmap(acc, "positive", path=tmp_path / "heat.png")
+    fig = figures.plot_patch_heatmap(acc, "positive", path=tmp_path / "heat.png")
     want = acc[(acc["direction"] == "positive") & (acc["mode"] == "add")].pivot_table(
         index="layer", columns="task", values="delta", sort=False).sort_index()
     assert np.allclose(np.asarray(fig.axes[0].images[0].get_array()), want.to_numpy())
-    fig = viz.plot_patch_matrix(acc, 2, "replace", path=tmp_path / "matrix.png")
+    fig = figures.plot_patch_matrix(acc, 2, "replace", path=tmp_path / "matrix.png")
     grid = fig.axes[0].images[0].get_array()
     cell = acc[(acc["layer"] == 2) & (acc["mode"] == "replace") & (acc["vector"] == "OR") & (acc["task"] == "AND")]
     assert grid[1, 0] == pytest.approx(float(cell["delta"].iloc[0]))  # row: source OR, column: target AND
     with pytest.raises(ValueError, match="layer 7"):
-        viz.plot_patch_bars(acc, 7)
+        figures.plot_patch_bars(acc, 7)
     with pytest.raises(ValueError, match="matrix"):
-        viz.plot_patch_matrix(acc[acc["vector"].isin(["none", "own"])], 2, "add")
+        figures.plot_patch_matrix(acc[acc["vector"].isin(["none", "own"])], 2, "add")
 
 
 def _reference_logprob(model, tok, prompt: str, answer: list[int], layer: int, vec: torch.Tensor | None, mode: str,

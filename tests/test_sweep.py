@@ -132,7 +132,7 @@ def test_fit_recovers_a_linear_relation():
 
 
 def test_sweep_figures(tiny_smol, tmp_path):
-    from taskvec_interp.report import sweep_figures
+    from taskvec_interp.figures import sweep_figures
 
     res = run_sweep(tiny_smol, SweepConfig(family="bitwise", shots=(1, 2), n_per_task=8, n_boot=20, k=3),
                     progress=False)

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from taskvec_interp.cli import app
+from taskvec_interp.figures import synthetic_figures
 from taskvec_interp.probes.decodability import task_decodability
-from taskvec_interp.report import synthetic_figures
 from taskvec_interp.synthetic import (
     list_checkpoints,
     load_checkpoint,
@@ -65,8 +65,10 @@ def test_patch_matrix(tiny_run):
                               torch.tensor(df[df["target"] == "none"]["mse"].values))
     added = patch_matrix(model, test, layer=0, n_bases=4, mode="add")
     assert set(added["mode"]) == {"add"}
-    with pytest.raises(ValueError, match="patch mode"):
+    with pytest.raises(ValueError, match="intervention must be one of .*got 'swap'"):
         patch_matrix(model, test, layer=0, n_bases=4, mode="swap")
+    with pytest.raises(ValueError, match="patch mode 'ablate' takes no vector"):
+        patch_matrix(model, test, layer=0, n_bases=4, mode="ablate")
     # the y token of the last demonstration comes after the scored read-out: patching it changes nothing
     with pytest.raises(ValueError, match="patch layer 1"):  # after the last block nothing reads token -3
         patch_matrix(model, test, layer=1, n_bases=4)

@@ -8,9 +8,9 @@ from conftest import build_tiny, make_tiny_adapter, random_prompts
 
 from taskvec_interp import hooks as H
 from taskvec_interp.adapters import TorchHooksAdapter
-from taskvec_interp.synthetic.inputs import model_inputs, synthetic_adapter
 from taskvec_interp.synthetic.data import make_test_set
 from taskvec_interp.synthetic.heads import basis_specific_heads, head_ablation
+from taskvec_interp.synthetic.inputs import model_inputs, synthetic_adapter
 from taskvec_interp.synthetic.model import SyntheticRegressor, model_config
 from taskvec_interp.synthetic.train import train_config
 

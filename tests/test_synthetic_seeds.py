@@ -148,6 +148,14 @@ def test_cli_trains_and_analyzes_seeds(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert json.loads((run / "seeds_summary.json").read_text())["seeds"] == [0, 2]
     assert (run / "seed_2" / "analysis" / "figures" / "head_ablation.png").exists()
+    elsewhere = tmp_path / "elsewhere"  # --out is honoured for a seeds run too; the run is not written to
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    res = runner.invoke(app, ["synthetic", "analyze", str(run), "--out", str(elsewhere), "--n-per-basis", "12",
+                              "--no-umap"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((elsewhere / "seeds_summary.json").read_text())["seeds"] == [0, 2]
+    assert (elsewhere / "seed_0" / "analysis" / "figures" / "head_ablation.png").exists()
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
 
 
 def test_adding_a_seed_to_a_trained_run_is_refused(tmp_path: Path) -> None:

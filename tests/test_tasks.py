@@ -18,9 +18,10 @@ from taskvec_interp.tasks import pos as pos_mod
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # the shipped excerpts (tests/data/README.md)
 UD_DIR = DATA / "ud_english_ewt"
-UD_DEV = UD_DIR / "en_ewt-ud-dev.conllu"
+UD_DEV = UD_DIR / "en_ewt-ud-dev.conllu"  # the first 300 of the dev split's 2,001 sentences
+UD_DEV_SHA256 = "9ab0e829560c1ccea5d169007ed4d2a290c0c512421bce3d5e63613634ef736d"  # of that excerpt
 FV_ABSTRACTIVE = DATA / "function_vectors" / "dataset_files" / "abstractive"
 
 
@@ -85,7 +86,7 @@ def _parse_bits(p: T.Prompt) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="session")
 def dev_sentences() -> list[T.Sentence]:
-    assert UD_DEV.exists(), f"shared UD data missing at {UD_DIR}"
+    assert UD_DEV.exists(), f"the shipped UD excerpt is missing at {UD_DIR}"
     return T.read_conllu(UD_DEV)
 
 
@@ -355,7 +356,7 @@ def test_prompts_to_frame():
         "family",
         "task",
         "label",
-        "n_shots",
+        "shots",
         "query",
         "target",
         "answer",
@@ -411,8 +412,8 @@ def test_pos_family_on_tiny_treebank(tiny_conllu):
 
 
 def test_pos_dev_filter_and_answers(dev_sentences, pos_dev):
-    assert len(dev_sentences) == 2001
-    assert pos_dev.info["n_sentences"] == 258
+    assert len(dev_sentences) == 300
+    assert pos_dev.info["n_sentences"] == 66
     by_text = {s.text: s for s in dev_sentences}
     prompts = T.build_prompts(pos_dev, n_per_task=20, shots=4, seed=0)
     assert len(prompts) == 140
@@ -430,7 +431,7 @@ def test_pos_dev_filter_and_answers(dev_sentences, pos_dev):
 
 
 def test_pos_null_outputs_vary_and_are_words(pos_dev):
-    ex = pos_dev.null.sample(200, seed=0)
+    ex = pos_dev.null.sample(60, seed=0)  # of the excerpt's 66 sentences
     assert all(e.output not in {".", ",", "!", "?", "(", ")"} for e in ex)
     # the random word is not systematically the first noun, verb, ...
     firsts = {t: dict(zip(pos_dev[t].inputs, pos_dev[t].outputs, strict=True)) for t in T.POS_TAGS}
@@ -443,7 +444,7 @@ def test_pos_split_80_20(dev_sentences):
     tr = T.pos_family(sentences=dev_sentences, split="train")
     te = T.pos_family(sentences=dev_sentences, split="test")
     n_tr, n_te = tr.info["n_sentences"], te.info["n_sentences"]
-    assert n_tr + n_te == 258 and n_te == round(0.2 * 258)
+    assert n_tr + n_te == 66 and n_te == round(0.2 * 66)
     tr_in, te_in = set(tr["VERB"].inputs), set(te["VERB"].inputs)
     assert not tr_in & te_in
     assert set(te.null.inputs) == te_in == set(te["PRON"].inputs)
@@ -463,15 +464,23 @@ def test_pos_source_from_env_var(tiny_conllu, monkeypatch):
         T.pos_family(tiny_conllu.parent / "nope.conllu")
 
 
+def test_pinned_checksum_matches_the_full_dev_split(full_data):
+    """The pinned r2.15 dev checksum is the full file's (where a machine has it; skipped on a bare clone)."""
+    full = full_data / "ud_english_ewt" / "en_ewt-ud-dev.conllu"
+    if not full.exists():
+        pytest.skip(f"no full UD English EWT dev split at {full}")
+    assert pos_mod.UD_EWT_SHA256[("r2.15", "dev")] == hashlib.sha256(full.read_bytes()).hexdigest()
+
+
 def test_download_from_file_url_caches_and_verifies(tmp_path, monkeypatch):
     monkeypatch.delenv(T.UD_ENV_VAR, raising=False)
     monkeypatch.setattr(pos_mod, "UD_EWT_URL", UD_DIR.as_uri() + "/en_ewt-ud-{split}.conllu")
-    # the pinned dev checksum matches the shared v2.15 copy
-    expected = hashlib.sha256(UD_DEV.read_bytes()).hexdigest()
-    assert pos_mod.UD_EWT_SHA256[("r2.15", "dev")] == expected
+    # the shipped excerpt stands in for the release file: pin its checksum for this test
+    assert hashlib.sha256(UD_DEV.read_bytes()).hexdigest() == UD_DEV_SHA256
+    monkeypatch.setitem(pos_mod.UD_EWT_SHA256, ("r2.15", "dev"), UD_DEV_SHA256)
     fam = T.pos_family(cache_dir=tmp_path)  # no path, no env var: download dev into the cache
     cached = tmp_path / "ud" / "UD_English-EWT-r2.15" / "en_ewt-ud-dev.conllu"
-    assert fam.info["sources"] == [str(cached)] and fam.info["n_sentences"] == 258
+    assert fam.info["sources"] == [str(cached)] and fam.info["n_sentences"] == 66
     assert cached.read_bytes() == UD_DEV.read_bytes()
     # second call uses the cache (the URL is now unreachable)
     monkeypatch.setattr(pos_mod, "UD_EWT_URL", (tmp_path / "missing").as_uri() + "/{split}.conllu")
@@ -638,3 +647,22 @@ def test_check_tokenization_with_smollm2(smollm2_tokenizer, pos_dev):
         if c.ok:
             assert tok.decode(list(c.answer_ids)) == p.answer
     assert T.max_answer_tokens(tok, pos) == max(c.n_budget for c in pchecks)
+
+
+def test_a_registered_family_is_built_by_name():
+    from taskvec_interp.tasks import FAMILIES, get_family, register_family, unregister_family
+
+    register_family("bitwise_again", lambda **kw: get_family("bitwise", **kw))
+    try:
+        assert get_family("bitwise_again").task_names == get_family("bitwise").task_names
+        with pytest.raises(ValueError, match="already registered"):
+            register_family("bitwise_again", lambda **kw: None)
+        with pytest.raises(ValueError, match="lower-case identifier"):
+            register_family("Bad Name", lambda **kw: None)
+    finally:
+        unregister_family("bitwise_again")
+    assert "bitwise_again" not in FAMILIES
+    with pytest.raises(ValueError, match="unknown task family 'bitwise_again'"):
+        get_family("bitwise_again")
+    with pytest.raises(ValueError, match="not a registered user family"):
+        unregister_family("bitwise")

@@ -247,7 +247,7 @@ def test_trajectory_bad_entries_kept_and_raised(model_steps, tmp_path):
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert [c["status"] for c in saved["checkpoints"]] == ["ok", "failed", "ok"]
     assert pd.read_parquet(tmp_path / "o" / "failed.parquet")["index"].tolist() == [1]
-    with pytest.raises(ValueError, match="k=40 is not below n_per_task - 1 = 2"):
+    with pytest.raises(ValueError, match=r"TrajectoryConfig\.k must be <= n_per_task - 2 = 1 .*got 40"):
         run_trajectory(entries, TrajectoryConfig(n_per_task=3, k=40), progress=False)
     with pytest.raises(ValueError, match="synthetic"):
         run_trajectory([Checkpoint(0, 0, "synthetic", str(tmp_path))], CFG, progress=False)
@@ -309,25 +309,25 @@ def test_synthetic_trajectory(tiny_run, tmp_path):
 
 
 def test_trajectory_figure(model_steps, tiny_run, tmp_path):
-    from taskvec_interp import viz
-    from taskvec_interp.report import trajectory_figures
+    from taskvec_interp import figures
+    from taskvec_interp.figures import trajectory_figures
     from taskvec_interp.synthetic.analysis import synthetic_trajectory
 
     res = run_trajectory(local_checkpoints(model_steps), CFG, progress=False)
     paths = trajectory_figures(res, tmp_path / "lm")
     assert [p.name for p in paths] == ["trajectory.png", "td_heatmap.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
-    fig = viz.plot_trajectory(res.summary)
+    fig = figures.plot_trajectory(res.summary)
     ax_td, ax_out = fig.axes[:2]
     assert ax_td.get_xscale() == "symlog"  # step 0 is on the axis
     assert "accuracy" in ax_out.get_ylabel()
     syn = synthetic_trajectory(tiny_run, n_per_basis=10, k=3, n_boot=0, progress=False)
-    fig = viz.plot_trajectory(syn.summary, outcome="mse")
+    fig = figures.plot_trajectory(syn.summary, outcome="mse")
     assert fig.axes[1].get_yscale() == "log" and "MSE" in fig.axes[1].get_ylabel()
     pos = syn.summary[syn.summary["step"] > 0]
-    assert viz.plot_trajectory(pos, outcome="mse").axes[0].get_xscale() == "log"
+    assert figures.plot_trajectory(pos, outcome="mse").axes[0].get_xscale() == "log"
     with pytest.raises(ValueError, match="summary table"):
-        viz.plot_trajectory(pd.DataFrame({"step": [1]}))
+        figures.plot_trajectory(pd.DataFrame({"step": [1]}))
 
 
 runner = CliRunner(env={"COLUMNS": "400"})  # wide: rich does not wrap the error messages

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import hooks as H
 from ..adapters.arch import ArchSpec, find_arch, get_module
 from ..adapters.base import Adapter
 from ..adapters.load import make_adapter, resolve_model
@@ -53,13 +54,27 @@ from ..checkpoints import (
     save_checkpoint,
     scheduled_lr,
 )
-from ..results import check_out_dir, provenance
+from ..config import PromptSetConfig, k_field, model_field, opt, upgrade_config
+from ..io import (
+    check_result_owner,
+    claim_result_dir,
+    manifest_files,
+    read_result_dir,
+    result_problem,
+    write_result_dir,
+)
+from ..results import provenance, read_json
 from ..tasks import NULL_TASK, PromptBuilder, PromptTemplate, get_family
-from ..tasks.base import Prompt
-from ..validate import check_int, check_number
-from .sweep import SweepConfig, SweepResult, load_sweep, peak_layer_of, run_sweep
+from ..tasks.prompts import Prompt
+from ..validate import check_bool, check_choice, check_int, check_knn_k, check_number, check_str
+from .sweep import KIND as SWEEP_KIND
+from .sweep import SweepConfig, SweepResult, peak_layer_of, run_sweep
 
 METHODS: tuple[str, ...] = ("lora", "full")
+KIND = "finetune"
+"""The result kind a fine-tuning run directory is marked with (``result.json``)."""
+KEEP = ("checkpoints",)
+"""Carried over when a run directory is replaced by its result: the run's checkpoints (resume state)."""
 RUNTIME_FIELDS = frozenset({"eval_before", "batch_size_eval"})
 """Fields a resumed run may change: they do not change its numbers (``steps`` does: the cosine schedule
 depends on it)."""
@@ -68,59 +83,24 @@ depends on it)."""
 # ------------------------------------------------------------------------------------------------
 # Layer subsets and target modules
 # ------------------------------------------------------------------------------------------------
-def check_layer_spec(spec: str | Sequence[int]) -> None:
-    """The checks of :func:`resolve_layer_spec` that need no model (syntax, empty ranges, repeats)."""
-    resolve_layer_spec(spec, 2**31 - 1, td=pd.DataFrame({"layer": [0], "level": ["overall"], "td": [0.0]}))
-
-
-def _int(text: str, spec: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"layer spec {spec!r}: {text!r} is not an int") from None
+def check_layer_spec(spec: str | Sequence[int]) -> str | list[int]:
+    """The checks of :func:`resolve_layer_spec` that need no model (syntax, K >= 1, empty ranges, repeats);
+    returns the canonical spec (:func:`~taskvec_interp.hooks.check_layer_spec`)."""
+    return H.check_layer_spec(spec, H.FINETUNE_LAYERS, "FinetuneConfig.layers")
 
 
 def resolve_layer_spec(spec: str | Sequence[int], n_layers: int, td: pd.DataFrame | None = None,
                        shots: int | None = None) -> list[int]:
-    """``first:k`` | ``last:k`` | ``a-b`` | ``3,5,7`` (or a list) | ``td:encoder`` -> sorted layer indices.
+    """``first:K`` | ``last:K`` | ``A-B`` | ``3,5,7`` (or a list) | ``all`` | ``td:encoder`` -> sorted layer
+    indices (:func:`~taskvec_interp.hooks.parse_layers` with the :data:`~taskvec_interp.hooks.FINETUNE_LAYERS`
+    forms).
 
     ``td:encoder`` takes layers ``0..p`` where ``p`` is the peak of the overall TD in ``td`` (a sweep's
     ``td`` table; at ``shots`` when it has several shot counts).
     """
-    if not isinstance(spec, str):
-        layers = list(spec)
-        for x in layers:
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise ValueError(f"layers must be ints, got {x!r} ({type(x).__name__})")
-    elif spec == "td:encoder":
-        if td is None:
-            raise ValueError("layers 'td:encoder' needs a TD sweep of this model (td_sweep=...)")
-        peak = peak_layer_of(td, shots)
-        if peak >= n_layers:
-            raise ValueError(f"the TD sweep's peak layer {peak} is out of range for a model with {n_layers} layers")
-        layers = list(range(peak + 1))
-    elif spec.startswith(("first:", "last:")):
-        kind, _, num = spec.partition(":")
-        k = _int(num, spec)
-        if not 1 <= k <= n_layers:
-            raise ValueError(f"layer spec {spec!r}: k must be in [1, {n_layers}] for a model with {n_layers} layers")
-        layers = list(range(k)) if kind == "first" else list(range(n_layers - k, n_layers))
-    elif "-" in spec.strip("-") and "," not in spec:
-        a_text, _, b_text = spec.partition("-")
-        a, b = _int(a_text, spec), _int(b_text, spec)
-        if a > b:
-            raise ValueError(f"layer range {spec!r} is empty (start > end)")
-        layers = list(range(a, b + 1))
-    else:
-        layers = [_int(x.strip(), spec) for x in spec.split(",") if x.strip()]
-    if not layers:
-        raise ValueError(f"layer spec {spec!r} selects no layers")
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {n_layers} layers")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layer spec {spec!r} repeats layers")
-    return sorted(layers)
+    peak = peak_layer_of(td, shots) if td is not None and isinstance(spec, str) and spec.strip() == "td:encoder" \
+        else None
+    return sorted(H.parse_layers(spec, n_layers, allowed=H.FINETUNE_LAYERS, peak=peak, what="FinetuneConfig.layers"))
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -155,82 +135,86 @@ def _check_targets(model: nn.Module, arch: ArchSpec, layers: Sequence[int], name
 # Config
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(PromptSetConfig):
     """Everything that determines a fine-tuning run (saved as config.json in the run directory).
 
-    ``layers``: see :func:`resolve_layer_spec`. ``n_train``: training prompts per task, drawn once from
-    the family's train side with ``seed``; each optimizer step samples ``batch_size * grad_accum`` of
-    them (with replacement) from a generator seeded with ``seed``. ``eval_n_per_task``: evaluation
-    prompts per task on the test side (TD and accuracy before / after).
+    The prompt set (:class:`PromptSetConfig`: family, template, shots, seed) is shared by training and
+    evaluation: ``n_train`` training prompts per task, drawn once from the family's train side with
+    ``seed`` (each optimizer step samples ``batch_size * grad_accum`` of them, with replacement, from a
+    generator seeded with ``seed``), and ``n_per_task`` evaluation prompts per task on the test side (TD
+    and accuracy before / after). ``layers``: see :func:`resolve_layer_spec`. ``alpha``: LoRA's alpha
+    (``None``: the rank).
     """
 
-    model: str = "smollm2-135m"
-    family: str = "bitwise"
-    layers: str | list[int] = "first:10"
-    method: str = "lora"
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None
-    shots: int = 4
-    n_train: int = 500
-    include_null: bool = False
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    ckpt_every: int = 50
-    eval_n_per_task: int = 50
-    k: int = 10
-    """Neighbours of the evaluation TD's leave-one-out k-NN (needs k < eval_n_per_task - 1)."""
-    eval_before: bool = True
-    batch_size_eval: int = 16
-    td_sweep: str | None = None
-    template: dict = field(default_factory=dict)
-    family_kwargs: dict = field(default_factory=dict)
+    n_per_task: int = opt(50, "evaluation prompts per task on the family's test side (Null included)")
+    model: str = model_field()
+    layers: str | list[int] = opt("first:10", "layers to train: first:K | last:K | A-B | 3,5,7 | all | td:encoder "
+                                              "(layers up to the TD peak of --td-sweep)")
+    method: str = opt("lora", "lora, or full: every parameter of those blocks", choices=METHODS)
+    rank: int = opt(16, "LoRA rank")
+    alpha: float | None = opt(None, "LoRA alpha (default: the rank)")
+    dropout: float = opt(0.1, "LoRA dropout")
+    target_modules: list[str] | None = opt(None, "Linear sublayers LoRA adapts, comma-separated (default: every "
+                                                 "Linear of the blocks' attention / MLP / mixer)")
+    n_train: int = opt(500, "training prompts per task (the family's train side)")
+    include_null: bool = opt(False, "train on the Null task too")
+    steps: int = opt(200, "optimizer steps")
+    batch_size: int = opt(8, "training prompts per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate (AdamW, linear warmup then cosine decay)")
+    warmup_steps: int = opt(20, "steps of linear warmup")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float | None = opt(1.0, "gradient-norm clip (none: no clipping)")
+    ckpt_every: int = opt(50, "steps between checkpoints")
+    k: int = k_field()
+    eval_before: bool = opt(True, "also evaluate the pretrained model (once per run directory)")
+    batch_size_eval: int = opt(16, "prompts per forward pass of the evaluation")
+    td_sweep: str | None = opt(None, "a `taskvec td` output directory of this model (for layers td:encoder)")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown fine-tuning method {self.method!r}; known: {METHODS}")
-        for name in ("rank", "shots", "n_train", "steps", "batch_size", "grad_accum", "ckpt_every",
-                     "eval_n_per_task", "batch_size_eval"):
-            check_int(name, getattr(self, name), 1)
-        check_int("seed", self.seed, 0)
-        check_int("k", self.k, 1)
-        if self.k >= self.eval_n_per_task - 1:
-            raise ValueError(f"k={self.k} is not below eval_n_per_task - 1 = {self.eval_n_per_task - 1}: the "
-                             f"evaluation TD would read low whatever the model does; use eval_n_per_task >= "
-                             f"{self.k + 2} or a smaller k")
-        check_int("warmup_steps", self.warmup_steps, 0)
-        check_number("alpha", self.alpha, 0.0, low_open=True)
-        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
-        check_number("lr", self.lr, 0.0, low_open=True)
-        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        check_number("weight_decay", self.weight_decay, 0.0)
-        if self.grad_clip is not None:
-            check_number("grad_clip", self.grad_clip, 0.0, low_open=True)
-        if isinstance(self.layers, str):
-            if not self.layers.strip():
-                raise ValueError("layers is empty")
-        else:
-            self.layers = list(self.layers)
+        self.check_prompt_set()
+        check_str("FinetuneConfig.model", self.model)
+        self.layers = check_layer_spec(self.layers)
+        check_choice("FinetuneConfig.method", self.method, METHODS)
+        check_int("FinetuneConfig.rank", self.rank, 1)
+        if self.alpha is not None:
+            check_number("FinetuneConfig.alpha", self.alpha, 0.0, low_open=True)
+        check_number("FinetuneConfig.dropout", self.dropout, 0.0, 1.0, high_open=True)
         if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)) or \
+                    not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"FinetuneConfig.target_modules must be a non-empty list of names, got "
+                                 f"{self.target_modules!r}")
             self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        for name in ("n_train", "steps", "batch_size", "grad_accum", "ckpt_every", "batch_size_eval"):
+            check_int(f"FinetuneConfig.{name}", getattr(self, name), 1)
+        check_bool("FinetuneConfig.include_null", self.include_null)
+        check_number("FinetuneConfig.lr", self.lr, 0.0, low_open=True)
+        check_int("FinetuneConfig.warmup_steps", self.warmup_steps, 0)
+        check_number("FinetuneConfig.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number("FinetuneConfig.weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip is not None:
+            check_number("FinetuneConfig.grad_clip", self.grad_clip, 0.0, low_open=True)
+        check_knn_k("FinetuneConfig.k", self.k, self.n_per_task, "n_per_task")
+        check_bool("FinetuneConfig.eval_before", self.eval_before)
         if "split" in self.family_kwargs:
-            raise ValueError("family_kwargs must not set 'split': training reads split='train', evaluation 'test'")
-        if self.layers == "td:encoder" and self.td_sweep is None:
-            raise ValueError("layers 'td:encoder' needs td_sweep= (a `taskvec td` output directory of this model)")
+            raise ValueError(f"FinetuneConfig.family_kwargs must not set 'split' (training reads split='train', "
+                             f"evaluation 'test'), got {self.family_kwargs!r}")
+        if self.td_sweep is not None:
+            check_str("FinetuneConfig.td_sweep", self.td_sweep)
+        elif self.layers == "td:encoder":
+            raise ValueError("FinetuneConfig.td_sweep must be a `taskvec td` output directory of this model when "
+                             "layers is 'td:encoder', got None")
+
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA's alpha: ``alpha``, or the rank when it is ``None``."""
+        return float(self.rank) if self.alpha is None else float(self.alpha)
 
     def sweep_config(self, model_name: str) -> SweepConfig:
         """The evaluation sweep (TEST side of the family), the same before and after training."""
-        return SweepConfig(model=model_name, family=self.family, shots=(self.shots,), n_per_task=self.eval_n_per_task,
+        return SweepConfig(model=model_name, family=self.family, shots=(self.shots,), n_per_task=self.n_per_task,
                            k=self.k, seed=self.seed, batch_size=self.batch_size_eval, template=dict(self.template),
                            family_kwargs={**self.family_kwargs, "split": "test"})
 
@@ -269,7 +253,7 @@ def training_data(tokenizer: Any, config: FinetuneConfig, add_special_tokens: bo
     tasks = [t for t in fam.task_names if config.include_null or t != NULL_TASK]
     prompts = PromptBuilder(PromptTemplate(**config.template)).build(
         fam, n_per_task=config.n_train, shots=config.shots, seed=config.seed, tasks=tasks, distinct_queries=False)
-    from ..tasks.base import check_tokenization
+    from ..tasks.tokenization import check_tokenization
 
     checks = check_tokenization(tokenizer, prompts, add_special_tokens=add_special_tokens)
     ids = tokenizer([p.text for p in prompts], add_special_tokens=add_special_tokens)["input_ids"]
@@ -315,14 +299,16 @@ def prepare_model(model: nn.Module, config: FinetuneConfig, layers: Sequence[int
 
     names = config.target_modules or target_modules(model, arch, layers[0])
     _check_targets(model, arch, layers, names)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names,
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout, target_modules=names,
                       layers_to_transform=list(layers), layers_pattern=arch.blocks.split(".")[-1], bias="none")
     return get_peft_model(model, lora)
 
 
-def load_trainable(model: nn.Module, path: Path) -> None:
-    """Copy saved trainable weights into ``model``; refuse a file with other trainable parameters."""
-    state = load_file(path)
+def load_trainable(model: nn.Module, path: Path | dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable weights (a safetensors file, or its tensors) into ``model``; refuse other trainable
+    parameters than the model's."""
+    state = load_file(path) if isinstance(path, (str, Path)) else dict(path)
+    path = path if isinstance(path, (str, Path)) else "the saved weights"
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if sorted(state) != sorted(names):
         raise ValueError(f"{path} holds other trainable parameters than this config trains")
@@ -372,7 +358,75 @@ def _load_base(spec: object) -> tuple[nn.Module, Any]:
 
 
 def _sweep_td(config: FinetuneConfig) -> pd.DataFrame | None:
-    return load_sweep(config.td_sweep).td if config.td_sweep is not None else None
+    return SweepResult.load(config.td_sweep).td if config.td_sweep is not None else None
+
+
+@dataclass
+class FinetuneResult:
+    """A finished fine-tuning run: what :func:`finetune` returns, ``save(dir)`` writes and ``load(dir)`` reads.
+
+    On disk, one result directory (:func:`taskvec_interp.io.write_result_dir`, kind ``"finetune"``):
+    ``config.json`` (the config, ``resolved_layers``, the model's identity and library versions),
+    ``metrics.jsonl`` (one record per optimizer step), ``trained.safetensors`` (the trainable weights),
+    ``eval/`` and ``eval_pretrained/`` (sweep results, where evaluated). A run directory's ``checkpoints/``
+    is carried over when the result replaces it (resume state, not part of the result).
+    """
+
+    config: FinetuneConfig
+    layers: list[int]
+    """The resolved layer indices that trained."""
+    trained: dict[str, torch.Tensor]
+    """The trainable weights after training, by parameter name."""
+    metrics: pd.DataFrame
+    """One row per optimizer step: step, loss, answer_tokens, lr, elapsed_s."""
+    eval: SweepResult | None = None
+    """The fine-tuned model's evaluation sweep (``None``: not evaluated)."""
+    eval_pretrained: SweepResult | None = None
+    """The pretrained model's evaluation sweep (``None``: not evaluated in this run directory)."""
+    model: dict = field(default_factory=dict)
+    """The model's identity: name, n_layers, model_type, trainable_params."""
+    path: Path | None = field(default=None, compare=False)
+    """The directory it was last saved to or loaded from."""
+
+    @property
+    def label(self) -> str:
+        """``method layers`` (the layer spec, or the resolved layers for a list): its name in comparisons."""
+        return f"{self.config.method} {self.config.layers if isinstance(self.config.layers, str) else self.layers}"
+
+    def save(self, out: str | Path) -> Path:
+        """Write the run's result whole into ``out`` (see the class doc); an older fine-tuning result or run in
+        ``out`` is replaced (its ``checkpoints/`` kept), anything else there is refused."""
+        from safetensors.torch import save_file
+
+        record = {**asdict(self.config), "resolved_layers": list(self.layers), "provenance": provenance(self.model)}
+        with write_result_dir(out, KIND, asdict(self.config), keep=KEEP) as tmp:
+            (tmp / "config.json").write_text(json.dumps(record, indent=1))
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics.to_dict("records")))
+            save_file({n: t.detach().cpu().contiguous() for n, t in self.trained.items()},
+                      str(tmp / "trained.safetensors"))
+            if self.eval is not None:
+                self.eval.save(tmp / "eval")
+            if self.eval_pretrained is not None:
+                self.eval_pretrained.save(tmp / "eval_pretrained")
+        self.path = Path(out)
+        return self.path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FinetuneResult:
+        """Read back what :meth:`save` (or :func:`finetune`) wrote; ``ValueError`` naming the file when the
+        directory is not a finished, intact fine-tuning result (a run still training is refused)."""
+        d = read_result_dir(directory, KIND)
+        raw = read_json(d / "config.json")
+        layers = raw.pop("resolved_layers")
+        model = raw.pop("provenance", {}).get("model", {})
+        files = set(manifest_files(d))
+        metrics = pd.DataFrame([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()
+                                if line.strip()])
+        evals = {name: SweepResult.load(d / name) if f"{name}/result.json" in files else None
+                 for name in ("eval", "eval_pretrained")}
+        return cls(FinetuneConfig(**upgrade_config(FinetuneConfig, raw)), list(layers),
+                   load_file(d / "trained.safetensors"), metrics,
+                   evals["eval"], evals["eval_pretrained"], model, d)
 
 
 def finetune(
@@ -384,16 +438,19 @@ def finetune(
     progress: bool = True,
     stop_at: int | None = None,
     evaluate: bool = True,
-) -> Path:
+) -> FinetuneResult | None:
     """Train (or resume) a layer-subset fine-tune in ``out``; then evaluate before/after.
 
     ``model``: a Hugging Face causal LM to start from (deep-copied; default: load ``config.model``).
-    Resumes from the newest checkpoint in ``out`` (``ValueError`` if ``out`` holds another config).
-    ``stop_at`` stops after that many steps without evaluating (simulates a kill; for tests).
-    Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``trained.safetensors`` (the trainable
-    weights), and ``eval/`` (+ ``eval_pretrained/``) sweep results. Returns ``out``.
+    Resumes from the newest checkpoint in ``out`` (``ValueError`` if ``out`` holds another config, or is a
+    non-empty directory that is not a fine-tuning run). ``stop_at`` stops after that many steps without
+    evaluating (simulates a kill; for tests) and returns ``None``.
+    While it trains, ``out`` holds ``config.json``, ``metrics.jsonl``, ``checkpoints/`` (+ ``eval_pretrained/``)
+    and a marker that no reader accepts; at the end the :class:`FinetuneResult` (``config.json``,
+    ``metrics.jsonl``, ``trained.safetensors``, ``eval/``, ``eval_pretrained/``) replaces it whole, the
+    checkpoints carried over. Returns the result (read back from ``out`` when the run had finished before).
     """
-    out = check_out_dir(out)
+    out = check_result_owner(out, KIND)  # a directory that is not a fine-tuning run is refused up front
     base, tok = _load_base(model if model is not None else config.model)
     tok = tokenizer if tokenizer is not None else tok
     if tok is None:
@@ -420,6 +477,10 @@ def finetune(
         saved = json.loads(cfg_path.read_text())
         saved.pop("provenance", None)
         saved.pop("resolved_layers", None)
+        try:  # a config written before a field was renamed or a spec canonicalised compares by its current form
+            saved = asdict(FinetuneConfig(**upgrade_config(FinetuneConfig, saved)))
+        except (TypeError, ValueError):
+            pass  # not a config this version can read: compared as it is (and refused)
         diffs = config_diffs(saved, cfg_dict, RUNTIME_FIELDS)
         if diffs:
             raise ValueError(f"{out} holds a fine-tuning run with another config; refusing to resume. "
@@ -431,10 +492,21 @@ def finetune(
                          f"use steps >= {held[-1][0]} or a new output directory")
     good, _ = latest_good_checkpoint(out) if held else (None, [])  # warns about each checkpoint it skips
     ckpts = [good] if good is not None else []
-    finished = ckpts and ckpts[-1][0] == config.steps and (out / "trained.safetensors").exists()
-    if finished and (not evaluate or _done(out / "eval")):
-        return out  # nothing left to do
-    out.mkdir(parents=True, exist_ok=True)
+    if ckpts and ckpts[-1][0] == config.steps and result_problem(out, KIND) is None:
+        done = FinetuneResult.load(out)
+        if not evaluate or done.eval is not None:
+            return done  # nothing left to do
+        # trained but never evaluated: evaluate the saved weights; the result is replaced whole, not edited
+        with torch.random.fork_rng(devices=[]):
+            if config.eval_before and done.eval_pretrained is None:
+                done.eval_pretrained = _evaluate(base, tok, config, name, evaluation)
+            torch.manual_seed(config.seed)
+            trained = prepare_model(base, config, done.layers)
+            load_trainable(trained, done.trained)
+            done.eval = _evaluate(_inference_module(trained.eval()), tok, config, name, evaluation)
+        done.save(out)
+        return done
+    claim_result_dir(out, KIND, cfg_dict)
     clean_partial(out)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # dropout and LoRA init draw from torch's RNG: fork, never reseed it
@@ -487,21 +559,20 @@ def finetune(
         finally:
             metrics.close()
         if stop_at is not None and stop_at < config.steps:
-            return out
+            return None
         trained.eval()
-        from safetensors.torch import save_file
-
-        tmp = out / ".trained.safetensors.tmp"
-        save_file({n: p.detach().contiguous() for n, p in trained.named_parameters() if p.requires_grad}, str(tmp))
-        tmp.replace(out / "trained.safetensors")
-        if evaluate:
-            _evaluate(_inference_module(trained), tok, config, name, evaluation).save(out / "eval")
-    return out
+        weights = {n: p.detach().cpu().contiguous() for n, p in trained.named_parameters() if p.requires_grad}
+        after = _evaluate(_inference_module(trained), tok, config, name, evaluation) if evaluate else None
+    if eval_before is None and _done(out / "eval_pretrained"):
+        eval_before = SweepResult.load(out / "eval_pretrained")
+    result = FinetuneResult(config, layers, weights, pd.DataFrame(read_metrics(out)), after, eval_before, identity)
+    result.save(out)  # replaces the run directory whole; its checkpoints are carried over
+    return result
 
 
 def _done(sweep_dir: Path) -> bool:
-    """A saved sweep is complete once its last file (fit.json) is there."""
-    return (sweep_dir / "fit.json").exists()
+    """A saved sweep is complete: its marker and every file of its manifest are there and intact."""
+    return result_problem(sweep_dir, SWEEP_KIND) is None
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, data: TrainingData, gen: torch.Generator,
@@ -542,28 +613,25 @@ def _evaluate(model: nn.Module, tok: Any, config: FinetuneConfig, name: str, pro
 # ------------------------------------------------------------------------------------------------
 # Loading and comparing runs
 # ------------------------------------------------------------------------------------------------
-def load_finetuned(run: str | Path, backend: str = "torch", merge: bool = False, model: nn.Module | None = None,
-                   tokenizer: Any = None) -> Adapter:
-    """The fine-tuned model of a run directory behind an adapter (LoRA kept as a peft model, or merged)."""
-    run = Path(run)
-    raw = json.loads((run / "config.json").read_text())
-    layers = raw.pop("resolved_layers")
-    raw.pop("provenance", None)
-    config = FinetuneConfig(**raw)
+def load_finetuned(run: str | Path | FinetuneResult, backend: str = "torch", merge: bool = False,
+                   model: nn.Module | None = None, tokenizer: Any = None) -> Adapter:
+    """The fine-tuned model of a run (its directory or its :class:`FinetuneResult`) behind an adapter (LoRA kept
+    as a peft model, or merged). A run that has not finished is refused (``ValueError``)."""
+    res = run if isinstance(run, FinetuneResult) else FinetuneResult.load(run)
+    config = res.config
     base, tok = _load_base(model if model is not None else config.model)
     tok = tokenizer if tokenizer is not None else tok
-    if not (run / "trained.safetensors").exists():
-        raise ValueError(f"{run} has no trained.safetensors: the run has not finished")
     with torch.random.fork_rng(devices=[]):
-        trained = prepare_model(base, config, layers)
-    load_trainable(trained, run / "trained.safetensors")
+        trained = prepare_model(base, config, res.layers)
+    load_trainable(trained, res.trained)
     from ..adapters.load import load_model
 
     return load_model(trained.eval(), backend=backend, tokenizer=tok, merge=merge)
 
 
-def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(summary, per_task, td): the Table-1-like comparison of fine-tuning runs and the pretrained model.
+def compare_runs(runs: Sequence[str | Path | FinetuneResult]) -> FinetuneComparison:
+    """(summary, per_task, td): the Table-1-like comparison of fine-tuning runs (directories or results) and the
+    pretrained model, as a :class:`FinetuneComparison` (a named tuple: ``summary, per_task, td = ...``).
 
     ``summary``: one row per model (``pretrained`` + each run's layer spec): mean +- std over the
     non-Null tasks of exact-match accuracy and of per-task TD at the pretrained model's peak layer, and
@@ -573,14 +641,20 @@ def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
         raise ValueError("give at least one fine-tuning run directory")
     results: dict[str, SweepResult] = {}
     for run in runs:
-        run = Path(run)
-        if not _done(run / "eval"):
-            raise ValueError(f"{run} has no eval/ results: the run has not finished")
-        cfg = json.loads((run / "config.json").read_text())
-        label = f"{cfg['method']} {cfg['layers'] if isinstance(cfg['layers'], str) else cfg['resolved_layers']}"
-        if "pretrained" not in results and _done(run / "eval_pretrained"):
-            results["pretrained"] = load_sweep(run / "eval_pretrained")
-        results[label] = load_sweep(run / "eval")
+        if isinstance(run, FinetuneResult):
+            res = run
+        else:
+            try:
+                res = FinetuneResult.load(run)
+            except ValueError as err:
+                raise ValueError(f"{run} has no eval results to compare: it is not a finished fine-tuning run "
+                                 f"({err})") from None
+        if res.eval is None:
+            raise ValueError(f"{res.path or 'the run'} has no eval results to compare: it was not evaluated "
+                             "(finetune(..., evaluate=False))")
+        if "pretrained" not in results and res.eval_pretrained is not None:
+            results["pretrained"] = res.eval_pretrained
+        results[res.label] = res.eval
     base = results.get("pretrained", next(iter(results.values())))
     overall = base.td[base.td["level"] == "overall"]
     peak = int(overall.loc[overall["td"].idxmax(), "layer"])
@@ -596,11 +670,43 @@ def compare_runs(runs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
                         "td_mean": table["td"].mean(), "td_std": table["td"].std(ddof=0), "td_layer": peak,
                         "peak_td": float(o["td"].max()), "peak_layer": int(o.loc[o["td"].idxmax(), "layer"])})
     per = pd.concat(per_task, ignore_index=True)[["model", "task", "exact", "td"]]
-    return pd.DataFrame(summary), per, pd.concat(td_rows, ignore_index=True)[["model", "layer", "td"]]
+    return FinetuneComparison(pd.DataFrame(summary), per,
+                              pd.concat(td_rows, ignore_index=True)[["model", "layer", "td"]])
+
+
+COMPARISON_KIND = "finetune_comparison"
+"""The result kind of a saved comparison (``taskvec finetune compare --out``)."""
+
+
+class FinetuneComparison(NamedTuple):
+    """What :func:`compare_runs` returns: three tidy tables, unpacked as ``summary, per_task, td``; ``save(dir)``
+    writes them as Parquet in one result directory (kind ``"finetune_comparison"``), ``load(dir)`` reads them."""
+
+    summary: pd.DataFrame
+    per_task: pd.DataFrame
+    td: pd.DataFrame
+
+    def save(self, out: str | Path) -> Path:
+        """``summary.parquet``, ``per_task.parquet``, ``td.parquet``; an older comparison in ``out`` is replaced
+        whole, anything else there is refused."""
+        with write_result_dir(out, COMPARISON_KIND, {"models": self.summary["model"].tolist()}) as tmp:
+            for name in self._fields:
+                getattr(self, name).to_parquet(tmp / f"{name}.parquet", index=False)
+        return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FinetuneComparison:
+        """Read back what :meth:`save` wrote; ``ValueError`` naming the file when it is not a complete, intact
+        comparison."""
+        from ..results import read_parquet
+
+        d = read_result_dir(directory, COMPARISON_KIND)
+        return cls(*(read_parquet(d / f"{name}.parquet") for name in cls._fields))
 
 
 __all__ = [
-    "METHODS", "FinetuneConfig", "TrainingData", "answer_loss", "check_disjoint", "check_layer_spec", "compare_runs",
+    "METHODS", "FinetuneComparison", "FinetuneConfig", "FinetuneResult", "TrainingData", "answer_loss",
+    "check_disjoint", "check_layer_spec", "compare_runs",
     "eval_prompts", "finetune",
     "load_finetuned", "prepare_model", "resolve_layer_spec", "target_modules", "train_step", "training_data",
 ]

@@ -32,22 +32,49 @@ import torch
 
 from .. import hooks as H
 from ..adapters.base import Adapter
+from ..config import (
+    PromptSetConfig,
+    backend_field,
+    backend_names,
+    batch_size_field,
+    k_field,
+    max_new_tokens_field,
+    model_field,
+    n_boot_field,
+    opt,
+)
 from ..engine import run_conditions
-from ..hooks import resolve_layers
+from ..interventions import get_intervention, intervention_names
+from ..io import read_result_dir, write_result_dir
 from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
-from ..results import check_out_dir, check_result_dir, provenance, read_json, read_parquet, write_json
+from ..results import provenance, read_json, read_parquet, write_json
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
-from ..validate import check_int, check_number
+from ..validate import (
+    check_bool,
+    check_choice,
+    check_choices,
+    check_int,
+    check_knn_k,
+    check_n_boot,
+    check_number,
+    check_optional_int,
+    check_seed,
+    check_str,
+)
 from .sweep import peak_layer_of
 
 # ------------------------------------------------------------------------------------------------
 # Interventions as hooks
 # ------------------------------------------------------------------------------------------------
-MODES: tuple[str, ...] = ("add", "replace")
 DIRECTIONS: tuple[str, ...] = ("positive", "negative", "matrix")
+KIND = "patching"
+"""The result kind a patching directory is marked with (``result.json``)."""
+TABLES = ("accuracy", "predictions", "td", "relation")
 OWN = "own"
+NO_VECTOR = "-"
+"""The ``vector`` of a condition whose intervention takes none (e.g. ``ablate``)."""
 
 
 def intervention_hooks(
@@ -56,124 +83,119 @@ def intervention_hooks(
 ) -> list[tuple[H.Site, H.HookFn]]:
     """The hook of one condition: ``{"layer", "mode", "vector", "scale"}``.
 
-    ``vector`` is ``"own"`` (each prompt gets its own task's vector: positive), a task name (every
-    prompt gets that task's vector; the Null task's: negative) or ``"none"`` (no hook, the baseline).
-    ``center``: ``add`` adds only the task-specific part, the vector minus the mean of every task's
-    vector at that layer (task vectors share a large common component; ``replace`` is unaffected).
+    ``mode`` names an intervention of the registry (``interventions.py``: ``add``, ``replace``,
+    ``ablate``, or one you registered); ``"none"`` is the baseline (no hook). ``vector`` is ``"own"``
+    (each prompt gets its own task's vector: positive), a task name (every prompt gets that task's
+    vector; the Null task's: negative) or ``"-"`` for an intervention that takes no vector.
+    ``center``: a centerable intervention (``add``) gets only the task-specific part, the vector minus
+    the mean of every task's vector at that layer (task vectors share a large common component).
     """
-    if condition["vector"] == "none":
+    if condition["mode"] == "none" or condition["vector"] == "none":
         return []
-    layer, mode = int(condition["layer"]), condition["mode"]
-    at = vectors.vectors[vectors.layer_index(layer)]  # [task, d]
-    if center and mode == "add":
-        at = at - at.mean(0)
-    if condition["vector"] == OWN:
-        vec = at[[vectors.task_index(p.task) for p in prompts]]  # [n_prompts, d], call order
-    else:
-        vec = at[vectors.task_index(condition["vector"])]
-    site = H.Site(layer, component)
-    if mode == "add":
-        return [(site, H.add(vec, position=position, scale=float(condition["scale"])))]
-    if mode == "replace":
-        return [(site, H.replace(vec, position=position))]
-    raise ValueError(f"unknown intervention mode {mode!r}; known: {MODES}")
+    spec = get_intervention(condition["mode"])
+    layer = int(condition["layer"])
+    vec = None
+    if spec.needs_vector:
+        at = vectors.vectors[vectors.layer_index(layer)]  # [task, d]
+        if center and spec.centerable:
+            at = at - at.mean(0)
+        if condition["vector"] == OWN:
+            vec = at[[vectors.task_index(p.task) for p in prompts]]  # [n_prompts, d], call order
+        else:
+            vec = at[vectors.task_index(condition["vector"])]
+    scale = float(condition["scale"]) if spec.uses_scale else 1.0
+    return [(H.Site(layer, component), spec.build(vec, position, scale))]
 
 
 def direction_of(vector: str, null: str = NULL_TASK) -> str:
-    """``baseline`` / ``positive`` (own task) / ``negative`` (Null) / ``cross`` (another task's vector)."""
-    return {"none": "baseline", OWN: "positive", null: "negative"}.get(vector, "cross")
+    """``baseline`` / ``positive`` (own task) / ``negative`` (Null) / ``cross`` (another task's vector) /
+    ``ablation`` (an intervention without a vector)."""
+    return {"none": "baseline", OWN: "positive", null: "negative", NO_VECTOR: "ablation"}.get(vector, "cross")
 
 
 # ------------------------------------------------------------------------------------------------
 # The language-model experiment
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class PatchConfig:
+class PatchConfig(PromptSetConfig):
     """Everything that determines a patching run's numbers (saved as config.json next to the results).
 
-    Evaluation prompts: ``n_per_task`` per task at ``shots`` (0 with ``zero_shot``: Hendel et al.'s
-    setting, the query alone). Task vectors: ``definition`` from a separate set of ``shots``-shot
-    prompts (``n_vector_prompts`` per task, seed ``vector_seed``; defaults ``n_per_task`` and
-    ``seed + 1``). ``layers``: ``"all"``, ``"peak"`` (the peak of the overall TD of the baseline pass,
-    or ``peak_layer`` / a TD sweep given to :func:`run_patching`) or a list. ``directions``:
-    ``positive`` (own task), ``negative`` (Null), ``matrix`` (every task's vector into every task's
-    prompts). ``scale`` multiplies added vectors. ``position``: where the hook writes (``-1``, the
-    query's last prompt token; other positions run full generations). ``share_prefix``: ``None``
-    shares the prompt prefix's KV cache where the backend can, ``False`` never. ``logprob``: also score
-    the teacher-forced log-probability of each answer under each condition (a continuous metric that
-    moves where exact match sits at the floor; about doubles the cost). ``center``: added vectors are
-    the task-specific part only (minus the mean over tasks; see :func:`intervention_hooks`).
+    Evaluation prompts (the prompt set of :class:`PromptSetConfig`): ``n_per_task`` per task at ``shots``
+    (0 with ``zero_shot``: Hendel et al.'s setting, the query alone). Task vectors: ``definition`` from a
+    separate set of ``shots``-shot prompts (``n_vector_prompts`` per task, seed ``vector_seed``; defaults
+    ``n_per_task`` and ``seed + 1``). ``layers``: ``"all"``, ``"peak"`` (the peak of the overall TD of the
+    baseline pass, or ``peak_layer`` / a TD sweep given to :func:`run_patching`), ``first:K``, ``last:K``,
+    ``A-B`` or a list (:func:`~taskvec_interp.hooks.parse_layers`). ``modes``: interventions of the registry
+    (:mod:`taskvec_interp.interventions`). ``directions``: ``positive`` (own task), ``negative`` (Null),
+    ``matrix`` (every task's vector into every task's prompts). ``scale`` multiplies added vectors.
+    ``position``: where the hook writes (``-1``, the query's last prompt token; other positions run full
+    generations). ``share_prefix``: ``None`` shares the prompt prefix's KV cache where the backend can,
+    ``False`` never. ``logprob``: also score the teacher-forced log-probability of each answer under each
+    condition (a continuous metric that moves where exact match sits at the floor; about doubles the cost).
+    ``center``: added vectors are the task-specific part only (minus the mean over tasks; see
+    :func:`intervention_hooks`).
     """
 
-    model: str = "smollm2-135m"
-    backend: str = "torch"
-    family: str = "bitwise"
-    shots: int = 4
-    n_per_task: int = 50
-    seed: int = 0
-    definition: str = "paper"
-    layers: str | list[int] = "all"
-    modes: tuple[str, ...] = ("add", "replace")
-    directions: tuple[str, ...] = ("positive", "negative")
-    scale: float = 1.0
-    zero_shot: bool = False
-    position: int = -1
-    component: str = "resid_post"
-    n_vector_prompts: int | None = None
-    vector_seed: int | None = None
-    k: int = 10
-    n_boot: int = 1000
-    batch_size: int = 16
-    max_rows: int = 256
-    max_new_tokens: int | None = None
-    share_prefix: bool | None = None
-    logprob: bool = False
-    center: bool = False
-    template: dict = field(default_factory=dict)
-    family_kwargs: dict = field(default_factory=dict)
+    shots: int = opt(4, "demonstrations in the prompts (the task vectors' and, unless --zero-shot, the evaluated)")
+    n_per_task: int = opt(50, "evaluation prompts per task (Null included)")
+    model: str = model_field()
+    backend: str = backend_field()
+    definition: str = opt("paper", "task-vector definition", choices=DEFINITIONS)
+    layers: str | list[int] = opt("all", "layers to patch: all | peak | first:K | last:K | A-B | 3,5,7")
+    modes: tuple[str, ...] = opt(("add", "replace"), "interventions, comma-separated", choices=intervention_names)
+    directions: tuple[str, ...] = opt(("positive", "negative"), "which vectors, comma-separated: positive (own "
+                                      "task), negative (Null), matrix (every task's)", choices=DIRECTIONS)
+    scale: float = opt(1.0, "scale of added vectors")
+    zero_shot: bool = opt(False, "evaluate queries without demonstrations (Hendel et al.)")
+    position: int = opt(-1, "prompt position the hook writes (-1: the query's last prompt token)")
+    component: str = opt("resid_post", "site component the hook writes", choices=H.COMPONENTS)
+    n_vector_prompts: int | None = opt(None, "prompts per task the task vectors are read from (default: n_per_task)")
+    vector_seed: int | None = opt(None, "seed of the task-vector prompts (default: seed + 1)")
+    k: int = k_field()
+    n_boot: int = n_boot_field()
+    batch_size: int = batch_size_field()
+    max_rows: int = opt(256, "rows (prompts x conditions) per branched generation")
+    max_new_tokens: int | None = max_new_tokens_field()
+    share_prefix: bool | None = opt(None, "share the prompt prefix's KV cache across conditions (default: where the "
+                                          "backend can)")
+    logprob: bool = opt(False, "also score each answer's teacher-forced log-probability")
+    center: bool = opt(False, "add only the task-specific part (vector minus the mean over tasks)")
 
     def __post_init__(self) -> None:
-        for name, minimum in (("shots", 0), ("n_per_task", 1), ("seed", 0), ("k", 1), ("n_boot", 1),
-                              ("batch_size", 1), ("max_rows", 1)):
-            check_int(name, getattr(self, name), minimum)
-        for name in ("n_vector_prompts", "vector_seed", "max_new_tokens"):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 0 if name == "vector_seed" else 1)
-        if self.k >= self.n_per_task - 1:
-            raise ValueError(f"k={self.k} is not below n_per_task - 1 = {self.n_per_task - 1}: the TD of the baseline "
-                             f"prompts would read low whatever the model does; use n_per_task >= {self.k + 2} or a "
-                             "smaller k")
-        if self.definition not in DEFINITIONS:
-            raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
-        self.modes, self.directions = tuple(self.modes), tuple(self.directions)
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
-        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
-            raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {self.directions}")
-        check_number("scale", self.scale)
+        self.check_prompt_set()
+        check_str("PatchConfig.model", self.model)
+        check_choice("PatchConfig.backend", self.backend, backend_names())
+        check_choice("PatchConfig.definition", self.definition, DEFINITIONS)
+        self.layers = H.check_layer_spec(self.layers, H.PATCH_LAYERS, "PatchConfig.layers")
+        self.modes = check_choices("PatchConfig.modes", self.modes, intervention_names())
+        self.directions = check_choices("PatchConfig.directions", self.directions, DIRECTIONS)
+        check_number("PatchConfig.scale", self.scale)
         self.scale = float(self.scale)
-        if self.shots == 0:
-            raise ValueError("shots=0: task vectors are read from prompts with demonstrations (every definition "
-                             "needs shots >= 1; use zero_shot=True to evaluate queries without demonstrations)")
+        check_bool("PatchConfig.zero_shot", self.zero_shot)
         if isinstance(self.position, bool) or not isinstance(self.position, int):
-            raise ValueError(f"position must be an int (prompt coordinates), got {self.position!r}")
-        if isinstance(self.layers, str):
-            if self.layers not in ("all", "peak"):
-                raise ValueError(f"layers must be 'all', 'peak' or a list of ints, got {self.layers!r}")
+            raise ValueError(f"PatchConfig.position must be an int (prompt coordinates), got {self.position!r}")
+        check_choice("PatchConfig.component", self.component, H.COMPONENTS)
+        check_optional_int("PatchConfig.n_vector_prompts", self.n_vector_prompts, 1)
+        if self.vector_seed is not None:
+            check_seed("PatchConfig.vector_seed", self.vector_seed)
+        # TD reads the baseline prompts, or with zero_shot the k-shot vector prompts
+        if self.zero_shot and self.n_vector_prompts is not None:
+            check_knn_k("PatchConfig.k", self.k, self.n_vector_prompts, "n_vector_prompts")
         else:
-            self.layers = list(self.layers)
-            if not self.layers:
-                raise ValueError("layers is an empty list")
-            for layer in self.layers:
-                if isinstance(layer, bool) or not isinstance(layer, int):
-                    raise ValueError(f"layers must be ints, got {layer!r} ({type(layer).__name__})")
-        if self.component not in H.COMPONENTS:
-            raise ValueError(f"unknown component {self.component!r}; known: {H.COMPONENTS}")
-        if self.share_prefix not in (None, True, False):
-            raise ValueError(f"share_prefix must be None, True or False, got {self.share_prefix!r}")
-        for name in ("logprob", "center", "zero_shot"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_knn_k("PatchConfig.k", self.k, self.n_per_task, "n_per_task")
+        check_n_boot("PatchConfig.n_boot", self.n_boot)
+        check_int("PatchConfig.batch_size", self.batch_size, 1)
+        check_int("PatchConfig.max_rows", self.max_rows, 1)
+        check_optional_int("PatchConfig.max_new_tokens", self.max_new_tokens, 1)
+        check_choice("PatchConfig.share_prefix", self.share_prefix, (None, True, False))
+        check_bool("PatchConfig.logprob", self.logprob)
+        check_bool("PatchConfig.center", self.center)
+
+    def check_shots(self) -> None:
+        if type(self.shots) is int and self.shots == 0:
+            raise ValueError("PatchConfig.shots must be an int >= 1 (task vectors are read from prompts with "
+                             "demonstrations; zero_shot=True evaluates queries without them), got 0")
+        check_int("PatchConfig.shots", self.shots, 1)
 
     @property
     def eval_shots(self) -> int:
@@ -208,39 +230,46 @@ class PatchResult:
         return pd.concat([base, table], axis=1).loc[list(self.vectors.tasks)]
 
     def save(self, out: str | Path) -> Path:
-        """config.json (with the model's identity), tables as Parquet, vectors.safetensors, summary.json."""
-        out = check_out_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
-                                          "backend": self.model.get("backend", self.config.backend),
-                                          "provenance": provenance(self.model)})
-        for name in ("accuracy", "predictions", "td", "relation"):
-            tmp = out / f".{name}.parquet.tmp"
-            getattr(self, name).to_parquet(tmp, index=False)
-            tmp.replace(out / f"{name}.parquet")
-        self.vectors.save(out / "vectors.safetensors")
-        write_json(out / "summary.json", {**self.summary, "seconds": round(self.seconds, 1)})
-        return out
+        """config.json (with the model's identity), tables as Parquet, vectors.safetensors, summary.json, as one
+        result directory (:func:`taskvec_interp.io.write_result_dir`, kind ``"patching"``): an older patching
+        result in ``out`` is replaced whole; anything else there is refused."""
+        with write_result_dir(out, KIND, asdict(self.config)) as tmp:
+            write_json(tmp / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
+                                              "backend": self.model.get("backend", self.config.backend),
+                                              "provenance": provenance(self.model)})
+            for name in TABLES:
+                getattr(self, name).to_parquet(tmp / f"{name}.parquet", index=False)
+            self.vectors.save(tmp / "vectors.safetensors")
+            write_json(tmp / "summary.json", {**self.summary, "seconds": self.seconds})
+        return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PatchResult:
+        """Read back what :meth:`save` wrote; ``ValueError`` naming the file when the directory is not a
+        complete, intact patching result."""
+        d = read_result_dir(directory, KIND)
+        raw = read_json(d / "config.json")
+        model = raw.pop("provenance", {}).get("model", {})
+        raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
+        from ..config import upgrade_config
+
+        config = PatchConfig(**upgrade_config(PatchConfig, raw))
+        tables = {name: read_parquet(d / f"{name}.parquet") for name in TABLES}
+        summary = read_json(d / "summary.json")
+        seconds = summary.pop("seconds", 0.0)
+        return cls(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
+                   TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)
 
 
 def load_patching(directory: str | Path) -> PatchResult:
-    """Read back what :meth:`PatchResult.save` wrote."""
-    names = ("accuracy", "predictions", "td", "relation")
-    d = check_result_dir(directory, ("config.json", "summary.json", *(f"{n}.parquet" for n in names)), "patching")
-    raw = read_json(d / "config.json")
-    model = raw.pop("provenance", {}).get("model", {})
-    raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
-    config = PatchConfig(**raw)
-    tables = {name: read_parquet(d / f"{name}.parquet") for name in names}
-    summary = read_json(d / "summary.json")
-    seconds = summary.pop("seconds", 0.0)
-    return PatchResult(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
-                       TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)
+    """:meth:`PatchResult.load` (kept: scripts call it)."""
+    return PatchResult.load(directory)
 
 
 def patch_conditions(layers: Sequence[int], modes: Sequence[str], directions: Sequence[str], tasks: Sequence[str],
                      scale: float = 1.0, null: str = NULL_TASK) -> list[dict]:
-    """The baseline plus every (layer, mode, vector) of the requested directions."""
+    """The baseline plus every (layer, mode, vector) of the requested directions (an intervention without a
+    vector, e.g. ``ablate``, once per layer)."""
     vecs: list[str] = []
     if "positive" in directions:
         vecs.append(OWN)
@@ -249,8 +278,11 @@ def patch_conditions(layers: Sequence[int], modes: Sequence[str], directions: Se
     if "matrix" in directions:
         vecs += [t for t in tasks if t not in vecs]
     conds = [{"layer": None, "mode": "none", "vector": "none", "scale": 0.0}]
-    conds += [{"layer": layer, "mode": m, "vector": v, "scale": scale if m == "add" else 1.0}
-              for layer in layers for m in modes for v in vecs]
+    for layer in layers:
+        for m in modes:
+            spec = get_intervention(m)
+            for v in (vecs if spec.needs_vector else [NO_VECTOR]):
+                conds.append({"layer": layer, "mode": m, "vector": v, "scale": scale if spec.uses_scale else 1.0})
     return conds
 
 
@@ -283,7 +315,7 @@ def _resolve_patch_layers(config: PatchConfig, n_layers: int) -> list[int] | Non
     """Checked layers, or ``None`` for ``"peak"`` (known after the baseline pass)."""
     if config.layers == "peak":
         return None
-    return resolve_layers(config.layers, n_layers)
+    return H.parse_layers(config.layers, n_layers, allowed=H.PATCH_LAYERS, what="PatchConfig.layers")
 
 
 def run_patching(
@@ -313,9 +345,10 @@ def run_patching(
     builder = PromptBuilder(template)
     layers = _resolve_patch_layers(config, adapter.n_layers)
     if peak_layer is not None:
-        peak_layer = resolve_layers([peak_layer], adapter.n_layers)[0]
+        peak_layer = H.parse_layers([peak_layer], adapter.n_layers, what="peak_layer")[0]
     if td_sweep is not None and peak_layer is None:
-        peak_layer = resolve_layers([peak_layer_of(td_sweep, config.shots)], adapter.n_layers)[0]
+        peak_layer = H.parse_layers([peak_layer_of(td_sweep, config.shots)], adapter.n_layers,
+                                    what="the TD sweep's peak layer")[0]
     if prompts is None:
         prompts = builder.build(fam, n_per_task=config.n_per_task, shots=config.eval_shots, seed=config.seed)
     prompts = list(prompts)
@@ -445,7 +478,7 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
 
 
 __all__ = [
-    "DIRECTIONS", "MODES", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
+    "DIRECTIONS", "NO_VECTOR", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
     "patch_conditions", "patch_summary", "run_conditions", "run_patching",
     "td_relation",
 ]

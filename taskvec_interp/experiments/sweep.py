@@ -21,79 +21,78 @@ from tqdm.auto import tqdm
 
 from ..activations import Activations
 from ..adapters.base import Adapter
-from ..adapters.load import BACKENDS
+from ..config import (
+    PromptSetConfig,
+    backend_field,
+    backend_names,
+    batch_size_field,
+    k_field,
+    max_new_tokens_field,
+    model_field,
+    n_boot_field,
+    opt,
+)
+from ..hooks import CAPTURE_LAYERS, check_layer_spec
+from ..io import manifest_files, read_result_dir, write_result_dir
 from ..probes.accuracy import icl_accuracy
 from ..probes.decodability import METRICS, task_decodability
-from ..results import check_result_dir, provenance, read_json, read_parquet, replacing_dir
+from ..results import provenance, read_json, read_parquet
 from ..tasks import NULL_TASK, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
-from ..validate import check_bool, check_choice, check_int, check_str
+from ..validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_ints,
+    check_knn_k,
+    check_n_boot,
+    check_optional_int,
+    check_str,
+)
+
+KIND = "sweep"
+"""The result kind a sweep's directory is marked with (``result.json``)."""
 
 
 @dataclass
-class SweepConfig:
+class SweepConfig(PromptSetConfig):
     """Everything that determines a sweep's numbers (saved as config.json next to the results).
 
-    ``template`` holds :class:`PromptTemplate` fields; ``family_kwargs`` go to ``get_family``.
-    ``fit_layer``: layer of the TD-vs-accuracy fit; ``None`` = the peak of the mean overall TD over
-    shot counts. The Null task enters TD (as in the paper) but not the fit unless ``fit_include_null``.
+    The prompt set (family, template, shots, n_per_task, seed) is :class:`PromptSetConfig`'s; here
+    ``shots`` is a tuple of shot counts, one prompt set each. ``template`` holds :class:`PromptTemplate`
+    fields; ``family_kwargs`` go to ``get_family``. ``fit_layer``: layer of the TD-vs-accuracy fit;
+    ``None`` = the peak of the mean overall TD over shot counts. The Null task enters TD (as in the paper)
+    but not the fit unless ``fit_include_null``.
     """
 
-    model: str = "smollm2-135m"
-    backend: str = "torch"
-    family: str = "bitwise"
-    shots: tuple[int, ...] = (1, 4, 10)
-    n_per_task: int = 100
-    seed: int = 0
-    k: int = 10
-    metric: str = "euclidean"
-    layers: str | list[int] = "all"
-    batch_size: int = 16
-    max_new_tokens: int | None = None
-    n_boot: int = 1000
-    template: dict = field(default_factory=dict)
-    family_kwargs: dict = field(default_factory=dict)
-    fit_layer: int | None = None
-    fit_include_null: bool = False
-    save_activations: bool = False
+    shots: tuple[int, ...] = opt((1, 4, 10), "shot counts (demonstrations per prompt), comma-separated")
+    model: str = model_field()
+    backend: str = backend_field()
+    k: int = k_field()
+    metric: str = opt("euclidean", "distance of the k-NN", choices=METRICS)
+    layers: str | list[int] = opt("all", "layers to capture: all | first:K | last:K | A-B | 3,5,7")
+    batch_size: int = batch_size_field()
+    max_new_tokens: int | None = max_new_tokens_field()
+    n_boot: int = n_boot_field()
+    fit_layer: int | None = opt(None, "layer of the TD-vs-accuracy fit (default: the peak of the mean overall TD)")
+    fit_include_null: bool = opt(False, "include the Null task in the TD-vs-accuracy fit")
+    save_activations: bool = opt(False, "also save the last-token activations (safetensors)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.shots, (str, bytes)) or not isinstance(self.shots, (list, tuple)) or not self.shots:
-            raise ValueError(f"SweepConfig.shots must be a non-empty list of ints >= 0, got {self.shots!r}")
-        for s in self.shots:
-            check_int("SweepConfig.shots entries", s, 0)
-        if len(set(self.shots)) != len(self.shots):
-            raise ValueError(f"SweepConfig.shots lists a shot count twice: {list(self.shots)}")
-        self.shots = tuple(self.shots)
-        check_int("SweepConfig.n_per_task", self.n_per_task, 1)
-        check_int("SweepConfig.seed", self.seed, 0)
-        check_int("SweepConfig.k", self.k, 1)
-        check_int("SweepConfig.batch_size", self.batch_size, 1)
-        check_int("SweepConfig.n_boot", self.n_boot, 0)
-        if self.max_new_tokens is not None:
-            check_int("SweepConfig.max_new_tokens", self.max_new_tokens, 1)
-        if self.fit_layer is not None:
-            check_int("SweepConfig.fit_layer", self.fit_layer, 0)
+        self.check_prompt_set()
+        check_str("SweepConfig.model", self.model, allow_empty=True)  # "" in a trajectory's probe
+        check_choice("SweepConfig.backend", self.backend, backend_names())
+        check_knn_k("SweepConfig.k", self.k, self.n_per_task, "n_per_task")
         check_choice("SweepConfig.metric", self.metric, METRICS)
-        check_choice("SweepConfig.backend", self.backend, BACKENDS)
-        check_str("SweepConfig.family", self.family)
+        self.layers = check_layer_spec(self.layers, CAPTURE_LAYERS, "SweepConfig.layers")
+        check_int("SweepConfig.batch_size", self.batch_size, 1)
+        check_optional_int("SweepConfig.max_new_tokens", self.max_new_tokens, 1)
+        check_n_boot("SweepConfig.n_boot", self.n_boot)
+        check_optional_int("SweepConfig.fit_layer", self.fit_layer, 0)
         check_bool("SweepConfig.fit_include_null", self.fit_include_null)
         check_bool("SweepConfig.save_activations", self.save_activations)
-        if isinstance(self.layers, str):
-            check_choice("SweepConfig.layers", self.layers, ("all",))
-        elif not isinstance(self.layers, (list, tuple)) or not self.layers:
-            raise ValueError(f"SweepConfig.layers must be 'all' or a non-empty list of ints, got {self.layers!r}")
-        else:
-            for layer in self.layers:
-                if isinstance(layer, bool) or not isinstance(layer, int):
-                    raise ValueError(f"SweepConfig.layers entries must be ints, got {layer!r}")
-        for name in ("template", "family_kwargs"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"SweepConfig.{name} must be a dict, got {getattr(self, name)!r}")
-        # leave-one-out k-NN over n_per_task points per task: each has n_per_task - 1 same-task neighbours
-        if self.k >= self.n_per_task - 1:
-            raise ValueError(f"SweepConfig.k={self.k} is not below n_per_task - 1 = {self.n_per_task - 1}: each "
-                             f"prompt has only {self.n_per_task - 1} same-task neighbours, so TD would read low "
-                             f"whatever the model does; use n_per_task >= {self.k + 2} or a smaller k")
+
+    def check_shots(self) -> None:
+        self.shots = check_ints("SweepConfig.shots", self.shots, 0)
 
 
 @dataclass
@@ -103,7 +102,7 @@ class SweepResult:
     accuracy: pd.DataFrame
     predictions: pd.DataFrame
     fit: dict
-    activations: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    activations: dict[int, tuple[Activations, torch.Tensor]] = field(default_factory=dict)
     """shots -> (last-token activations [layer, prompt, d_model], labels [prompt]); on disk only if
     ``config.save_activations``."""
     seconds: float = 0.0
@@ -111,13 +110,40 @@ class SweepResult:
     """The adapter's real identity (``Adapter.identity()``): recorded in config.json."""
 
     def save(self, out: str | Path) -> Path:
-        """Write config.json, fit.json and td / accuracy / predictions as Parquet (+ activations safetensors).
+        """Write config.json, fit.json and td / accuracy / predictions as Parquet (+ activations safetensors)
+        as one result directory (:func:`taskvec_interp.io.write_result_dir`, kind ``"sweep"``): an older
+        sweep in ``out`` is replaced whole, never mixed in; anything else there is refused.
 
         Parquet, not CSV: it keeps dtypes, and a task named "null" would read back as NaN from CSV.
         """
-        with replacing_dir(out) as tmp:  # an older result in ``out`` is replaced whole, never mixed in
+        with write_result_dir(out, KIND, asdict(self.config)) as tmp:
             self._write(tmp)
         return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SweepResult:
+        """Read back what :meth:`save` wrote (activations only when they were saved); ``ValueError`` naming the
+        file when the directory is not a complete, intact sweep result."""
+        from safetensors.torch import load_file
+
+        d = read_result_dir(directory, KIND)
+        raw = read_json(d / "config.json")
+        model = raw.pop("provenance", {}).get("model", {})
+        from ..config import upgrade_config
+
+        config = SweepConfig(**upgrade_config(SweepConfig, raw))
+        fit = {k: (math.nan if v is None else v) for k, v in read_json(d / "fit.json").items()}
+        seconds = fit.pop("seconds", 0.0)
+        acts = {}
+        for name in manifest_files(d):  # only files the manifest vouches for
+            if name.startswith("activations_") and name.endswith("shot.safetensors") and "/" not in name:
+                t = load_file(str(d / name))
+                acts[int(name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
+        tables = {name: read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
+        layers = tables["td"]["layer"].drop_duplicates().tolist()  # the captured layers, in capture order
+        acts = {s: (Activations(a, layers) if a.shape[0] == len(layers) else a, lab)
+                for s, (a, lab) in sorted(acts.items())}
+        return cls(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
 
     def _write(self, out: Path) -> None:
         config = asdict(self.config)
@@ -132,29 +158,12 @@ class SweepResult:
                 save_file({"activations": acts.contiguous(), "labels": labels.contiguous()},
                           str(out / f"activations_{shots}shot.safetensors"))
         fit = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.fit.items()}
-        # fit.json last: its presence marks a complete result
         (out / "fit.json").write_text(json.dumps({**fit, "seconds": self.seconds}, indent=2))  # strict JSON
 
 
 def load_sweep(directory: str | Path) -> SweepResult:
-    """Read back what :meth:`SweepResult.save` wrote (activations only when they were saved)."""
-    from safetensors.torch import load_file
-
-    d = check_result_dir(directory, ("config.json", "fit.json", "td.parquet", "accuracy.parquet",
-                                     "predictions.parquet"), "TD sweep")
-    raw = read_json(d / "config.json")
-    model = raw.pop("provenance", {}).get("model", {})
-    config = SweepConfig(**raw)
-    fit = {k: (math.nan if v is None else v) for k, v in read_json(d / "fit.json").items()}
-    seconds = fit.pop("seconds", 0.0)
-    acts = {}
-    for path in sorted(d.glob("activations_*shot.safetensors")):
-        t = load_file(str(path))
-        acts[int(path.name.split("_")[1].removesuffix("shot.safetensors"))] = (t["activations"], t["labels"])
-    tables = {name: read_parquet(d / f"{name}.parquet") for name in ("td", "accuracy", "predictions")}
-    layers = tables["td"]["layer"].drop_duplicates().tolist()  # the captured layers, in capture order
-    acts = {s: (Activations(a, layers) if a.shape[0] == len(layers) else a, lab) for s, (a, lab) in acts.items()}
-    return SweepResult(config, tables["td"], tables["accuracy"], tables["predictions"], fit, acts, seconds, model)
+    """:meth:`SweepResult.load` (kept: notebooks and scripts call it)."""
+    return SweepResult.load(directory)
 
 
 def peak_layer_of(td: pd.DataFrame, shots: int | None = None) -> int:

@@ -11,14 +11,23 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from ..checkpoints import atomic_write_text
+from ..config import (
+    PromptSetConfig,
+    backend_field,
+    backend_names,
+    batch_size_field,
+    k_field,
+    max_new_tokens_field,
+    n_boot_field,
+    opt,
+)
 from ..engine import (  # noqa: F401 - re-exported: the trajectory API names its entries
     FAILED_COLUMNS,
     KINDS,
@@ -37,53 +46,60 @@ from ..engine import (  # noqa: F401 - re-exported: the trajectory API names its
     run_checkpoints_of,
     step_dir,
 )
-from ..results import check_out_dir, provenance
-from ..validate import check_choice, check_int
+from ..hooks import CAPTURE_LAYERS, check_layer_spec
+from ..io import check_result_owner, read_result_dir, write_result_dir
+from ..probes.decodability import METRICS
+from ..results import provenance, read_json, read_parquet
+from ..validate import check_choice, check_int, check_knn_k, check_n_boot, check_optional_int, check_str
 
 # ------------------------------------------------------------------------------------------------
 # The default probe: TD at every layer + ICL accuracy, per checkpoint (paper Fig. 5)
 # ------------------------------------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TABLES = ("td", "accuracy", "predictions", "trajectory", "summary", "failed")
+KIND = "trajectory"
+"""The result kind a trajectory directory is marked with (``result.json``)."""
+KEEP = ("per_step",)
+"""Carried over when a trajectory directory is replaced: the finished checkpoints a rerun skips."""
 
 
 @dataclass
-class TrajectoryConfig:
-    """What decides a trajectory's numbers (saved in config.json): one shot count, the sweep's settings,
-    and how each checkpoint is loaded (``backend``, ``dtype``, ``device``).
+class TrajectoryConfig(PromptSetConfig):
+    """What decides a trajectory's numbers (saved in config.json): the prompt set (:class:`PromptSetConfig`,
+    one shot count), the sweep's settings, and how each checkpoint is loaded (``backend``, ``dtype``,
+    ``device``).
 
     ``summary_layer``: the layer of the summary's mean TD; ``None`` = each checkpoint's peak layer (the
     highest overall TD; at an untrained checkpoint the maximum over layers sits slightly above chance).
+    A synthetic run (``taskvec trajectory --synthetic-run``) reads ``n_per_task`` test sequences per basis,
+    ``k``, ``n_boot`` and the test-set seed ``SYNTHETIC_TEST_SEED + seed``.
     """
 
-    family: str = "bitwise"
-    shots: int = 4
-    n_per_task: int = 100
-    seed: int = 0
-    k: int = 10
-    metric: str = "euclidean"
-    layers: str | list[int] = "all"
-    batch_size: int = 16
-    max_new_tokens: int | None = None
-    n_boot: int = 1000
-    template: dict = field(default_factory=dict)
-    family_kwargs: dict = field(default_factory=dict)
-    backend: str = "torch"
-    dtype: str | None = None
-    device: str | None = None
-    summary_layer: int | None = None
+    n_per_task: int = opt(100, "prompts per task, Null included (a synthetic run: test sequences per basis)")
+    k: int = k_field()
+    metric: str = opt("euclidean", "distance of the k-NN", choices=METRICS)
+    layers: str | list[int] = opt("all", "layers to capture: all | first:K | last:K | A-B | 3,5,7")
+    batch_size: int = batch_size_field()
+    max_new_tokens: int | None = max_new_tokens_field()
+    n_boot: int = n_boot_field()
+    backend: str = backend_field()
+    dtype: str | None = opt(None, "dtype each checkpoint loads in (default: float32)", choices=tuple(sorted(DTYPES)))
+    device: str | None = opt(None, "device each checkpoint loads on, e.g. cuda (default: cpu)")
+    summary_layer: int | None = opt(None, "layer of the summary's mean TD (default: each checkpoint's peak)")
 
     def __post_init__(self) -> None:
-        from ..adapters.load import BACKENDS
-
-        check_int("TrajectoryConfig.shots", self.shots, 0)
-        check_int("TrajectoryConfig.n_per_task", self.n_per_task, 1)
-        check_int("TrajectoryConfig.k", self.k, 1)
-        check_choice("TrajectoryConfig.backend", self.backend, BACKENDS)
+        self.check_prompt_set()
+        check_knn_k("TrajectoryConfig.k", self.k, self.n_per_task, "n_per_task")
+        check_choice("TrajectoryConfig.metric", self.metric, METRICS)
+        self.layers = check_layer_spec(self.layers, CAPTURE_LAYERS, "TrajectoryConfig.layers")
+        check_int("TrajectoryConfig.batch_size", self.batch_size, 1)
+        check_optional_int("TrajectoryConfig.max_new_tokens", self.max_new_tokens, 1)
+        check_n_boot("TrajectoryConfig.n_boot", self.n_boot)
+        check_choice("TrajectoryConfig.backend", self.backend, backend_names())
         check_choice("TrajectoryConfig.dtype", self.dtype, (None, *sorted(DTYPES)))
-        if self.summary_layer is not None:
-            check_int("TrajectoryConfig.summary_layer", self.summary_layer, 0)
-        self.sweep_config()  # the sweep it runs checks the rest (k against n_per_task, metric, ...) up front
+        if self.device is not None:
+            check_str("TrajectoryConfig.device", self.device)
+        check_optional_int("TrajectoryConfig.summary_layer", self.summary_layer, 0)
 
     def sweep_config(self, model: str = "") -> Any:
         from .sweep import SweepConfig
@@ -170,12 +186,6 @@ class TrajectoryError(RuntimeError):
         self.result = result
 
 
-def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 @dataclass
 class TrajectoryResult:
     """TD and an outcome (exact-match ``accuracy``, or ``mse`` for the synthetic model) per checkpoint.
@@ -220,20 +230,40 @@ class TrajectoryResult:
         return self
 
     def save(self, out: str | os.PathLike) -> Path:
-        """Tables as Parquet, then config.json (the configuration, every entry with its status and model
-        identity, library versions): written last, it marks a complete result."""
-        out = check_out_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, table in {**self.tables, "failed": self.failed}.items():
-            _write_parquet(table, out / f"{name}.parquet")
+        """Tables as Parquet and config.json (the configuration, every entry with its status and model
+        identity, library versions), as one result directory (:func:`taskvec_interp.io.write_result_dir`,
+        kind ``"trajectory"``): an older trajectory in ``out`` is replaced whole, its finished checkpoints
+        (``per_step/``, what a rerun skips) carried over; anything else there is refused."""
         bad = dict(zip(self.failed["index"], self.failed["reason"], strict=True))
         entries = [{**e.describe(), "status": "failed" if e.index in bad else "ok", "reason": bad.get(e.index),
                     "model": self.models.get(e.step)} for e in self.entries]
         record = {**self.config, "outcome": self.outcome, "checkpoints": entries,
-                  "tables": sorted([*self.tables, "failed"]), "seconds": round(self.seconds, 1),
+                  "tables": [*self.tables, "failed"], "seconds": self.seconds,
                   "provenance": {"versions": provenance({})["versions"]}}
-        atomic_write_text(out / "config.json", json.dumps(record, indent=2, default=str))
-        return out
+        with write_result_dir(out, KIND, self.config, keep=KEEP) as tmp:
+            for name, table in {**self.tables, "failed": self.failed}.items():
+                table.to_parquet(tmp / f"{name}.parquet", index=False)
+            (tmp / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> TrajectoryResult:
+        """Read back what :meth:`save` wrote; ``ValueError`` naming the file when the directory is not a
+        complete, intact trajectory result."""
+        d = read_result_dir(directory, KIND)
+        record = read_json(d / "config.json")
+        if not isinstance(record, dict):
+            raise ValueError(f"{d / 'config.json'} is not a trajectory record")
+        outcome = record.pop("outcome", "accuracy")
+        described = record.pop("checkpoints", [])
+        names = record.pop("tables", [])
+        seconds = record.pop("seconds", 0.0)
+        record.pop("provenance", None)
+        keys = {f.name for f in fields(Checkpoint)}
+        entries = [Checkpoint(**{k: v for k, v in c.items() if k in keys}) for c in described]
+        models = {c["step"]: c["model"] for c in described if c.get("model") is not None}
+        tables = {name: read_parquet(d / f"{name}.parquet") for name in names if name != "failed"}
+        return cls(record, tables, read_parquet(d / "failed.parquet"), entries, models, seconds, outcome)
 
 
 def trajectory_result(run: CheckpointRun, config: dict, outcome_table: str = "accuracy", column: str = "exact",
@@ -273,7 +303,7 @@ def run_trajectory(
         raise ValueError(f"checkpoints {synthetic} are synthetic-run checkpoints (no tokenizer): use "
                          "taskvec_interp.synthetic.analysis.synthetic_trajectory")
     if out is not None:
-        check_out_dir(out)
+        check_result_owner(out, KIND, KEEP)  # before any model loads: a directory of someone else's is refused
     record = {"probe": "td_accuracy", **asdict(config), "family": fam.name}
     run = run_checkpoints(entries, sweep_probe(config, fam, progress=False),
                           load or language_model_loader(config.backend, config.dtype, config.device),

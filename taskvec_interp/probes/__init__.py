@@ -1,4 +1,6 @@
-"""Probes on captured activations: task decodability (leave-one-out k-NN over all layers)."""
+"""Probes on captured activations and generations: task decodability (``decodability``: leave-one-out k-NN
+over all layers at once), ICL accuracy (``accuracy``: greedy exact match, bootstrap CIs), task vectors
+(``vectors``: paper / hendel / mean, safetensors) and embeddings for figures (``embedding``: UMAP)."""
 
 from taskvec_interp.probes.decodability import (
     Metric,

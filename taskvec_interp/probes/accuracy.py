@@ -53,9 +53,9 @@ class AccuracyResult:
     def by_task(self) -> pd.DataFrame:
         """Tidy per-task accuracy: task, label, shots, n, exact, first_token."""
         df = self.predictions
-        return (df.groupby(["task", "label", "n_shots"], sort=False)
+        return (df.groupby(["task", "label", "shots"], sort=False)
                 .agg(n=("exact", "size"), exact=("exact", "mean"), first_token=("first_token", "mean"))
-                .reset_index().rename(columns={"n_shots": "shots"}))
+                .reset_index())
 
 
 def icl_accuracy(
@@ -119,7 +119,7 @@ def score_generation(prompts: Sequence[Prompt], gen: Generation, checks: Sequenc
         "prompt_id": list(range(len(prompts))),
         "task": [p.task for p in prompts],
         "label": [p.label for p in prompts],
-        "n_shots": [p.n_shots for p in prompts],
+        "shots": [p.n_shots for p in prompts],
         "query": [p.query for p in prompts],
         "answer": [p.answer for p in prompts],
         "generated": gen.texts,
@@ -163,8 +163,8 @@ def bootstrap_means(
         raise ValueError(f"{name} values contain NaN or inf")
     if not 0 < ci_level < 1:
         raise ValueError(f"ci_level must be in (0, 1), got {ci_level}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ValueError(f"n_boot must be an int >= 0 (0: no bootstrap, CIs are NaN), got {n_boot!r}")
     values = correct.double()
     g = torch.Generator().manual_seed(seed)
     lo_q, hi_q = (1 - ci_level) / 2, 1 - (1 - ci_level) / 2
@@ -175,11 +175,13 @@ def bootstrap_means(
         v = values[:, idx]  # [condition, n_g]
         draws = torch.randint(len(idx), (n_boot, len(idx)), generator=g)
         boot = v[:, draws].mean(-1)  # [condition, n_boot]
-        q = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
+        nan = torch.full((2, v.shape[0]), float("nan"), dtype=boot.dtype)
+        q = torch.quantile(boot, torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1) if n_boot else nan
         frame = {"condition": list(range(v.shape[0])), "task": group, "n": len(idx),
                  name: v.mean(1).tolist(), f"{pre}ci_low": q[0].tolist(), f"{pre}ci_high": q[1].tolist()}
         if baseline is not None:
-            dq = torch.quantile(boot - boot[baseline], torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1)
+            dq = torch.quantile(boot - boot[baseline], torch.tensor([lo_q, hi_q], dtype=boot.dtype), dim=1) \
+                if n_boot else nan
             frame |= {f"{pre}delta": (v.mean(1) - v[baseline].mean()).tolist(), f"{pre}delta_low": dq[0].tolist(),
                       f"{pre}delta_high": dq[1].tolist()}
         frames.append(pd.DataFrame(frame))

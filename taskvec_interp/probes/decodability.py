@@ -59,7 +59,6 @@ __all__ = ["Metric", "TaskDecodability", "encode_labels", "knn_loo_predict", "ta
 
 Metric = Literal["euclidean", "cosine"]
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
-_METRICS = METRICS
 _BOOT_BLOCK = 256  # bootstrap samples drawn per block (fixed, so results never depend on memory)
 _FORMAT_VERSION = 1
 
@@ -424,8 +423,8 @@ def task_decodability(
     n_classes = len(names)
     if n_classes < 2:
         raise ValueError(f"task decodability needs at least 2 classes, got a single class {names}")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if isinstance(k, bool) or not hasattr(k, "__index__"):
         raise ValueError(f"k must be an int, got {k!r}")
     k = operator.index(k)

@@ -29,10 +29,19 @@ from torch import Tensor
 
 from ..adapters.base import Adapter
 from ..hooks import resolve_layers
-from ..tasks.base import Example, Prompt, PromptBuilder, PromptTemplate, TaskFamily, as_rng
+from ..io import read_result_dir, write_result_dir
+from ..tasks.base import Example, TaskFamily, as_rng
+from ..tasks.prompts import Prompt, PromptBuilder, PromptTemplate
 
 DEFINITIONS: tuple[str, ...] = ("paper", "hendel", "mean")
+STORED_DEFINITIONS: tuple[str, ...] = (*DEFINITIONS, "function")
+"""What a vectors file may hold: the task-vector definitions above and Todd et al.'s function vectors
+(``"function"``, built from attention heads by :func:`taskvec_interp.probes.heads.function_vector`)."""
 _FORMAT = "taskvec_interp.task_vectors/1"
+KIND = "task_vectors"
+"""The result kind of a task-vector directory (``result.json``)."""
+FILE = "vectors.safetensors"
+"""The task-vector file of such a directory (and of a patching result)."""
 
 
 @dataclass
@@ -52,8 +61,8 @@ class TaskVectors:
                              f"got {list(self.vectors.shape)}")
         if not torch.isfinite(self.vectors).all():
             raise ValueError("task vectors contain NaN or inf")
-        if self.definition not in DEFINITIONS:
-            raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {DEFINITIONS}")
+        if self.definition not in STORED_DEFINITIONS:
+            raise ValueError(f"unknown task-vector definition {self.definition!r}; known: {STORED_DEFINITIONS}")
 
     @property
     def d_model(self) -> int:
@@ -89,22 +98,38 @@ class TaskVectors:
                                      f"{mine[key]!r}); pass allow_other_model=True to use them anyway")
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: the vectors plus JSON metadata (atomic: nothing partial on error)."""
+        """A result directory (kind ``"task_vectors"``, :func:`taskvec_interp.io.write_result_dir`) holding
+        ``vectors.safetensors``; or, for a path ending in ``.safetensors``, that one file alone (as a patching
+        result holds it). The file: the vectors plus JSON metadata, written atomically (nothing partial on
+        error)."""
         path = Path(path)
+        if path.suffix != ".safetensors":
+            with write_result_dir(path, KIND, self._info()) as tmp:
+                self._write_file(tmp / FILE)
+            return path
         if path.is_dir():
             raise ValueError(f"{path} is a directory; give a file name for the task vectors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"format": _FORMAT, "layers": self.layers, "tasks": list(self.tasks), "definition": self.definition,
-                "meta": self.meta}
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"vectors": self.vectors.contiguous().float()}, str(tmp), metadata={"taskvec": json.dumps(info)})
+        self._write_file(tmp)
         tmp.replace(path)
         return path
 
+    def _info(self) -> dict:
+        return {"format": _FORMAT, "layers": self.layers, "tasks": list(self.tasks), "definition": self.definition,
+                "meta": self.meta}
+
+    def _write_file(self, path: Path) -> None:
+        save_file({"vectors": self.vectors.contiguous().float()}, str(path),
+                  metadata={"taskvec": json.dumps(self._info())})
+
     @classmethod
     def load(cls, path: str | Path, adapter: Adapter | None = None, allow_other_model: bool = False) -> TaskVectors:
-        """Read a file written by :meth:`save`; with ``adapter``, refuse vectors from another model."""
+        """Read what :meth:`save` wrote (a result directory, checked whole, or a ``.safetensors`` file); with
+        ``adapter``, refuse vectors from another model."""
         path = Path(path)
+        if path.is_dir():
+            path = read_result_dir(path, KIND) / FILE
         if not path.is_file():
             raise ValueError(f"no task-vector file at {path}")
         try:

@@ -41,33 +41,40 @@ import pandas as pd
 import torch
 
 from .. import hooks as H
-from ..adapters.base import ModelInputs
-from ..adapters.torch_hooks import TorchHooksAdapter
+from ..config import opt
 from ..engine import Checkpoint, run_checkpoints, run_checkpoints_of, run_conditions
 from ..experiments.trajectory import TrajectoryError, TrajectoryResult, trajectory_result
+from ..interventions import get_intervention, intervention_names
 from ..probes.decodability import task_decodability
+from ..validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_ints,
+    check_knn_k,
+    check_n_boot,
+    check_number,
+    check_optional_int,
+    check_seed,
+)
 from .data import MSLRBatch, MSLRConfig, make_test_set, oracle_summary
+from .heads import ABLATION_MODES
+from .inputs import basis_names, model_inputs, synthetic_adapter
 from .model import SyntheticRegressor
 from .train import list_checkpoints, load_checkpoint, load_run_config, read_metrics
 
 TD_POSITION = -1  # y token of the last demonstration
 QUERY_POSITION = -2  # x_K: its read-out predicts y_K
 PATCH_POSITION = "context"  # every token before the query x_K (demonstrations 1..K-1)
+SYNTHETIC_TEST_SEED = 4321
+"""Seed of the test sequences every analysis of a synthetic run reads (``synthetic analyze``, ``trajectory
+--synthetic-run`` at ``--seed 0``, the demo): not the training test set's."""
+ANALYSIS_KIND = "analysis"  # the result kind an analysis directory is marked with (result.json)
 
 
-def synthetic_adapter(model: SyntheticRegressor) -> TorchHooksAdapter:
-    """The torch-hooks adapter over a synthetic model's blocks (no tokenizer: inputs are tensors)."""
-    return TorchHooksAdapter(model, blocks=model.blocks_path, d_model=model.cfg.d_model)
-
-
-def model_inputs(batch: MSLRBatch) -> ModelInputs:
-    """Tensor inputs for the adapter: ``xs``/``ys``, no padding, ``2K`` tokens."""
-    n, k = batch.ys.shape
-    return ModelInputs({"xs": batch.xs, "ys": batch.ys}, torch.zeros(n, dtype=torch.long), 2 * k)
-
-
-def basis_names(n_bases: int) -> list[str]:
-    return [f"B{j + 1}" for j in range(n_bases)]
+def _vector_interventions() -> tuple[str, ...]:
+    """The interventions the patching matrix can apply: those that take a vector (a target basis' mean)."""
+    return tuple(n for n in intervention_names() if get_intervention(n).needs_vector)
 
 
 def basis_groups(data_cfg: object) -> list[int] | None:
@@ -85,27 +92,57 @@ def basis_groups(data_cfg: object) -> list[int] | None:
 
 @dataclass
 class AnalysisConfig:
-    n_per_basis: int = 100
-    k: int = 10
-    seed: int = 4321  # test sequences for the analysis (not the training test set)
-    td_layer: int | None = None  # None: n_layers // 2 (the middle)
-    checkpoints: Sequence[int] | None = None  # steps to analyse (None: all)
-    umap_layers: Sequence[int] | None = None  # None: up to 6 evenly spaced layers
-    umap_checkpoints: int = 5
-    patch_layer: int | None = None  # None: td_layer (at most n_layers - 2)
-    patch_position: int | str = PATCH_POSITION  # "context" (all tokens before x_K) or one token, e.g. -3
-    patch_checkpoints: Sequence[int] | None = None  # None: the middle and the last checkpoint
-    patch_mode: str = "replace"
-    n_boot: int = 200
-    batch_size: int = 256
-    heads: bool = True  # head ablation at the last checkpoint (GPT-2 backbone; Mamba-2 has no heads)
-    head_mode: str = "mean"  # "mean" or "zero" ablation (synthetic.heads.head_ablation)
-    head_threshold: float = 0.05  # basis-specific heads: MSE rise >= this for the basis ...
-    head_ratio: float = 3.0  # ... and >= this times the other bases' median rise
+    """What decides a synthetic run's analysis (saved as analysis_config.json next to its tables)."""
+
+    n_per_basis: int = opt(100, "test sequences per basis (paper: 100)")
+    k: int = opt(10, "neighbours of the leave-one-out k-NN behind task decodability (at most n_per_basis - 2)")
+    seed: int = opt(SYNTHETIC_TEST_SEED, "seed of the analysis' test sequences (not the training test set)")
+    td_layer: int | None = opt(None, "layer of the loss/TD figure and summary (default: the middle, n_layers // 2)")
+    checkpoints: tuple[int, ...] | None = opt(None, "steps to analyse, comma-separated (default: all)")
+    umap_layers: tuple[int, ...] | None = opt(None, "layers of the UMAP grid, comma-separated (default: up to 6 "
+                                                    "evenly spaced)")
+    umap_checkpoints: int = opt(5, "checkpoints of the UMAP grid (evenly spaced)")
+    patch_layer: int | None = opt(None, "layer of the patching matrix (default: td_layer, at most n_layers - 2)")
+    patch_position: int | str = opt(PATCH_POSITION, "'context' (every token before the query x_K) or one token's "
+                                                    "negative index, e.g. -3")
+    patch_checkpoints: tuple[int, ...] | None = opt(None, "steps of the patching matrix, comma-separated (default: "
+                                                          "the middle and the last checkpoint)")
+    patch_mode: str = opt("replace", "intervention of the patching matrix", choices=_vector_interventions)
+    n_boot: int = opt(200, "bootstrap resamples of the TD confidence intervals (0: none, CIs are NaN)")
+    batch_size: int = opt(256, "test sequences per forward pass")
+    heads: bool = opt(True, "head ablation at the last checkpoint (GPT-2 backbone; Mamba-2 has no heads)")
+    head_mode: str = opt("mean", "head ablation: mean or zero", choices=ABLATION_MODES)
+    head_threshold: float = opt(0.05, "basis-specific heads: MSE rise >= this for the basis ...")
+    head_ratio: float = opt(3.0, "... and >= this times the other bases' median rise")
+
+    def __post_init__(self) -> None:
+        check_int("AnalysisConfig.n_per_basis", self.n_per_basis, 1)
+        check_knn_k("AnalysisConfig.k", self.k, self.n_per_basis, "n_per_basis")
+        check_seed("AnalysisConfig.seed", self.seed)
+        check_optional_int("AnalysisConfig.td_layer", self.td_layer, 0)
+        for name in ("checkpoints", "umap_layers", "patch_checkpoints"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_ints(f"AnalysisConfig.{name}", getattr(self, name), 0,
+                                               allow_empty=name == "patch_checkpoints"))
+        check_int("AnalysisConfig.umap_checkpoints", self.umap_checkpoints, 0)
+        check_optional_int("AnalysisConfig.patch_layer", self.patch_layer, 0)
+        if self.patch_position != PATCH_POSITION and (isinstance(self.patch_position, bool) or not isinstance(
+                self.patch_position, int) or self.patch_position > QUERY_POSITION):
+            raise ValueError(f"AnalysisConfig.patch_position must be {PATCH_POSITION!r} or an int <= {QUERY_POSITION} "
+                             f"(a token before the query x_K), got {self.patch_position!r}")
+        check_choice("AnalysisConfig.patch_mode", self.patch_mode, _vector_interventions())
+        check_n_boot("AnalysisConfig.n_boot", self.n_boot)
+        check_int("AnalysisConfig.batch_size", self.batch_size, 1)
+        check_bool("AnalysisConfig.heads", self.heads)
+        check_choice("AnalysisConfig.head_mode", self.head_mode, ABLATION_MODES)
+        check_number("AnalysisConfig.head_threshold", self.head_threshold, 0.0)
+        check_number("AnalysisConfig.head_ratio", self.head_ratio, 0.0)
 
 
 @dataclass
 class AnalysisResult:
+    """What :func:`analyze_run` returns; ``save(dir)`` / ``load(dir)`` write and read it whole."""
+
     config: AnalysisConfig
     td: pd.DataFrame  # step, layer, level, task, td, ...
     loss: pd.DataFrame  # step, basis, mse
@@ -116,11 +153,14 @@ class AnalysisResult:
     heads: pd.DataFrame | None = None  # head ablation at the last checkpoint (synthetic.heads); None: not run
 
     def save(self, out: str | Path) -> Path:
-        """Write the tables, config and summary; an older analysis in ``out`` is replaced whole."""
-        from ..results import replacing_dir
+        """Write the tables (UMAP embeddings as ``embeddings.parquet``: step, layer, point, x, y, label), config
+        and summary as one result directory (:func:`taskvec_interp.io.write_result_dir`, kind ``"analysis"``):
+        an older analysis in ``out`` is replaced whole; anything else there is refused."""
+        from ..io import write_result_dir
 
-        with replacing_dir(out) as tmp:
-            (tmp / "analysis_config.json").write_text(json.dumps(asdict(self.config), indent=2, default=list))
+        config = json.loads(json.dumps(asdict(self.config), default=list))
+        with write_result_dir(out, ANALYSIS_KIND, config) as tmp:
+            (tmp / "analysis_config.json").write_text(json.dumps(config, indent=2))
             self.td.to_parquet(tmp / "td.parquet", index=False)
             self.loss.to_parquet(tmp / "loss.parquet", index=False)
             self.patching.to_parquet(tmp / "patching.parquet", index=False)
@@ -128,8 +168,33 @@ class AnalysisResult:
                 self.td_group.to_parquet(tmp / "td_group.parquet", index=False)
             if self.heads is not None:
                 self.heads.to_parquet(tmp / "heads.parquet", index=False)
+            if self.embeddings:
+                frames = [embedding_frame(np.asarray(emb), np.asarray(labels), layer).assign(step=step)
+                          for (layer, step), (emb, labels) in self.embeddings.items()]
+                pd.concat(frames, ignore_index=True).to_parquet(tmp / "embeddings.parquet", index=False)
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2))
         return Path(out)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AnalysisResult:
+        """Read back what :meth:`save` wrote; ``ValueError`` naming the file when the directory is not a
+        complete, intact analysis result."""
+        from ..io import manifest_files, read_result_dir
+        from ..results import read_json, read_parquet
+
+        d = read_result_dir(directory, ANALYSIS_KIND)
+        files = set(manifest_files(d))
+
+        def table(name: str) -> pd.DataFrame | None:
+            return read_parquet(d / f"{name}.parquet") if f"{name}.parquet" in files else None
+
+        embeddings = table("embeddings")
+        from ..config import upgrade_config
+
+        config = AnalysisConfig(**upgrade_config(AnalysisConfig, read_json(d / "analysis_config.json")))
+        return cls(config, table("td"), table("loss"),
+                   table("patching"), read_json(d / "summary.json"),
+                   {} if embeddings is None else embeddings_of(embeddings), table("td_group"), table("heads"))
 
 
 def capture_checkpoint(model: SyntheticRegressor, test: MSLRBatch, position: int = TD_POSITION,
@@ -161,16 +226,19 @@ def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases
     """Test MSE of the last prediction for every (source, target) basis pair, plus ``target="none"``.
 
     The residual after block ``layer`` at token ``position`` of each source-basis sequence is replaced by
-    (``mode="replace"``) or added to (``mode="add"``) the mean activation of the target basis there.
+    (``mode="replace"``) or added to (``mode="add"``) the mean activation of the target basis there (any
+    intervention of ``interventions.py`` that takes a vector).
     ``position`` is one token before the last x token (``-2``), whose read-out is scored, or
     ``"context"``: every token before it, each patched with the target basis' mean at that token.
     """
+    spec = get_intervention(mode)
+    if not spec.needs_vector:
+        raise ValueError(f"patch mode {mode!r} takes no vector; the patching matrix patches a target basis' mean: "
+                         f"use one of {tuple(n for n in intervention_names() if get_intervention(n).needs_vector)}")
     positions = patch_positions(position, test.xs.shape[1])
     if positions != [QUERY_POSITION] and not 0 <= layer < model.n_layers - 1:
         raise ValueError(f"patch layer {layer}: patching token(s) {position} after block {layer} needs a later "
                          f"block to carry the patch to the query; use a layer in [0, {model.n_layers - 2}]")
-    if mode not in ("replace", "add"):
-        raise ValueError(f"patch mode must be 'replace' or 'add', got {mode!r}")
     adapter = synthetic_adapter(model)
     inputs = model_inputs(test)
     labels = test.basis
@@ -181,13 +249,12 @@ def patch_matrix(model: SyntheticRegressor, test: MSLRBatch, layer: int, n_bases
     # [position, basis, d_model]: the target means at every patched token
     means = torch.stack([store["resid"][labels == b][:, cols].mean(0) for b in range(n_bases)], dim=1)
     names = basis_names(n_bases)
-    make = H.replace if mode == "replace" else H.add
 
     def evaluate(chunk: list[dict]) -> list[pd.DataFrame]:
         frames = []
         for cond in chunk:
             t = cond["target_index"]
-            hooks = [(H.Site(layer), make(means[i, t - 1], p)) for i, p in enumerate(positions)]
+            hooks = [(H.Site(layer), spec.build(means[i, t - 1], p, 1.0)) for i, p in enumerate(positions)]
             preds = plain if t == 0 else adapter.forward(inputs, hooks=hooks, logits="all")
             err = (preds[:, -1].float() - test.ys[:, -1]) ** 2
             frames.append(pd.DataFrame({"source": names, "mse": [float(err[labels == b].mean())
@@ -273,8 +340,6 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
     for name, layer in (("td_layer", td_layer), ("patch_layer", patch_layer)):
         if not 0 <= layer < n_layers:
             raise ValueError(f"{name} {layer} out of range for a model with {n_layers} layers")
-    if config.k >= config.n_per_basis * n_bases - 1:
-        raise ValueError(f"k={config.k} needs more than {config.k + 1} test points")
     test = make_test_set(cfg.data, n_per_basis=config.n_per_basis, seed=config.seed)
     names = basis_names(n_bases)
     steps = [e.step for e in entries]
@@ -283,8 +348,6 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
     patch_steps = set(config.patch_checkpoints) if config.patch_checkpoints is not None else {steps[len(steps) // 2],
                                                                                              steps[-1]}
     run_heads = config.heads and cfg.model.backbone == "gpt2"
-    if run_heads and config.head_mode not in ("mean", "zero"):
-        raise ValueError(f"head_mode must be 'mean' or 'zero', got {config.head_mode!r}")
     groups = basis_groups(cfg.data)
     group_labels = None if groups is None else torch.tensor(groups)[test.basis]
     group_names = None if groups is None else [f"G{g + 1}" for g in range(max(groups) + 1)]
@@ -298,7 +361,7 @@ def analyze_run(run_dir: str | Path, config: AnalysisConfig | None = None, umap:
             tables["td_group"] = task_decodability(acts, group_labels, k=config.k, label_names=group_names,
                                                    n_boot=config.n_boot, seed=config.seed).to_frame()
         if entry.step in umap_steps:
-            from ..viz import umap_embedding
+            from ..probes.embedding import umap_embedding
 
             tables["embeddings"] = pd.concat([embedding_frame(umap_embedding(acts[layer], seed=config.seed),
                                                               test.basis.numpy(), layer) for layer in umap_layers],
@@ -375,7 +438,7 @@ def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str]
     return out
 
 
-def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = 4321,
+def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = SYNTHETIC_TEST_SEED,
                          n_boot: int = 200, batch_size: int = 256, steps: Sequence[int] | None = None,
                          out: str | Path | None = None, on_error: str = "record",
                          progress: bool = True) -> TrajectoryResult:
@@ -392,8 +455,10 @@ def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 1
     cfg = load_run_config(run_dir)
     entries = run_checkpoints_of(run_dir, steps)
     n_bases, n_points = cfg.data.n_bases, cfg.data.n_points
-    if k >= n_per_basis * n_bases - 1:
-        raise ValueError(f"k={k} needs more than {k + 1} test points ({n_per_basis} per basis x {n_bases} bases)")
+    check_int("n_per_basis", n_per_basis, 1)
+    check_knn_k("k", k, n_per_basis, "n_per_basis")
+    check_n_boot("n_boot", n_boot)
+    check_seed("seed", seed)
     test = make_test_set(cfg.data, n_per_basis=n_per_basis, seed=seed)
     names = basis_names(n_bases)
 
@@ -411,6 +476,11 @@ def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 1
     record = {"probe": "synthetic_td_mse", "run": str(run_dir), "n_per_basis": n_per_basis, "k": k, "seed": seed,
               "n_boot": n_boot, "td_position": TD_POSITION, "n_layers": cfg.model.n_layer, "n_bases": n_bases,
               "n_points": n_points}
+    if out is not None:  # before any checkpoint loads: a directory of someone else's is refused
+        from ..experiments.trajectory import KEEP, KIND
+        from ..io import check_result_owner
+
+        check_result_owner(out, KIND, KEEP)
     run = run_checkpoints(entries, probe, load_synthetic, config=record, out=out, on_error=on_error,
                           progress=progress)
     if not run.tables:
@@ -469,18 +539,21 @@ def seeds_spread(table: pd.DataFrame) -> dict:
 
 
 def analyze_seeds(run_dir: str | Path, config: AnalysisConfig | None = None, umap: bool = True,
-                  progress: bool = True) -> tuple[dict[int, AnalysisResult], pd.DataFrame, dict]:
-    """:func:`analyze_run` on every seed of a :func:`~taskvec_interp.synthetic.train.train_seeds` run
-    (each saved to ``seed_<n>/analysis``), their per-seed table (:func:`seeds_table`, saved as
-    ``seeds.parquet``) and the spread over seeds (:func:`seeds_spread`, ``seeds_summary.json``)."""
+                  progress: bool = True, out: str | Path | None = None,
+                  ) -> tuple[dict[int, AnalysisResult], pd.DataFrame, dict]:
+    """:func:`analyze_run` on every seed of a :func:`~taskvec_interp.synthetic.train.train_seeds` run, their
+    per-seed table (:func:`seeds_table`, saved as ``seeds.parquet``) and the spread over seeds
+    (:func:`seeds_spread`, ``seeds_summary.json``). ``out``: where to write (default ``run_dir``): each
+    seed's analysis goes to ``out/seed_<n>/analysis``, the table and the spread to ``out``."""
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
     runs = seed_runs(run_dir)
     results = {}
     for seed, path in runs:
         results[seed] = analyze_run(path, config, umap=umap, progress=progress)
-        results[seed].save(path / "analysis")
+        results[seed].save(out / f"seed_{seed}" / "analysis")
     table = seeds_table(results)
     spread = seeds_spread(table)
-    table.to_parquet(run_dir / "seeds.parquet", index=False)
-    (run_dir / "seeds_summary.json").write_text(json.dumps(spread, indent=2))
+    table.to_parquet(out / "seeds.parquet", index=False)
+    (out / "seeds_summary.json").write_text(json.dumps(spread, indent=2))
     return results, table, spread

@@ -70,6 +70,8 @@ __all__ = [
     "pos_family",
     "prompts_to_frame",
     "read_conllu",
+    "register_family",
+    "unregister_family",
     "split_indices",
 ]
 
@@ -79,6 +81,24 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "files": files_family,
 }
 """Family factories by name; ``"files"`` takes its folder after a colon (``"files:PATH"``)."""
+
+
+def register_family(name: str, factory: Callable[..., TaskFamily], *, replace: bool = False) -> None:
+    """Make ``get_family(name)`` (and so every config's ``family`` field and the CLI's ``--family``) build
+    ``factory(**kwargs)``: a new task family is its module plus this one call."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"a family name must be a lower-case identifier, got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"a family factory must be callable, got {factory!r}")
+    if name in FAMILIES and not replace:
+        raise ValueError(f"task family {name!r} is already registered (pass replace=True)")
+    FAMILIES[name] = factory
+
+
+def unregister_family(name: str) -> None:
+    if name not in FAMILIES or name in ("bitwise", "pos", "files"):
+        raise ValueError(f"{name!r} is not a registered user family; registered: {tuple(FAMILIES)}")
+    del FAMILIES[name]
 
 
 def get_family(spec: str, **kwargs: Any) -> TaskFamily:

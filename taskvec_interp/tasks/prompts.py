@@ -207,7 +207,7 @@ def build_prompts(
 
 
 def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
-    """One row per prompt: prompt_id, family, task, label, n_shots, query, target, answer, text,
+    """One row per prompt: prompt_id, family, task, label, shots, query, target, answer, text,
     demo_inputs, demo_outputs (tuples)."""
     import pandas as pd
 
@@ -217,7 +217,7 @@ def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
             "family": p.family,
             "task": p.task,
             "label": p.label,
-            "n_shots": p.n_shots,
+            "shots": p.n_shots,
             "query": p.query,
             "target": p.target,
             "answer": p.answer,
@@ -232,7 +232,7 @@ def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
         "family",
         "task",
         "label",
-        "n_shots",
+        "shots",
         "query",
         "target",
         "answer",
@@ -241,4 +241,4 @@ def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
         "demo_outputs",
     ]
     df = pd.DataFrame(rows, columns=cols)
-    return df.astype({"prompt_id": "int64", "label": "int64", "n_shots": "int64"})
+    return df.astype({"prompt_id": "int64", "label": "int64", "shots": "int64"})
