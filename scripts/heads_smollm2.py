@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "function_vectors" / "dataset_files" / "abstractive"
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     from taskvec_interp.figures.heads import fv_figures, heads_figures
     from taskvec_interp.tasks import get_family
 
-    family = f"files:{DATA}"
+    family = "fv"  # the built-in function-vector tasks (shipped in the package)
     kwargs = {"tasks": list(TODD_TASKS)}
     fam = get_family(family, **kwargs)
     sizes = dict(n_per_task=100, n_cie_prompts=25) if args.todd else dict(n_per_task=40, n_cie_prompts=10)

@@ -666,3 +666,26 @@ def test_a_registered_family_is_built_by_name():
         get_family("bitwise_again")
     with pytest.raises(ValueError, match="not a registered user family"):
         unregister_family("bitwise")
+
+
+def test_the_builtin_function_vector_family_ships_with_its_licence():
+    import json
+
+    from taskvec_interp.tasks import build_prompts, get_family
+    from taskvec_interp.tasks.function_vectors import FV_DIR, FV_TASKS, TODD_TASKS
+
+    assert "MIT License" in (FV_DIR / "LICENSE").read_text() and "fb9eac7b" in (FV_DIR / "PROVENANCE.txt").read_text()
+    assert sorted(p.stem for p in FV_DIR.glob("*.json")) == sorted(FV_TASKS) and FV_TASKS[:6] == TODD_TASKS
+    fam = get_family("fv")
+    assert fam.task_names == (*FV_TASKS, "null")
+    pairs = json.loads((FV_DIR / "antonym.json").read_text())
+    prompts = build_prompts(get_family("fv", tasks=["antonym"]), n_per_task=5, shots=4, seed=0)
+    truth = {p["input"]: " " + p["output"] for p in pairs}
+    assert all(truth[p.query] == p.answer for p in prompts if p.task == "antonym")
+    train, test = get_family("fv", split="train"), get_family("fv", split="test")
+    for name in TODD_TASKS:
+        tr = {e.input for e in train[name].examples}
+        te = {e.input for e in test[name].examples}
+        assert tr and te and not tr & te
+    with pytest.raises(ValueError, match="no task file for \\['nope'\\]"):
+        get_family("fv", tasks=["nope"])

@@ -82,6 +82,7 @@ from ..tasks import (
     get_family,
     prompts_to_frame,
 )
+from ..tasks.function_vectors import TODD_TASKS
 from ..tasks.tokenization import check_tokenization
 from ..validate import check_choice, check_int, check_knn_k, check_n_boot, check_str
 
@@ -96,11 +97,8 @@ CORRUPTIONS: tuple[str, ...] = ("shuffled", "other_task")
 METHODS: tuple[str, ...] = ("exact", "atp", "both")
 TODD_TEMPLATE: dict = {"input_prefix": "Q: ", "output_prefix": "\nA:", "example_separator": "\n\n"}
 """Todd et al.'s prompt layout: ``Q: x\\nA: y\\n\\n`` per demonstration, the prompt ending in ``A:``."""
-TODD_TASKS: tuple[str, ...] = ("antonym", "capitalize", "country-capital", "english-french", "present-past",
-                               "singular-plural")
-"""The six abstractive tasks Todd et al. show in their main figures (all in the function-vector data folder)."""
-FV_FAMILY = "files:../shared/data/function_vectors/dataset_files/abstractive"
-"""Where the function-vector task files sit beside a clone of this project (``../shared/data``)."""
+FV_FAMILY = "fv"
+"""The built-in function-vector family (:mod:`taskvec_interp.tasks.function_vectors`, shipped in the package)."""
 PRESETS: dict[str, dict] = {
     "todd": {"shots": 10, "template": TODD_TEMPLATE, "n_per_task": 100, "n_cie_prompts": 25, "top_k": 10,
              "corruption": "shuffled", "method": "exact"},

@@ -5,7 +5,8 @@
 >>> prompts[0].task, prompts[0].label, prompts[0].text.splitlines()[-1], prompts[0].answer
 ('AND', 0, '11001 01010 ->', ' 01000')
 
-Specs accepted by :func:`get_family`: ``"bitwise"``, ``"pos"``, ``"files:PATH"``. Every family's
+Specs accepted by :func:`get_family`: ``"bitwise"``, ``"pos"``, ``"fv"`` (the built-in function-vector tasks),
+``"files:PATH"``, and any name given to :func:`register_family`. Every family's
 Null task is named ``"null"`` and has the last label.
 """
 
@@ -27,6 +28,7 @@ from .base import (
 )
 from .bitwise import BITWISE_OPS, BitwiseTask, bitwise_family
 from .files import files_family, load_task_file
+from .function_vectors import FV_TASKS, TODD_TASKS, function_vector_family
 from .pos import (
     POS_TAGS,
     UD_ENV_VAR,
@@ -41,6 +43,9 @@ from .tokenization import AnswerTokens, check_tokenization, max_answer_tokens
 
 __all__ = [
     "BITWISE_OPS",
+    "FV_TASKS",
+    "TODD_TASKS",
+    "function_vector_family",
     "FAMILIES",
     "NULL_TASK",
     "POS_TAGS",
@@ -79,6 +84,7 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "bitwise": bitwise_family,
     "pos": pos_family,
     "files": files_family,
+    "fv": function_vector_family,
 }
 """Family factories by name; ``"files"`` takes its folder after a colon (``"files:PATH"``)."""
 
@@ -96,13 +102,14 @@ def register_family(name: str, factory: Callable[..., TaskFamily], *, replace: b
 
 
 def unregister_family(name: str) -> None:
-    if name not in FAMILIES or name in ("bitwise", "pos", "files"):
+    if name not in FAMILIES or name in ("bitwise", "pos", "files", "fv"):
         raise ValueError(f"{name!r} is not a registered user family; registered: {tuple(FAMILIES)}")
     del FAMILIES[name]
 
 
 def get_family(spec: str, **kwargs: Any) -> TaskFamily:
-    """Build a family from ``"bitwise"``, ``"pos"`` or ``"files:PATH"``; kwargs go to its factory."""
+    """Build a family from ``"bitwise"``, ``"pos"``, ``"fv"``, ``"files:PATH"`` or a registered name; kwargs go to its
+    factory."""
     if not isinstance(spec, str):
         raise ValueError(f"family spec must be a string, got {spec!r}")
     name, sep, arg = spec.partition(":")
