@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .io import MANIFEST, atomic_write_text, manifest_problem, sha256_file, write_manifest
+from .io import MANIFEST, atomic_write_text, config_diffs, manifest_problem, sha256_file, write_manifest
 
-__all__ = ["MANIFEST", "atomic_write_text", "sha256_file", "write_manifest"]  # re-exported: they live in io.py
-__all__ += ["checkpoint_problem", "clean_partial", "config_diffs", "latest_good_checkpoint", "list_checkpoints",
+__all__ = ["MANIFEST", "atomic_write_text", "config_diffs", "sha256_file", "write_manifest"]  # re-exported: they live in io.py
+__all__ += ["checkpoint_problem", "clean_partial", "latest_good_checkpoint", "list_checkpoints",
             "load_optimizer", "optimizer_from_disk", "optimizer_to_disk", "read_metrics", "save_checkpoint",
             "scheduled_lr"]
 
@@ -37,11 +37,24 @@ CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as ``[(step, path)]``, by step."""
+    """Complete checkpoints of a run as ``[(step, path)]``, by step. A symbolic link among them (or as
+    ``checkpoints/`` itself) is refused with a ``ValueError`` naming it: a run holds its own checkpoints, and
+    nothing outside the run directory is read."""
     d = Path(run_dir) / "checkpoints"
+    if d.is_symlink():
+        raise ValueError(f"{d} is a symbolic link (to {os.readlink(d)!r}): a run directory holds its own "
+                         "checkpoints; refused, not followed")
     if not d.is_dir():
         return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := CKPT_RE.match(p.name))]
+    out = []
+    for p in d.iterdir():
+        if (m := CKPT_RE.match(p.name)) is None:
+            continue
+        if p.is_symlink():
+            raise ValueError(f"checkpoint {p} is a symbolic link (to {os.readlink(p)!r}): a run directory holds its "
+                             "own checkpoints; refused, not followed")
+        if p.is_dir():
+            out.append((int(m.group(1)), p))
     return sorted(out)
 
 
@@ -145,30 +158,16 @@ def save_checkpoint(run_dir: Path, step: int, opt: torch.optim.Optimizer, tensor
 
 def load_optimizer(opt: torch.optim.Optimizer, ckpt: Path) -> None:
     """Restore an optimizer saved by :func:`save_checkpoint`."""
+    from .results import read_json  # a torn optimizer.json: a one-line error naming it
+
     opt.load_state_dict(optimizer_from_disk(load_file(ckpt / "optimizer.safetensors"),
-                                            json.loads((ckpt / "optimizer.json").read_text())))
+                                            read_json(ckpt / "optimizer.json")))
 
 
 def clean_partial(run_dir: Path) -> None:
     """Remove the temporary directories of checkpoints whose save was killed."""
     for p in (run_dir / "checkpoints").glob(".tmp_step_*"):
         shutil.rmtree(p, ignore_errors=True)
-
-
-def config_diffs(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: frozenset[str] | set[str] = frozenset()
-                 ) -> list[str]:
-    """Human-readable differences between two config dicts (one level of nesting), ``ignore`` skipped."""
-    diffs = []
-    for k in sorted(set(saved) | set(now)):
-        if k in ignore or saved.get(k) == now.get(k):
-            continue
-        if isinstance(saved.get(k), dict) and isinstance(now.get(k), dict):
-            for kk in sorted(set(saved[k]) | set(now[k])):
-                if saved[k].get(kk) != now[k].get(kk):
-                    diffs.append(f"{k}.{kk}: saved {saved[k].get(kk)!r} != given {now[k].get(kk)!r}")
-        else:
-            diffs.append(f"{k}: saved {saved.get(k)!r} != given {now.get(k)!r}")
-    return diffs
 
 
 def scheduled_lr(step: int, lr: float, steps: int, warmup_steps: int = 0, schedule: str = "constant",

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from .cli_config import config_command
+from .cli_config import config_command, own_out
+from .cli_config import overwrite_option as _overwrite_option
 from .config import backend_names
 from .demo import DemoConfig
 from .experiments.finetune import FinetuneConfig
@@ -36,16 +37,18 @@ def _backend_option() -> typer.models.OptionInfo:
 def demo(
     config: DemoConfig,
     out: Path = typer.Option(Path("runs/demo"), help="output directory: report.html + every part's tables"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """The paper's story in one command: synthetic emergence, TD over layers and shots, task-vector patching,
     first- vs last-layer fine-tuning and a checkpoint trajectory, in ONE self-contained HTML report.
     Re-running with the same --out reuses finished parts (a killed demo resumes). A part's setting left unset
     takes the full or the --quick preset's value."""
-    from .demo import run_demo
+    from .demo import DEMO_KIND, check_demo, run_demo
     from .figures import write_demo_report
 
-    _check_out_dir(out)
     cfg = config
+    check_demo(cfg)  # the whole config (model, backend, families) before the synthetic part trains
+    own_out(out, DEMO_KIND, overwrite=overwrite)
     t0 = time.perf_counter()
     result = run_demo(out, cfg, log=typer.echo)
     path = write_demo_report(result)
@@ -65,16 +68,17 @@ def td(
     config: SweepConfig,
     out: Path = typer.Option(Path("runs/td"), help="output directory (results + config + figures)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """Task decodability over layers x shots and ICL accuracy per task; TD-vs-accuracy R^2."""
     from .adapters import load_model
-    from .experiments.sweep import run_sweep, summarize
+    from .experiments.sweep import KIND, run_sweep, summarize
 
-    _check_out_dir(out)
     cfg = config
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails before the model loads
+    own_out(out, KIND, overwrite=overwrite)  # --out checked and locked before the model loads
     adapter = load_model(cfg.model, backend=cfg.backend)
     result = run_sweep(adapter, cfg)
     result.save(out)
@@ -110,25 +114,35 @@ def patch(
     out: Path = typer.Option(Path("runs/patch"), help="output directory (results + config + figures)"),
     chunk: int = typer.Option(16, help="conditions per saved chunk (a killed run resumes from the last one)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """Task vectors patched in: positive (own task) / negative (Null), add / replace / ablate, over layers."""
-    from .experiments.patching import run_patching
-    from .experiments.sweep import load_sweep
+    from .experiments.patching import KIND, run_patching
+    from .experiments.sweep import load_sweep, peak_layer_of
     from .tasks import get_family
 
     _check_out_dir(out)
     cfg = config
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"--chunk must be an int >= 1 (conditions per saved chunk), got {chunk!r}")
     sweep_td = load_sweep(td_sweep).td if td_sweep is not None else None
+    if sweep_td is not None:
+        try:
+            peak_layer_of(sweep_td, cfg.shots)  # the sweep must hold the shot count the vectors are read at
+        except ValueError as err:
+            raise ValueError(f"--td-sweep {td_sweep}: {err}; run `taskvec td` with --shots including "
+                             f"{cfg.shots}, or give --shots of the sweep") from None
     fam = get_family(cfg.family, **cfg.family_kwargs)  # a bad family fails here, before the model loads
     from .adapters import load_model
 
     if vectors_file is not None and not vectors_file.is_file():
         raise typer.BadParameter(f"--vectors-file {vectors_file} does not exist")
+    own_out(out, KIND, (".partial",), overwrite)  # --out checked and locked before the model loads
     adapter = load_model(cfg.model, backend=cfg.backend)
     from .probes.vectors import TaskVectors
 
     given = TaskVectors.load(vectors_file, adapter) if vectors_file is not None else None
-    result = run_patching(adapter, cfg, fam, vectors=given, td_sweep=sweep_td, checkpoint_dir=out / ".partial",
+    result = run_patching(adapter, cfg, fam, vectors=given, td_sweep=td_sweep, checkpoint_dir=out / ".partial",
                           chunk_size=chunk)
     result.save(out)
     s = result.summary
@@ -164,17 +178,19 @@ def finetune_cmd(
     ctx: typer.Context,
     config: FinetuneConfig,
     out: Path = typer.Option(Path("runs/finetune"), help="run directory (resumes if it has checkpoints)"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """Fine-tune a layer subset, then evaluate TD and accuracy before and after (subcommand: compare)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .experiments.finetune import finetune
+    from .experiments.finetune import KIND, finetune
 
     _check_out_dir(out)
     cfg = config
     from .tasks import get_family
 
     get_family(cfg.family, **cfg.family_kwargs, split="train")  # a bad family fails before the model loads
+    own_out(out, KIND, overwrite=overwrite)  # --out checked and locked before the model loads
     run = finetune(cfg, out)
     from .experiments.finetune import compare_runs
 
@@ -187,12 +203,15 @@ def finetune_cmd(
 def finetune_compare(
     runs: list[Path] = typer.Argument(..., help="fine-tuning run directories"),
     out: Path = typer.Option(None, help="where to write the tables and figures (default: print only)"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """The Table-1-like comparison of runs (+ the pretrained model): accuracy and TD, figures."""
-    from .experiments.finetune import compare_runs
+    from .experiments.finetune import COMPARISON_KIND, compare_runs
 
     if out is not None:
-        _check_out_dir(out)
+        own_out(out, COMPARISON_KIND, overwrite=overwrite)  # another command's result is refused before reading
+    elif overwrite:
+        raise ValueError("--overwrite applies to --out, and no --out was given")
     summary, per_task, td = compare_runs(runs)
     typer.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(per_task.pivot_table(index="task", columns="model", values="exact", sort=False)
@@ -228,6 +247,7 @@ def synthetic_train(
     bf16: bool = typer.Option(False, help="bf16 autocast (GPU)"),
     compile: bool = typer.Option(False, help="torch.compile the model's forward and backward (GPU)"),
     compile_mode: str = typer.Option("reduce-overhead", help="torch.compile mode (reduce-overhead: CUDA graphs)"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """Train the synthetic model on a Mixture of Sparse Linear Regression, checkpointing as it goes."""
     from .synthetic import train, train_config
@@ -250,11 +270,41 @@ def synthetic_train(
     if bf16:
         overrides["autocast_dtype"] = "bfloat16"
     cfg = train_config(config, **overrides)
+    _claim_train_out(out, seed_list, overwrite)
     if seed_list is None:
         typer.echo(f"last checkpoint: {train(cfg, out)}")
     else:
         for path in train_seeds(cfg, seed_list, out):
             typer.echo(f"last checkpoint: {path}")
+
+
+TRAIN_KIND, SEEDS_KIND = "synthetic_run", "synthetic_seeds"
+"""The kinds a `taskvec synthetic train --out` directory is marked with: one run, or a --seeds run's parent."""
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "analysis")
+"""What a training run directory holds (one written before it had a marker is recognised by them)."""
+
+
+def _claim_train_out(out: Path, seed_list: list[int] | None, overwrite: bool) -> None:
+    """``--out`` of ``synthetic train``: missing, empty, or a run of the same shape (a solo run, or a --seeds
+    run's parent with its seed_<n> runs), checked and locked before the model is built, then marked."""
+    import re
+
+    from .io import claim_result_dir
+
+    if seed_list is None:
+        kind, keep = TRAIN_KIND, RUN_ENTRIES
+    else:
+        held = tuple(p.name for p in out.iterdir() if re.fullmatch(r"seed_\d+", p.name)) if out.is_dir() else ()
+        kind, keep = SEEDS_KIND, (*{f"seed_{s}" for s in seed_list} | set(held), "seeds.parquet", "seeds_summary.json")
+    if seed_list is None and out.is_dir() and not (out / "result.json").exists() and any(out.iterdir()) \
+            and not (out / "config.json").is_file():  # unmarked: a run of an older version has its config.json
+        held = sorted(p.name for p in out.iterdir())
+        raise ValueError(f"--out {out} is not empty and holds no training run (no result.json, no config.json): it "
+                         f"holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}; choose another --out or an "
+                         "empty one")
+    own_out(out, kind, keep, overwrite)
+    if not out.exists() or not any(out.iterdir()):  # a new run is marked; one of an older version is left as it is
+        claim_result_dir(out, kind, keep=keep)
 
 
 @synthetic_app.command("analyze")
@@ -264,6 +314,7 @@ def synthetic_analyze(
     run: Path = typer.Argument(..., help="a run directory written by `taskvec synthetic train`"),
     out: Path = typer.Option(None, help="where to write (default: RUN/analysis; a --seeds run: RUN, each seed to OUT/seed_<n>/analysis, the spread to OUT)"),
     umap: bool = typer.Option(True, help="compute the UMAP grid"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """TD per layer and checkpoint, per-basis loss, UMAP grid, patching matrix, head ablation, figures +
     summary.json. A `--seeds` run: every seed (RUN/seed_<n>/analysis) and the spread (RUN/seeds_summary.json)."""
@@ -273,18 +324,49 @@ def synthetic_analyze(
     acfg = config
     if not (run / "config.json").exists() and any(run.glob("seed_*/config.json")):
         seeds_out = out or run  # each seed to OUT/seed_<n>/analysis, the spread to OUT
+        _own_seeds_out(run, seeds_out, overwrite)  # before any checkpoint loads
         results, _, spread = analyze_seeds(run, acfg, umap=umap, out=seeds_out)
         for seed, result in results.items():
             for path in synthetic_figures(result, seeds_out / f"seed_{seed}" / "analysis"):
                 typer.echo(f"wrote {path}")
         typer.echo(json.dumps(spread, indent=2))
         return
+    if not (run / "config.json").is_file():
+        raise ValueError(f"no run in {run} (no config.json, no seed_<n>/config.json): give a directory written by "
+                         "`taskvec synthetic train`")
     out = out or run / "analysis"
+    from .synthetic.analysis import ANALYSIS_KIND
+
+    own_out(out, ANALYSIS_KIND, overwrite=overwrite)  # a directory of someone else's is refused before any work
     result = analyze_run(run, acfg, umap=umap)
     result.save(out)
     for path in synthetic_figures(result, out):
         typer.echo(f"wrote {path}")
     typer.echo(json.dumps({k: v for k, v in result.summary.items() if k != "oracles"}, indent=2))
+
+
+def _own_seeds_out(run: Path, out: Path, overwrite: bool) -> None:
+    """The --out of a --seeds run's analysis: the run itself (its seed_<n>/analysis results and the spread), or a
+    directory that is missing, empty or an earlier such analysis; each seed_<n>/analysis must be missing or an
+    analysis. Checked and locked before any work; --overwrite replaces the analyses, never the training run."""
+    import re
+
+    from .io import check_result_owner, claim_result_dir, remove_result_dir
+    from .synthetic.analysis import ANALYSIS_KIND, seed_runs
+
+    seeds = [seed for seed, _ in seed_runs(run)]
+    held = tuple(p.name for p in out.iterdir() if re.fullmatch(r"seed_\d+", p.name)) if out.is_dir() else ()
+    keep = (*{f"seed_{s}" for s in seeds} | set(held), "seeds.parquet", "seeds_summary.json")
+    same = out.resolve() == run.resolve()
+    kind = SEEDS_KIND if same else "synthetic_seeds_analysis"
+    own_out(out, kind, keep, overwrite=overwrite and not same)  # the training run itself is never removed
+    for seed in seeds:
+        check_result_owner(out / f"seed_{seed}" / "analysis", ANALYSIS_KIND, overwrite=overwrite, what="--out")
+    if overwrite:
+        for seed in seeds:
+            remove_result_dir(out / f"seed_{seed}" / "analysis", what="--out")
+    if not same and (not out.exists() or not any(out.iterdir())):
+        claim_result_dir(out, kind, keep=keep)
 
 
 def _split(values: list[str] | str | None) -> list[str]:
@@ -306,6 +388,7 @@ def trajectory(
                                          "revision or directory name, else the position)"),
     out: Path = typer.Option(Path("runs/trajectory"), help="output directory (a rerun skips finished checkpoints)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
+    overwrite: bool = _overwrite_option(),
 ) -> None:
     """TD and ICL accuracy over checkpoints (paper Fig. 5): local directories, hub revisions or a synthetic run
     (its test sequences drawn with the synthetic analysis' test seed plus --seed: at --seed 0 the test set
@@ -314,6 +397,8 @@ def trajectory(
     Exits with status 1, naming each bad checkpoint by its index, after writing the good ones.
     """
     from .experiments.trajectory import (
+        KEEP,
+        KIND,
         TrajectoryError,
         check_checkpoints,
         hub_checkpoints,
@@ -350,6 +435,9 @@ def trajectory(
         raise typer.BadParameter(str(err)) from None
     for r in bad.itertuples():  # reported before any model loads; the others still run
         typer.echo(f"checkpoint {r.index} (step {r.step}): {r.reason}", err=True)
+    if synthetic_run is None:
+        _check_trajectory_layers(cfg, entries, set(bad["index"]))
+    own_out(out, KIND, KEEP, overwrite)  # --out checked and locked before any checkpoint loads
     try:
         if synthetic_run is not None:
             from .synthetic.analysis import synthetic_trajectory
@@ -375,18 +463,47 @@ def trajectory(
         raise typer.Exit(1)
 
 
+def _check_trajectory_layers(cfg: TrajectoryConfig, entries: list, bad: set) -> None:
+    """--layers and --summary-layer against every local checkpoint's layer count (its config.json), before any
+    model loads (a hub revision is checked when it loads)."""
+    from .hooks import resolve_layers
+
+    for entry in entries:
+        if entry.kind != "local" or entry.index in bad:
+            continue
+        try:
+            from transformers import AutoConfig
+
+            n_layers = getattr(AutoConfig.from_pretrained(entry.location), "num_hidden_layers", None)
+        except Exception:  # noqa: BLE001 - an unreadable config is the loader's to report, with the entry's index
+            continue
+        if not isinstance(n_layers, int):
+            continue
+        where = f"checkpoint {entry.index} ({entry.label}, {n_layers} layers)"
+        try:
+            layers = resolve_layers(cfg.layers, n_layers, "--layers")
+        except ValueError as err:
+            raise ValueError(f"{err} (at {where})") from None
+        if cfg.summary_layer is not None and cfg.summary_layer not in layers:
+            raise ValueError(f"--summary-layer {cfg.summary_layer} is not among the layers captured at {where}: "
+                             f"{layers if len(layers) <= 12 else f'{layers[0]}..{layers[-1]}'}")
+
+
 def main() -> None:
-    """The ``taskvec`` console script: a bad value anywhere (config, data, model spec) is one line naming it,
-    exit status 2, not a traceback (set TASKVEC_TRACEBACK=1 for the traceback)."""
+    """The ``taskvec`` console script: a bad value anywhere (config, data, model spec), an OS error (a read-only
+    or full disk, a path whose parent is a file) and a locked ``--out`` are one line naming the value or the
+    path, exit status 2, not a traceback (set TASKVEC_TRACEBACK=1 for the traceback)."""
     import os
     import sys
 
+    from .io import OutputLockedError
+
     try:
         app()
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, OutputLockedError) as err:  # FileNotFoundError is an OSError
         if os.environ.get("TASKVEC_TRACEBACK"):
             raise
-        print(f"Error: {err}", file=sys.stderr)
+        print("Error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message held
         raise SystemExit(2) from None
 
 

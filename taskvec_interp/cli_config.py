@@ -37,6 +37,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -287,4 +288,58 @@ def config_command(cls: type, param: str = "config") -> Callable[[Callable], Cal
     return decorate
 
 
-__all__ = ["ConfigOption", "build_config", "config_command", "config_options"]
+# ------------------------------------------------------------------------------------------------
+# Output directories: every writing command's --out and --overwrite
+# ------------------------------------------------------------------------------------------------
+OVERWRITE_HELP = ("replace what --out holds (a taskvec result of any kind, removed before the run starts; a "
+                  "directory without a taskvec marker is never removed)")
+
+
+def overwrite_option() -> typer.models.OptionInfo:
+    return typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
+
+
+def _current_context() -> Any:
+    """The running command's click context (typer >= 0.20 runs a copy of click as ``typer._click``), or None."""
+    import importlib
+
+    for name in ("typer._click.globals", "click.globals"):
+        try:
+            ctx = importlib.import_module(name).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            return ctx
+    return None
+
+
+def own_out(out: Path, kind: str, keep: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+    """Claim ``--out`` for this command, before any model work: it must be missing, empty or hold this command's
+    result kind (:func:`taskvec_interp.io.check_result_owner`; ``ValueError`` naming the path and what is there
+    otherwise); then its lock is taken (:func:`taskvec_interp.io.out_lock`: a second process writing the same
+    ``--out`` is refused at once) and held until the command ends, on an error too; ``--overwrite`` removes a
+    marked directory first."""
+    import atexit
+    import contextlib
+
+    from .io import check_result_owner, out_lock, remove_result_dir
+
+    check_result_owner(out, kind, keep, overwrite=overwrite, what="--out")
+    stack = contextlib.ExitStack()
+    stack.enter_context(out_lock(out))
+    ctx = _current_context()
+    if ctx is not None:
+        ctx.call_on_close(stack.close)
+    else:  # pragma: no cover - called outside a command
+        atexit.register(stack.close)
+    try:
+        check_result_owner(out, kind, keep, overwrite=overwrite, what="--out")  # again, now that it is ours
+        if overwrite and remove_result_dir(out, what="--out", kind=kind, keep=keep):
+            typer.echo(f"--overwrite: removed the result that was in {out}", err=True)
+    except BaseException:
+        stack.close()
+        raise
+    return out
+
+
+__all__ = ["ConfigOption", "build_config", "config_command", "config_options", "overwrite_option", "own_out"]

@@ -27,6 +27,8 @@ from typing import Any
 from .checkpoints import atomic_write_text
 from .config import backend_field, backend_names, model_field, opt
 from .hooks import FINETUNE_LAYERS, check_layer_spec
+from .io import locks_out
+from .results import read_json
 from .validate import (
     check_bool,
     check_choice,
@@ -281,6 +283,9 @@ class Part:
     """caption -> Parquet file (relative to the demo's out) shown in the report."""
     seconds: float = 0.0
     skipped: str | None = None
+    key: dict = field(default_factory=dict)
+    """What the part was computed with (:func:`part_key`: its settings, the seed, ``quick``, the model's
+    fingerprint for the language-model parts); a rerun reuses the part only with the same key."""
 
 
 DEMO_KIND = "demo"
@@ -323,8 +328,37 @@ class DemoResult:
 
         d = read_result_dir(directory, DEMO_KIND)
         record = read_json(d / "demo.json")
-        return cls(DemoConfig(**record["config"]), [Part(**p) for p in record["parts"]], d, record["seconds"],
+        parts = [Part(**p) for p in record["parts"]]
+        for part in parts:  # a figure or table outside the demo directory is refused, never read
+            check_part_paths(part, d, str(d / "demo.json"))
+        return cls(DemoConfig(**record["config"]), parts, d, record["seconds"],
                    record.get("model", {}))
+
+
+def read_part(path: Path, out: Path) -> Part:
+    """A finished part's ``part.json`` (in a part directory of the demo directory ``out``): a ``ValueError``
+    naming the file when it is not valid JSON, not a part record, or names a figure or table outside ``out``
+    (a tampered entry such as ``/etc/passwd`` or ``../x`` is refused, never read into the report)."""
+    raw = read_json(path)
+    known = {f.name for f in fields(Part)}
+    if not isinstance(raw, dict) or not {"name", "title", "text"} <= set(raw) or set(raw) - known:
+        have = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} is not a demo part record (fields {have}, expected {sorted(known)})")
+    part = Part(**raw)
+    check_part_paths(part, out, str(path))
+    return part
+
+
+def check_part_paths(part: Part, out: Path, source: str) -> None:
+    """Every figure and table of ``part`` is a relative path inside the demo directory ``out``
+    (:func:`taskvec_interp.io.inside`); a ``ValueError`` naming ``source`` and the path otherwise."""
+    from .io import inside_or_raise
+
+    figures, tables = part.figures, part.tables
+    if not isinstance(figures, list) or not isinstance(tables, dict):
+        raise ValueError(f"{source}: part {part.name!r} has malformed figures / tables ({figures!r}, {tables!r})")
+    for rel in [*figures, *tables.values()]:
+        inside_or_raise(out, rel, f"{source} (part {part.name!r})")
 
 
 def _row(metric: str, ours: Any, paper: str = "") -> dict:
@@ -346,17 +380,53 @@ def _pos_available() -> str | None:
     return None
 
 
+def check_demo(config: DemoConfig) -> None:
+    """What the demo can check before its first part runs (the synthetic part trains for minutes first): the
+    model resolves (a built-in name, a model directory, a hub id's shape), the backend is registered and
+    importable, every family builds (``pos`` without a treebank is skipped with its reason, not refused).
+    ``ValueError`` naming the value."""
+    from .adapters.load import check_model_spec
+    from .adapters.registry import get_backend
+    from .tasks import get_family
+
+    if not {"td", "patch", "finetune"} & set(config.parts):
+        return  # the synthetic parts alone use neither the model nor the families
+    check_model_spec(config.model, "DemoConfig.model")
+    backend = get_backend(config.backend)
+    try:
+        backend.adapter_class()
+    except ImportError as err:
+        hint = f"; install {', '.join(backend.packages)}" if backend.packages else ""
+        raise ValueError(f"DemoConfig.backend {config.backend!r} cannot be used here ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}){hint}") from None
+    names = [f for f in config.families if f != "pos"] if {"td", "patch"} & set(config.parts) else []
+    for name in names:
+        get_family(name)
+    if "finetune" in config.parts:
+        try:
+            get_family(config.finetune.family, split="train")
+        except ValueError as err:
+            raise ValueError(f"DemoConfig.finetune.family {config.finetune.family!r}: {err}") from None
+
+
+@locks_out("out")
 def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
              log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo's parts into ``out`` (reusing finished ones) and return them; see the module doc."""
-    config = config or DemoConfig()
-    from .io import check_result_owner
+    """Run the demo's parts into ``out`` (reusing finished ones) and return them; see the module doc.
 
-    out = check_result_owner(out, DEMO_KIND, DEMO_KEEP)  # a directory of someone else's is refused up front
-    out.mkdir(parents=True, exist_ok=True)
+    Before any part runs: the whole config is checked (:func:`check_demo`) and ``out`` must be missing, empty or
+    a demo's directory (marked: ``result.json``, from the moment a demo starts in it); it is marked at once, so
+    the report.html written there later is always the demo's own. One demo at a time per ``out`` (a lock)."""
+    config = config or DemoConfig()
+    from .io import check_result_owner, claim_result_dir
+
+    check_demo(config)
+    out = check_result_owner(out, DEMO_KIND)  # someone else's directory (a report.html of theirs) is refused
+    preloaded = check_finished_parts(out, config)  # finished parts of another config: refused, nothing written
+    claim_result_dir(out, DEMO_KIND, asdict(config), keep=DEMO_KEEP)  # the marker first: the directory is ours
     atomic_write_text(out / "demo_config.json", json.dumps(asdict(config), indent=2))
     t0 = time.perf_counter()
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"adapter": preloaded} if preloaded is not None else {}
     parts: list[Part] = []
 
     def adapter():
@@ -370,7 +440,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         d = out / name
         marker = d / "part.json"
         if marker.exists():
-            part = Part(**json.loads(marker.read_text()))
+            part = read_part(marker, out)  # torn or tampered: a one-line error naming part.json
             log(f"[demo] {name}: reused ({part.seconds:.0f}s when it ran)")
             return part
         log(f"[demo] {name} ...")
@@ -378,6 +448,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         start = time.perf_counter()
         part = fn(d)
         part.seconds = round(time.perf_counter() - start, 1)
+        part.key = part_key(name, config, lambda: adapter().fingerprint()["fingerprint"])
         atomic_write_text(marker, json.dumps(asdict(part), indent=2, default=str))
         log(f"[demo] {name}: {part.seconds:.0f}s")
         return part
@@ -403,6 +474,62 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     result = DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model)
     result.save(out)  # demo.json, whole; the parts' directories carried over
     return result
+
+
+# ---------------------------------------------------------------------------------------------- resume
+LM_PARTS = ("td", "patch", "finetune")
+"""The parts that run the language model (their key holds the model's fingerprint)."""
+
+
+def part_key(name: str, config: DemoConfig, fingerprint: Callable[[], str]) -> dict:
+    """What part ``name`` (``synthetic``, ``td_<family>``, ``patch_<family>``, ``finetune``, ``trajectory``) is
+    computed with: its resolved settings (and those of the parts it reads), the seed, ``quick``, and for the
+    language-model parts the backend and the model's fingerprint (``fingerprint()``, called only for them: the
+    weights, never the path string)."""
+    kind, _, family = name.partition("_")
+    reads = {"synthetic": ("synthetic",), "td": ("td",), "patch": ("td", "patch"), "finetune": ("finetune",),
+             "trajectory": ("synthetic", "trajectory")}[kind]
+    key: dict = {"quick": config.quick, "seed": config.seed, **{r: asdict(getattr(config, r)) for r in reads}}
+    if family:
+        key["family"] = family
+    if kind in LM_PARTS:
+        key |= {"backend": config.backend, "model fingerprint": fingerprint()}
+    return key
+
+
+def planned_parts(config: DemoConfig) -> list[str]:
+    """The part directories a demo of ``config`` reads or writes, in order."""
+    names = ["synthetic"] if {"synthetic", "trajectory"} & set(config.parts) else []
+    if {"td", "patch"} & set(config.parts):
+        for fam in config.families:
+            names += [f"td_{fam}"] + ([f"patch_{fam}"] if "patch" in config.parts else [])
+    return names + [p for p in ("finetune", "trajectory") if p in config.parts]
+
+
+def check_finished_parts(out: Path, config: DemoConfig) -> Any:
+    """Refuse (``ValueError``, before any part runs and before anything is written) a demo directory whose
+    finished parts were computed with another config: another model (its weights' fingerprint), seed,
+    ``quick`` or part setting; the message names the part and every differing field with both values, and the
+    finished parts are left as they are. Returns the adapter it loaded to read the model's fingerprint (only
+    when a finished language-model part needs it), for the demo to reuse."""
+    from .io import check_resume
+
+    state: dict[str, Any] = {}
+
+    def fingerprint() -> str:
+        if "adapter" not in state:
+            from .adapters import load_model
+
+            state["adapter"] = load_model(config.model, backend=config.backend)
+        return state["adapter"].fingerprint()["fingerprint"]
+
+    for name in planned_parts(config):
+        marker = out / name / "part.json"
+        if not marker.exists():
+            continue
+        part = read_part(marker, out)
+        check_resume(part.key, part_key(name, config, fingerprint), out / name, f"the demo part {name!r}")
+    return state.get("adapter")
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -433,7 +560,7 @@ def _synthetic(d: Path, out: Path, s: DemoSyntheticConfig, seed: int, progress: 
         _row("share of the sparsity gap closed by the final loss (0 ridge, 1 rank-r oracle)",
              f"mean {sum(gaps) / len(gaps):.2f}" if gaps else "n/a"),
     ]
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = read_json(run / "config.json")
     text = (f"A {cfg['model']['n_layer']}-layer GPT-2 (d_model {cfg['model']['d_model']}) trained for {s.steps} "
             f"steps on the Mixture of Sparse Linear Regression ({cfg['data']['n_bases']} bases, D = "
             f"{cfg['data']['n_dims']}). TD is the leave-one-out k-NN decodability of the basis from the residual "
@@ -557,4 +684,5 @@ def _trajectory(d: Path, out: Path, s: DemoTrajectoryConfig, seed: int, progress
 
 
 __all__ = ["DemoConfig", "DemoFinetuneConfig", "DemoPatchConfig", "DemoResult", "DemoSyntheticConfig", "DemoTDConfig",
-           "DemoTrajectoryConfig", "PAPER", "PARTS", "Part", "demo_settings", "run_demo"]
+           "DemoTrajectoryConfig", "PAPER", "PARTS", "Part", "check_finished_parts", "demo_settings", "part_key",
+           "planned_parts", "run_demo"]

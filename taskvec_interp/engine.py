@@ -46,7 +46,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write_text, list_checkpoints
-from .results import check_out_dir, provenance
+from .io import (
+    MANIFEST,
+    check_resume,
+    config_diffs,
+    inside,
+    locks_out,
+    manifest_files,
+    manifest_problem,
+    write_manifest,
+)
+from .results import check_out_dir, provenance, read_json, read_parquet
 
 Evaluate = Callable[[list[dict]], Sequence[pd.DataFrame | Mapping]]
 
@@ -58,6 +68,52 @@ def _conditions_key(conditions: list[dict]) -> str:
     return hashlib.sha256(json.dumps(conditions, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _read_index(index: Path) -> dict:
+    try:
+        saved = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index} is not valid JSON ({type(err).__name__}): the chunk index of a killed run is "
+                         "torn; remove its directory to start over") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{index} is not a chunk index (not a JSON object)")
+    return saved
+
+
+def check_conditions_dir(checkpoint_dir: str | Path | None, config: Mapping[str, Any] | None) -> None:
+    """Refuse, before any work, to resume into ``checkpoint_dir`` when its finished chunks were computed with
+    another ``config`` (the whole run config and the model's identity, JSON-able): ``ValueError`` naming every
+    differing field with both values (``seed: saved 0, given 1``). Chunks saved without a config (by an older
+    version) are refused too. Nothing there is changed or deleted."""
+    if checkpoint_dir is None or config is None:
+        return
+    ckpt = Path(checkpoint_dir)
+    index = ckpt / "conditions.json"
+    if not index.is_file():
+        return
+    saved = _read_index(index)
+    if "config" not in saved:
+        if any(ckpt.glob("chunk_*.parquet")):
+            raise ValueError(f"{ckpt} holds finished chunks saved without their config (an older version): they "
+                             "cannot be told to belong to this run; remove the directory or use another one")
+        return
+    check_resume(saved["config"], dict(config), ckpt, "finished chunks")
+
+
+def clear_chunks(checkpoint_dir: str | Path | None) -> None:
+    """Remove the chunks :func:`run_conditions` saved (``cleanup=False``) once the run's result is built."""
+    if checkpoint_dir is None:
+        return
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        return
+    for f in ckpt.glob("chunk_*.parquet"):
+        f.unlink()
+    (ckpt / "conditions.json").unlink(missing_ok=True)
+    if not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
+@locks_out("checkpoint_dir")  # one process at a time writes a chunk directory
 def run_conditions(
     conditions: Sequence[Mapping] | pd.DataFrame,
     evaluate: Evaluate,
@@ -66,6 +122,8 @@ def run_conditions(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "conditions",
+    config: Mapping[str, Any] | None = None,
+    cleanup: bool = True,
 ) -> pd.DataFrame:
     """Run ``evaluate`` over ``conditions`` and return one tidy table.
 
@@ -75,7 +133,10 @@ def run_conditions(
     ``conditions``), the condition's fields, then the callback's columns. ``chunk_size``: conditions
     per call (``None``: all in one call, which lets the callback share work between them).
     ``checkpoint_dir``: each finished chunk is saved there (Parquet) and a rerun with the same
-    conditions skips it; the files are removed once the whole table is built.
+    conditions skips it; the files are removed once the whole table is built (``cleanup=False``: left for
+    the caller to remove with :func:`clear_chunks` once its result is built). ``config``: what the chunks are
+    computed with (the whole run config and the model's identity, JSON-able), saved beside them; a rerun with
+    another one is refused before any work, naming the fields that differ (:func:`check_conditions_dir`).
     """
     rows = conditions.to_dict("records") if isinstance(conditions, pd.DataFrame) else [dict(c) for c in conditions]
     if not rows:
@@ -94,12 +155,16 @@ def run_conditions(
     if ckpt is not None:
         if ckpt.exists() and not ckpt.is_dir():
             raise ValueError(f"checkpoint_dir {ckpt} is a file")
+        check_conditions_dir(ckpt, config)
         ckpt.mkdir(parents=True, exist_ok=True)
         key = _conditions_key(rows)
         index = ckpt / "conditions.json"
-        if index.exists() and json.loads(index.read_text()).get("key") != key:
+        if index.exists() and _read_index(index).get("key") != key:
             raise ValueError(f"{ckpt} holds chunks of other conditions; remove it or use another directory")
-        index.write_text(json.dumps({"key": key, "n": len(rows), "chunk_size": size}))
+        record = {"key": key, "n": len(rows), "chunk_size": size}
+        if config is not None:
+            record["config"] = dict(config)
+        atomic_write_text(index, json.dumps(record, default=str))
     frames = []
     starts = range(0, len(rows), size)
     bar = tqdm(starts, desc=desc, disable=not progress or len(starts) == 1, leave=False)
@@ -123,16 +188,16 @@ def run_conditions(
         frame = pd.concat(parts, ignore_index=True)
         if path is not None:
             tmp = path.with_suffix(".tmp")
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(path)
+            try:
+                frame.to_parquet(tmp, index=False)
+                tmp.replace(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half-written chunk behind
+                raise
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
-    if ckpt is not None:
-        for f in ckpt.glob("chunk_*.parquet"):
-            f.unlink()
-        (ckpt / "conditions.json").unlink(missing_ok=True)
-        if not any(ckpt.iterdir()):
-            ckpt.rmdir()
+    if cleanup:
+        clear_chunks(ckpt)
     return out
 
 
@@ -277,6 +342,13 @@ def model_identity(model: object) -> dict:
 Load = Callable[[Checkpoint], Any]
 Probe = Callable[[Any, Checkpoint], Mapping[str, pd.DataFrame]]
 
+ARCHITECTURE = ("model_type", "n_layers", "d_model")
+"""The identity fields that make two checkpoints one model's (:func:`run_checkpoints`' ``same_architecture``)."""
+
+
+class ArchitectureError(ValueError):
+    """Checkpoints of different architectures in one trajectory (a refusal, never recorded as a bad entry)."""
+
 
 @dataclass
 class CheckpointRun:
@@ -318,44 +390,105 @@ def step_dir(out: Path, step: int) -> Path:
     return out / "per_step" / f"step_{step:07d}"
 
 
-def _saved_entry(out: Path, entry: Checkpoint, key: str) -> dict | None:
-    """The saved record of ``entry`` under ``out`` (``None`` if none); ``ValueError`` if it is another's."""
+def entry_weights(entry: Checkpoint) -> str | None:
+    """What the weights of ``entry`` are, read without loading them: a local directory's weight files
+    (:func:`~taskvec_interp.adapters.fingerprint.files_fingerprint`, cached by path, size and mtime), a synthetic
+    checkpoint's manifest (the sha256 of its ``manifest.json``); ``None`` for a hub revision (named by its id and
+    revision) or a directory without weight files. A finished step is reused only while this is unchanged."""
+    if entry.kind == "synthetic":
+        from .io import manifest_fingerprint
+
+        return manifest_fingerprint(entry.location) if (Path(entry.location) / MANIFEST).is_file() else None
+    if entry.kind == "local":
+        from .adapters.fingerprint import files_fingerprint
+        from .adapters.load import cache_dir
+
+        return files_fingerprint(entry.location, cache_dir() / "fingerprints.json")
+    return None
+
+
+def _saved_entry(out: Path, entry: Checkpoint, key: str, config: Mapping[str, Any] | None = None) -> dict | None:
+    """The saved record of ``entry`` under ``out`` (``None`` if none); ``ValueError`` if it is another's: another
+    entry, another probe configuration (naming the fields that differ) or other weights at the same path."""
     d = step_dir(out, entry.step)
     record = d / "checkpoint.json"
-    if not record.exists():
+    if not record.exists() and not record.is_symlink():
         return None
-    saved = json.loads(record.read_text())
-    here = {k: v for k, v in entry.describe().items() if k != "index"}
-    there = {k: v for k, v in saved["entry"].items() if k != "index"}
+    problem = manifest_problem(d)  # a torn, changed or escaping per-step file is refused, naming it
+    if problem is not None:
+        raise ValueError(f"per-step record {d} cannot be read: {problem}; remove {d} to compute step {entry.step} "
+                         "again")
+    saved = read_json(record)
+    if not isinstance(saved, dict) or not isinstance(saved.get("entry"), dict) or "config_key" not in saved \
+            or not isinstance(saved.get("tables"), list):
+        raise ValueError(f"{record} is not a per-step record (no 'entry', 'config_key' or 'tables')")
+    weights = entry_weights(entry)
+    # the same weights at another path are the same checkpoint: the location is compared only when they differ
+    skip = {"index", "location"} if weights is not None and saved.get("weights") == weights else {"index"}
+    here = {k: v for k, v in entry.describe().items() if k not in skip}
+    there = {k: v for k, v in saved["entry"].items() if k not in skip}
     if there != here:
         raise ValueError(f"{d} holds step {entry.step} of {there}, not of checkpoint {entry.index} {here}: "
                          "use another output directory or remove it")
     if saved["config_key"] != key:
-        raise ValueError(f"{d} was written with another probe configuration (key {saved['config_key']} != {key}): "
-                         "use another output directory or remove it")
+        diffs = config_diffs(saved["config"], dict(config or {})) if isinstance(saved.get("config"), dict) else \
+            [f"config key: saved {saved['config_key']}, given {key}"]
+        raise ValueError(f"{d} was written with another probe configuration ({'; '.join(diffs)}): refusing to reuse "
+                         "or replace it; use another output directory or the saved settings")
+    if saved.get("weights") != weights:
+        shown = config_diffs({"weights": saved.get("weights")}, {"weights": weights})
+        raise ValueError(f"{d} holds step {entry.step} computed from other weights at {entry.label} "
+                         f"({'; '.join(shown)}): the checkpoint changed since; refusing to reuse or replace it; use "
+                         "another output directory")
     return saved
 
 
 def _write_entry(out: Path, entry: Checkpoint, key: str, tables: Mapping[str, pd.DataFrame], identity: dict,
-                 seconds: float) -> None:
+                 seconds: float, config: Mapping[str, Any] | None = None) -> None:
     final = step_dir(out, entry.step)
     tmp = final.parent / f".tmp_{final.name}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    bad = [n for n in tables if not _plain_table_name(n)]
+    if bad:
+        raise ValueError(f"the probe returned a table named {bad[0]!r}: a table name must be a plain file name "
+                         "(no '/', '\\', leading '.' or NUL)")
     tmp.mkdir(parents=True)
-    for name, table in tables.items():
-        table.to_parquet(tmp / f"{name}.parquet", index=False)
-    record = {"entry": entry.describe(), "config_key": key, "tables": sorted(tables), "seconds": round(seconds, 3),
-              "provenance": provenance(identity)}
-    atomic_write_text(tmp / "checkpoint.json", json.dumps(record, indent=2, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        for name, table in tables.items():
+            table.to_parquet(tmp / f"{name}.parquet", index=False)
+        record = {"entry": entry.describe(), "config_key": key, "tables": sorted(tables),
+                  "seconds": round(seconds, 3), "provenance": provenance(identity), "config": dict(config or {}),
+                  "weights": entry_weights(entry)}
+        atomic_write_text(tmp / "checkpoint.json", json.dumps(record, indent=2, default=str))
+        write_manifest(tmp)  # every file's size and sha256, written last: checked when the entry is read back
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no hidden temporary directory behind
+        raise
+
+
+def _plain_table_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and not any(
+        c in name for c in "/\\\x00")
 
 
 def _read_entry(out: Path, entry: Checkpoint, saved: dict) -> dict[str, pd.DataFrame]:
+    """The tables of a verified per-step record (:func:`_saved_entry`): each must be a plain name whose file is
+    inside the step directory and listed in its manifest; anything else is refused, never followed."""
     d = step_dir(out, entry.step)
-    return {name: pd.read_parquet(d / f"{name}.parquet") for name in saved["tables"]}
+    listed = set(manifest_files(d))
+    tables = {}
+    for name in saved["tables"]:
+        rel = f"{name}.parquet" if _plain_table_name(name) else None
+        path = inside(d, rel) if rel is not None else None
+        if path is None or rel not in listed:
+            raise ValueError(f"{d / 'checkpoint.json'} names a table {name!r} that is not a file of {d} listed in its "
+                             f"{MANIFEST} (refused, not followed)")
+        tables[name] = read_parquet(path)
+    return tables
 
 
 def _reason(err: BaseException) -> str:
@@ -379,11 +512,16 @@ def run_checkpoints(
     on_error: str = "record",
     progress: bool = True,
     desc: str = "checkpoints",
+    same_architecture: bool = False,
 ) -> CheckpointRun:
     """Run ``probe(load(entry), entry)`` over ``entries``, one loaded model at a time (see module doc).
 
     ``config``: JSON-able description of what the probe computes; a rerun into the same ``out`` with
-    another one is refused. ``on_error``: ``"record"`` (bad entries go to ``failed``, the others run;
+    another one is refused (naming the fields that differ), and so is a finished step whose checkpoint's
+    weights changed since (:func:`entry_weights`). ``same_architecture``: every entry's model must have the
+    architecture of the first (``model_type``, ``n_layers``, ``d_model`` of its identity): another one is
+    refused with an :class:`ArchitectureError` naming both entries and the fields (saved entries are
+    compared before any work; finished steps stay on disk). ``on_error``: ``"record"`` (bad entries go to ``failed``, the others run;
     a warning names them) or ``"raise"`` (the first error propagates; an entry reported by the up-front
     check raises ``ValueError`` before any work).
     """
@@ -396,11 +534,30 @@ def run_checkpoints(
         raise ValueError(f"checkpoint {r['index']} (step {r['step']}): {r['reason']}")
     key = config_key(dict(config or {}))
     out_dir = check_out_dir(out) if out is not None else None
-    saved = {e.index: _saved_entry(out_dir, e, key) for e in entries} if out_dir is not None else {}
+    saved = {e.index: _saved_entry(out_dir, e, key, config) for e in entries} if out_dir is not None else {}
     if not failed.empty:
         msg = "; ".join(f"checkpoint {r.index} (step {r.step}): {r.reason}" for r in failed.itertuples())
         warnings.warn(f"skipping {len(failed)} bad checkpoint(s): {msg}", stacklevel=2)
     bad = set(failed["index"])
+    first: list[tuple[Checkpoint, dict]] = []
+
+    def check_architecture(entry: Checkpoint, identity: dict) -> None:
+        if not same_architecture:
+            return
+        shape = {k: identity.get(k) for k in ARCHITECTURE}
+        if not first:
+            first.append((entry, shape))
+            return
+        other, want = first[0]
+        diffs = config_diffs(want, shape, labels=(f"checkpoint {other.index}", f"checkpoint {entry.index}"))
+        if diffs:
+            raise ArchitectureError(f"checkpoint {entry.index} ({entry.label}) has another architecture than checkpoint "
+                                    f"{other.index} ({other.label}): {'; '.join(diffs)}; a trajectory follows one "
+                                    "model (allow_mixed_architectures=True runs them anyway)")
+
+    for entry in entries:  # finished entries first: a mismatch among them is refused before any work
+        if saved.get(entry.index) is not None:
+            check_architecture(entry, saved[entry.index]["provenance"]["model"])
     per_entry: list[dict[str, pd.DataFrame]] = []
     models: dict[int, dict] = {}
     failures = [failed] if not failed.empty else []
@@ -422,11 +579,12 @@ def run_checkpoints(
         try:
             model = load(entry)
             identity = model_identity(model)
+            check_architecture(entry, identity)
             stage = "probe"
             tables = {name: (t if "step" in t.columns else t.assign(step=entry.step))
                       for name, t in dict(probe(model, entry)).items()}
         except Exception as err:  # noqa: BLE001 - recorded with the entry's index, or re-raised
-            if on_error == "raise":
+            if on_error == "raise" or isinstance(err, ArchitectureError):
                 raise
             failures.append(pd.DataFrame([{"index": entry.index, "step": entry.step, "checkpoint": entry.label,
                                            "stage": stage, "reason": _reason(err)}], columns=FAILED_COLUMNS))
@@ -437,7 +595,7 @@ def run_checkpoints(
         ran.append(entry.index)
         models[entry.step] = identity
         if out_dir is not None:
-            _write_entry(out_dir, entry, key, tables, identity, time.perf_counter() - t_entry)
+            _write_entry(out_dir, entry, key, tables, identity, time.perf_counter() - t_entry, config)
         per_entry.append(tables)
     names = list(dict.fromkeys(n for tables in per_entry for n in tables))
     tables = {n: pd.concat([t[n] for t in per_entry if n in t], ignore_index=True) for n in names}

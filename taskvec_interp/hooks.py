@@ -43,7 +43,7 @@ HEAD_COMPONENTS: tuple[str, ...] = ("z",)
 """Per-head components: activations ``[batch, seq, n_heads, d_head]``, named ``blocks.{l}.attn.hook_{c}``
 as in TransformerLens. They are hooked by name only (never part of an adapter's ``site_names()``)."""
 
-_SITE_RE = re.compile(r"^blocks\.(-?\d+)\.(attn\.)?hook_([a-z_]+)$")
+_SITE_RE = re.compile(r"^blocks\.(-?[0-9]{1,9})\.(attn\.)?hook_([a-z_]+)$")  # ASCII digits, a sane size
 TL_ALIASES = {"in": "resid_pre", "out": "resid_post"}
 """TransformerBridge's canonical names for the residual stream (``blocks.3.hook_out`` is ``resid_post``)."""
 
@@ -138,20 +138,30 @@ FINETUNE_LAYERS: tuple[str, ...] = ("all", "td:encoder", "first", "last", "range
 LayerSpec = Union[str, int, Sequence[int], Tensor]
 
 _FIRST_LAST = re.compile(r"^(first|last):(.*)$")
-_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_RANGE = re.compile(r"^([0-9]+)\s*-\s*([0-9]+)$")
+_INT = re.compile(r"^[+-]?[0-9]+$")  # ASCII digits only: no '1_000', no other scripts' digits
+_MAX_DIGITS = 9
+"""A layer or K with more digits is beyond any model (and never reaches int(), whose own limits would leak)."""
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _layer_error(what: str, allowed: Sequence[str], spec: object, detail: str = "") -> ValueError:
     forms = [LAYER_FORMS[a] for a in allowed]
     menu = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
-    return ValueError(f"{what} must be {menu}, got {spec!r}" + (f": {detail}" if detail else ""))
+    return ValueError(f"{what} must be {menu}, got {_short(spec)}" + (f": {detail}" if detail else ""))
 
 
 def _layer_int(text: str, what: str, allowed: Sequence[str], spec: object) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise _layer_error(what, allowed, spec, f"{text!r} is not an int") from None
+    if not _INT.match(text):
+        raise _layer_error(what, allowed, spec, f"{_short(text, 40)} is not an int")
+    if len(text.lstrip("+-")) > _MAX_DIGITS:
+        raise _layer_error(what, allowed, spec, f"{_short(text, 40)} ({len(text.lstrip('+-'))} digits) is beyond any "
+                                                "model's layers")
+    return int(text)
 
 
 def _parse_layer_spec(spec: object, allowed: Sequence[str], what: str) -> tuple[str, object]:
@@ -167,7 +177,8 @@ def _parse_layer_spec(spec: object, allowed: Sequence[str], what: str) -> tuple[
         elif m := _FIRST_LAST.match(s):
             form, payload = m.group(1), _layer_int(m.group(2).strip(), what, allowed, spec)
         elif m := _RANGE.match(s):
-            form, payload = "range", (int(m.group(1)), int(m.group(2)))
+            form, payload = "range", (_layer_int(m.group(1), what, allowed, spec),
+                                      _layer_int(m.group(2), what, allowed, spec))
             if payload[0] > payload[1]:
                 raise _layer_error(what, allowed, spec, f"the range is empty (start {payload[0]} > end {payload[1]})")
         else:

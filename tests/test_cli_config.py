@@ -27,15 +27,15 @@ from taskvec_interp.synthetic.analysis import AnalysisConfig
 
 # command path -> (the config it is built from, its options that are not config fields)
 COMMANDS: dict[tuple[str, ...], tuple[type, set[str]]] = {
-    ("td",): (SweepConfig, {"--out", "--figures"}),
-    ("patch",): (PatchConfig, {"--td-sweep", "--vectors-file", "--out", "--chunk", "--figures"}),
-    ("finetune",): (FinetuneConfig, {"--out"}),
+    ("td",): (SweepConfig, {"--out", "--figures", "--overwrite"}),
+    ("patch",): (PatchConfig, {"--td-sweep", "--vectors-file", "--out", "--chunk", "--figures", "--overwrite"}),
+    ("finetune",): (FinetuneConfig, {"--out", "--overwrite"}),
     ("trajectory",): (TrajectoryConfig, {"--checkpoints", "--model", "--revisions", "--synthetic-run", "--steps",
-                                         "--out", "--figures"}),
-    ("synthetic", "analyze"): (AnalysisConfig, {"--out", "--umap"}),
-    ("demo",): (DemoConfig, {"--out"}),
-    ("heads",): (HeadsConfig, {"--preset", "--out", "--figures"}),
-    ("fv",): (FVConfig, {"--heads-dir", "--out", "--figures"}),
+                                         "--out", "--figures", "--overwrite"}),
+    ("synthetic", "analyze"): (AnalysisConfig, {"--out", "--umap", "--overwrite"}),
+    ("demo",): (DemoConfig, {"--out", "--overwrite"}),
+    ("heads",): (HeadsConfig, {"--preset", "--out", "--figures", "--overwrite"}),
+    ("fv",): (FVConfig, {"--heads-dir", "--out", "--figures", "--overwrite"}),
 }
 CALLBACKS = {("td",): cli.td, ("patch",): cli.patch, ("finetune",): cli.finetune_cmd, ("trajectory",): cli.trajectory,
              ("synthetic", "analyze"): cli.synthetic_analyze, ("demo",): cli.demo,

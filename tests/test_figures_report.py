@@ -20,6 +20,9 @@ class _Config:
 
 
 def test_write_demo_report(tmp_path):
+    from taskvec_interp.io import claim_result_dir
+
+    claim_result_dir(tmp_path, "demo")  # report.html goes only into a directory marked as a demo's
     td = pd.DataFrame([{"layer": layer, "level": "overall", "task": "all", "td": 0.1 * layer} for layer in range(5)])
     figures.plot_td_by_layer(td, path=tmp_path / "td" / "figures" / "td_by_layer.png")
     td.to_parquet(tmp_path / "td" / "td.parquet")

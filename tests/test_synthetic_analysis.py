@@ -202,7 +202,7 @@ def test_synthetic_cli_train_resume_and_analyze(tmp_path):
     assert res.exit_code == 0, res.output
     assert set(pd.read_parquet(tmp_path / "one" / "patching.parquet")["position"]) == {"-3"}
     res = runner.invoke(app, ["synthetic", "analyze", str(run), "--patch-position", "last", "--no-umap"])
-    assert res.exit_code != 0 and "patch-position" in res.output
+    assert res.exit_code != 0 and "AnalysisConfig.patch_position" in res.output + str(res.exception)
     xy = tmp_path / "xy"
     res = runner.invoke(app, ["synthetic", "train", "--out", str(xy), "--config", "tiny", "--steps", "4", "--tokens", "xy"])
     assert res.exit_code == 0, res.output

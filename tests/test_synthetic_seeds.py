@@ -143,7 +143,7 @@ def test_cli_trains_and_analyzes_seeds(tmp_path: Path) -> None:
     ok = runner.invoke(app, ["synthetic", "train", "--out", str(run), "--config", "tiny", "--steps", "6",
                              "--seeds", "0,2"])
     assert ok.exit_code == 0, ok.output
-    assert sorted(p.name for p in run.iterdir()) == ["seed_0", "seed_2"]
+    assert sorted(p.name for p in run.iterdir()) == ["result.json", "seed_0", "seed_2"]  # marked 'synthetic_seeds'
     res = runner.invoke(app, ["synthetic", "analyze", str(run), "--n-per-basis", "12", "--no-umap"])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "seeds_summary.json").read_text())["seeds"] == [0, 2]

@@ -350,7 +350,7 @@ def test_cli_trajectory(model_steps, tiny_run, tmp_path):
     for extra, msg in ((["--shots", "x"], "'--shots'"), (["--family", "sentiment"], "sentiment"),
                        (["--backend", "jax"], "jax"), (["--steps", "1,2"], "2 steps given for 1")):
         res = runner.invoke(app, [*args, "--checkpoints", str(model_steps[0]), "--out", str(tmp_path / "z"), *extra])
-        assert res.exit_code != 0 and msg in res.output, (extra, res.output)
+        assert res.exit_code != 0 and msg in res.output + str(res.exception), (extra, res.output, res.exception)
     (tmp_path / "file").write_text("x")
     res = runner.invoke(app, [*args, "--checkpoints", str(model_steps[0]), "--out", str(tmp_path / "file")])
     assert res.exit_code != 0 and "is a file" in res.output

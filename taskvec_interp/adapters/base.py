@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations import Activations
+from ..finite import NonFiniteError, describe, nonfinite_slices, overflow_advice
 from ..hooks import (
     HEAD_COMPONENTS,
     HookContext,
@@ -37,6 +38,12 @@ from ..hooks import (
 )
 
 LogitsMode = Literal["all", "last", "none"]
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error names a bad prompt without printing all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _noop(act: Tensor, ctx: HookContext) -> None:
@@ -157,6 +164,11 @@ class Adapter(ABC):
     name: str | None = None
     """What the model was loaded as (``load_model``'s spec: a built-in name, hub id or directory)."""
     revision: str | None = None
+    weights_dir: str | None = None
+    """The local directory the weights were loaded from (set by ``load_model``): its weight files fingerprint
+    the model (:mod:`~taskvec_interp.adapters.fingerprint`)."""
+    fingerprint_cache: str | None = None
+    """The JSON file caching weight files' sha256 (set by ``load_model``: in the package cache directory)."""
 
     def _hf_module(self) -> object:
         """The wrapped Hugging Face / torch module (for its config and parameters)."""
@@ -166,8 +178,21 @@ class Adapter(ABC):
                 return getattr(obj, "original_model", obj)
         return self.model
 
+    def fingerprint(self) -> dict:
+        """``{"fingerprint", "fingerprint_kind"}``: what the weights are (never the path they came from; see
+        :func:`~taskvec_interp.adapters.fingerprint.model_fingerprint`). Computed once per adapter, on first use."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            from .fingerprint import model_fingerprint
+
+            cached = model_fingerprint(self._hf_module(), weights_dir=self.weights_dir, cache=self.fingerprint_cache,
+                                       name=self.name, revision=self.revision)
+            self._fingerprint = cached
+        return dict(cached)
+
     def identity(self) -> dict:
-        """The model's real identity, recorded with every saved result: name, backend, class, shape."""
+        """The model's real identity, recorded with every saved result: name, backend, class, shape, and the
+        fingerprint of its weights (what resume and provenance compare)."""
         module = self._hf_module()
         cfg = getattr(module, "config", None)
         params = getattr(module, "parameters", None)
@@ -181,7 +206,7 @@ class Adapter(ABC):
                 "dtype": None if first is None else str(first.dtype).removeprefix("torch."),
                 "device": str(self.device),
                 "placement": None if not device_map else sorted({str(v) for v in device_map.values()}),
-                "remote": getattr(self, "remote", False) or False}
+                "remote": getattr(self, "remote", False) or False, **self.fingerprint()}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backend={self.backend!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
@@ -230,6 +255,14 @@ class Adapter(ABC):
             raise TypeError("prompts must be a list of strings, not a single string")
         if len(prompts) == 0:
             raise ValueError("empty prompt list")
+        for i, p in enumerate(prompts):  # named here, by index: a tokenizer's own error names no prompt
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} is a {type(p).__name__} ({_short(p)}), not a string")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"prompt {i} is not valid Unicode text: {err.reason} at character {err.start} "
+                                 f"({p[err.start:err.end]!r} in {_short(p)})") from None
         ids = tok(list(prompts), add_special_tokens=self.add_special_tokens)["input_ids"]
         for i, row in enumerate(ids):
             if len(row) == 0:
@@ -424,7 +457,8 @@ class Adapter(ABC):
         return sites
 
     def _capture(self, prompts: Sequence[str] | ModelInputs, sites: list[Site], position: Position,
-                 hooks: HookSpec, batch_size: int, dtype: torch.dtype, progress: bool) -> Tensor:
+                 hooks: HookSpec, batch_size: int, dtype: torch.dtype, progress: bool, what: str = "capture"
+                 ) -> Tensor:
         """``[len(sites), n_prompts, (m,) d_model]``: every site captured in one pass per batch."""
         if position is None:
             raise ValueError("capture needs a position (int or one per prompt); use hooks.capture for whole sequences")
@@ -447,10 +481,30 @@ class Adapter(ABC):
                 all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
                 self._forward(inputs, all_hooks, self._state(inputs, idx, n), "none")
                 got = torch.stack([store[s] for s in sites])
+                self._check_finite(got, sites, idx, dtype, what)  # one isfinite per batch: overflow names its layer
                 if out is None:  # per-head sites: [site, rows, (m,) n_heads, d_head], sized by the first batch
                     out = torch.empty((len(sites), n, *got.shape[2:]), dtype=dtype)
                 out[:, idx] = got
         return out
+
+    def _model_dtype(self) -> torch.dtype | None:
+        params = getattr(self._hf_module(), "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        return None if first is None else first.dtype
+
+    def _check_finite(self, got: Tensor, sites: Sequence[Site], idx: Tensor, dtype: torch.dtype, what: str) -> None:
+        """A :class:`~taskvec_interp.finite.NonFiniteError` naming the first (in forward order) site of ``got``
+        (``[site, rows, ...]``, one batch) that holds a NaN or an infinity, the first such prompt and why (a
+        capture dtype or a float16 model that overflows, with what to use instead)."""
+        bad = nonfinite_slices(got)
+        if not bad:
+            return
+        i = min(bad, key=lambda j: sites[j].order)
+        rows_ok = torch.isfinite(got[i]).reshape(got.shape[1], -1).all(1)
+        prompt = int(idx.to(rows_ok.device)[~rows_ok].min())  # the first such prompt, in call order
+        raise NonFiniteError(f"{what}: the activations at layer {sites[i].layer} ({sites[i].name}) are "
+                             f"{describe(got[i])} for prompt {prompt}, the first non-finite layer: "
+                             f"{overflow_advice(dtype, self._model_dtype())}")
 
     def generate(
         self,
@@ -479,16 +533,31 @@ class Adapter(ABC):
         n, batches = self._batches(prompts, batch_size, extra=max_new_tokens)
         acts = torch.empty((len(sites), n, self.d_model), dtype=dtype) if sites else None
         new_tokens: list[list[int]] = [[] for _ in range(n)]
+        # the last layer's output at the prompt's last token, in float32: a model whose hidden states overflow
+        # (float16) would generate from NaN logits; caught here and traced to its first layer (on failure only)
+        last = Site(self.n_layers - 1, "resid_post")
+        sentinel: dict = {}
+        watch = [] if last in sites else [(last, capture(sentinel, last, -1, torch.float32))]
         bar = tqdm(batches, desc="generate", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
                 store: dict = {}
                 cap = [(s, capture(store, s.layer, position, dtype)) for s in sites]
-                all_hooks = sorted(user_hooks + cap, key=lambda p: p[0].order)
+                all_hooks = sorted(user_hooks + cap + watch, key=lambda p: p[0].order)
                 gen = self._generate(inputs, all_hooks, self._state(inputs, idx, n), max_new_tokens)
-                self._store_rows(gen, idx, new_tokens)
                 if acts is not None:
-                    acts[:, idx] = torch.stack([store[s.layer] for s in sites])
+                    got = torch.stack([store[s.layer] for s in sites])
+                    self._check_finite(got, sites, idx, dtype, "generate")
+                    acts[:, idx] = got
+                if watch and not bool(torch.isfinite(sentinel[last]).all()):  # find the first layer that overflows
+                    every = [Site(layer, "resid_post") for layer in range(self.n_layers)]
+                    probe: dict = {}
+                    trace = sorted(user_hooks + [(s, capture(probe, s, -1, torch.float32)) for s in every],
+                                   key=lambda p: p[0].order)
+                    self._forward(inputs, trace, self._state(inputs, idx, n), "none")
+                    self._check_finite(torch.stack([probe[s] for s in every]), every, idx, torch.float32, "generate")
+                    self._check_finite(sentinel[last][None], [last], idx, torch.float32, "generate")
+                self._store_rows(gen, idx, new_tokens)
         texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
         return Generation(texts=texts, tokens=new_tokens, layers=layer_list,
                           activations=None if acts is None else Activations(acts, layer_list))
@@ -575,6 +644,12 @@ class Adapter(ABC):
                 for b, lg in enumerate(logits):
                     logp = torch.log_softmax(lg[:, :-1].double(), -1).gather(-1, target[:, :, None])[..., 0]
                     out[b, idx] = (logp * valid).sum(1).cpu()
+        bad = nonfinite_slices(out)  # a NaN log-probability is an error, never a score
+        if bad:
+            prompt = int((~torch.isfinite(out[bad[0]])).nonzero()[0, 0])
+            raise NonFiniteError(f"score_branches: the log-probability of prompt {prompt}'s answer under branch "
+                                 f"{bad[0]} is {float(out[bad[0], prompt])}: "
+                                 f"{overflow_advice(torch.float32, self._model_dtype())}")
         return out
 
     def _append_answers(self, inputs: ModelInputs, answers: list[list[int]]) -> tuple[ModelInputs, Tensor, Tensor]:

@@ -213,8 +213,34 @@ def resolve_model(spec: object, dtype: torch.dtype | None = None, device: str | 
     raise ValueError(f"cannot resolve model spec {name!r}; tried: " + "; ".join(tried))
 
 
+def weights_dir_of(name: str) -> str | None:
+    """The local directory a built-in name or a path loads its weights from (``None``: a hub id)."""
+    if name in BUILTIN:
+        return str(smollm2_dir())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return "/" in name and not name.startswith((".", "/", "~"))
+
+
+def check_model_spec(spec: object, what: str = "model") -> None:
+    """Refuse, without loading anything, a model spec that cannot resolve (``ValueError`` naming it): not a
+    built-in name, not an existing directory (one without config.json is refused too), not of a hub id's shape
+    (``org/name``; whether the hub has it is known only when it loads)."""
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"{what} must be a built-in name, a local directory or a hub id, got {type(spec).__name__}")
+    name = str(spec)
+    if name in BUILTIN:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_model_dir(path)
+        return
+    if not _looks_like_hub_id(name):
+        raise ValueError(f"{what} {name!r} cannot resolve: not a built-in name {sorted(BUILTIN)}, no directory "
+                         f"{str(path)!r}, and not a Hugging Face hub id (org/name)")
 
 
 def _remote_model(spec: object, tokenizer: object | None, revision: str | None, placement: Placement) -> object:
@@ -304,6 +330,9 @@ def load_model(
     adapter = make_adapter(model, tok, backend, merge=merge, **adapter_kwargs)
     if isinstance(spec, (str, Path)):
         adapter.name, adapter.revision = str(spec), revision
+        if not remote:
+            adapter.weights_dir = weights_dir_of(str(spec))
+    adapter.fingerprint_cache = str(cache_dir() / "fingerprints.json")
     if verify:
         from .verify import verify_adapter
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,9 +56,11 @@ from ..checkpoints import (
     scheduled_lr,
 )
 from ..config import PromptSetConfig, k_field, model_field, opt, upgrade_config
+from ..finite import NonFiniteError, json_safe, nonfinite_params
 from ..io import (
     check_result_owner,
     claim_result_dir,
+    locks_out,
     manifest_files,
     read_result_dir,
     result_problem,
@@ -357,6 +360,17 @@ def _load_base(spec: object) -> tuple[nn.Module, Any]:
     return model, tok
 
 
+def base_fingerprint(base: nn.Module, spec: str | None = None) -> dict:
+    """The fingerprint of the pretrained model a run starts from (``{"fingerprint", "fingerprint_kind"}``,
+    :func:`~taskvec_interp.adapters.fingerprint.model_fingerprint`): its weights, cached by its weight files when
+    ``spec`` (``config.model``) names a local directory or the built-in model."""
+    from ..adapters.fingerprint import model_fingerprint
+    from ..adapters.load import cache_dir, weights_dir_of
+
+    return model_fingerprint(base, weights_dir=weights_dir_of(spec) if spec is not None else None,
+                             cache=cache_dir() / "fingerprints.json")
+
+
 def _sweep_td(config: FinetuneConfig) -> pd.DataFrame | None:
     return SweepResult.load(config.td_sweep).td if config.td_sweep is not None else None
 
@@ -401,7 +415,8 @@ class FinetuneResult:
         record = {**asdict(self.config), "resolved_layers": list(self.layers), "provenance": provenance(self.model)}
         with write_result_dir(out, KIND, asdict(self.config), keep=KEEP) as tmp:
             (tmp / "config.json").write_text(json.dumps(record, indent=1))
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.metrics.to_dict("records")))
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
+                                                       for r in self.metrics.to_dict("records")))
             save_file({n: t.detach().cpu().contiguous() for n, t in self.trained.items()},
                       str(tmp / "trained.safetensors"))
             if self.eval is not None:
@@ -420,8 +435,7 @@ class FinetuneResult:
         layers = raw.pop("resolved_layers")
         model = raw.pop("provenance", {}).get("model", {})
         files = set(manifest_files(d))
-        metrics = pd.DataFrame([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()
-                                if line.strip()])
+        metrics = pd.DataFrame(read_metrics(d))  # a bad line: a ValueError naming the file and the line
         evals = {name: SweepResult.load(d / name) if f"{name}/result.json" in files else None
                  for name in ("eval", "eval_pretrained")}
         return cls(FinetuneConfig(**upgrade_config(FinetuneConfig, raw)), list(layers),
@@ -429,6 +443,7 @@ class FinetuneResult:
                    evals["eval"], evals["eval_pretrained"], model, d)
 
 
+@locks_out("out")  # one process at a time trains into a run directory
 def finetune(
     config: FinetuneConfig,
     out: str | Path,
@@ -459,12 +474,16 @@ def finetune(
         tok.pad_token = tok.eos_token
     name = config.model if model is None else getattr(getattr(base, "config", None), "_name_or_path", "") or "module"
     n_layers = len(get_module(base, find_arch(base).blocks))
+    fingerprint = base_fingerprint(base, config.model if model is None else None)  # the weights, not the path
     td = _sweep_td(config)
     if td is not None and config.layers == "td:encoder":
-        swept = json.loads((Path(config.td_sweep) / "config.json").read_text())
-        if swept.get("provenance", {}).get("model", {}).get("n_layers", n_layers) != n_layers or \
-                (model is None and swept.get("model") != config.model):
-            raise ValueError(f"the TD sweep in {config.td_sweep} comes from another model ({swept.get('model')!r})")
+        swept = read_json(Path(config.td_sweep) / "config.json")
+        theirs = swept.get("provenance", {}).get("model", {})
+        diffs = config_diffs({"model fingerprint": theirs.get("fingerprint")},
+                             {"model fingerprint": fingerprint["fingerprint"]}, labels=("sweep", "this model"))
+        if theirs.get("n_layers", n_layers) != n_layers or diffs:
+            raise ValueError(f"the TD sweep in {config.td_sweep} comes from another model ({swept.get('model')!r}; "
+                             f"{'; '.join(diffs) or 'n_layers'})")
     layers = resolve_layer_spec(config.layers, n_layers, td, config.shots)
     data = training_data(tok, config)  # refuses a family without a train side or too few examples
     evaluation = eval_prompts(config)  # ... and an evaluation side too small for the shots
@@ -473,20 +492,23 @@ def finetune(
     cfg_dict = asdict(config)
     held = list_checkpoints(out)
     cfg_path = out / "config.json"
+    given_key = {"model fingerprint": fingerprint["fingerprint"]}
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        saved.pop("provenance", None)
+        saved = read_json(cfg_path)
+        saved_key = {"model fingerprint": ((saved.pop("provenance", None) or {}).get("model") or {}).get("fingerprint")}
         saved.pop("resolved_layers", None)
         try:  # a config written before a field was renamed or a spec canonicalised compares by its current form
             saved = asdict(FinetuneConfig(**upgrade_config(FinetuneConfig, saved)))
         except (TypeError, ValueError):
             pass  # not a config this version can read: compared as it is (and refused)
-        diffs = config_diffs(saved, cfg_dict, RUNTIME_FIELDS)
+        # the model by its weights' fingerprint, never by its path string: the same weights elsewhere resume
+        diffs = config_diffs({**saved, **saved_key}, {**cfg_dict, **given_key}, RUNTIME_FIELDS | {"model"})
         if diffs:
-            raise ValueError(f"{out} holds a fine-tuning run with another config; refusing to resume. "
-                             "Differences: " + "; ".join(diffs))
-    elif held:
-        raise ValueError(f"{out} has checkpoints but no config.json; refusing to resume")
+            raise ValueError(f"{out} holds a fine-tuning run with another config; refusing to resume (nothing there "
+                             "was changed or deleted). Differences: " + "; ".join(diffs))
+    elif held or (out / "eval_pretrained").exists():
+        raise ValueError(f"{out} has checkpoints or an evaluation but no config.json: it cannot be told to belong to "
+                         "this run; refusing to resume")
     if held and held[-1][0] > config.steps:
         raise ValueError(f"{out} already holds checkpoints up to step {held[-1][0]}, beyond steps={config.steps}: "
                          f"use steps >= {held[-1][0]} or a new output directory")
@@ -507,6 +529,11 @@ def finetune(
         done.save(out)
         return done
     claim_result_dir(out, KIND, cfg_dict)
+    base_identity = {"name": name, "n_layers": n_layers, "model_type": getattr(base.config, "model_type", None),
+                     **fingerprint}
+    # what the run is, before any of its work (the pretrained evaluation included): a rerun is compared with it
+    atomic_write_text(cfg_path, json.dumps({**cfg_dict, "resolved_layers": layers,
+                                            "provenance": provenance(base_identity)}, indent=1))
     clean_partial(out)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # dropout and LoRA init draw from torch's RNG: fork, never reseed it
@@ -516,8 +543,7 @@ def finetune(
         torch.manual_seed(config.seed)
         trained = prepare_model(base, config, layers)
         params = [p for p in trained.parameters() if p.requires_grad]
-        identity = {"name": name, "n_layers": n_layers, "model_type": getattr(base.config, "model_type", None),
-                    "trainable_params": sum(p.numel() for p in params)}
+        identity = {**base_identity, "trainable_params": sum(p.numel() for p in params)}
         atomic_write_text(cfg_path, json.dumps({**cfg_dict, "resolved_layers": layers,
                                                 "provenance": provenance(identity)}, indent=1))
         if eval_before is not None:
@@ -533,7 +559,8 @@ def finetune(
             gen.set_state(rng["data_generator"])
             torch.set_rng_state(rng["torch"])
             recs = [r for r in read_metrics(out) if r["step"] <= start]
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
+                                  for r in recs))
         elif (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
         end = config.steps if stop_at is None else min(stop_at, config.steps)
@@ -544,10 +571,11 @@ def finetune(
                        disable=not progress, dynamic_ncols=True)
             for step in bar:
                 loss, n_tok = train_step(trained, opt, data, gen, config, step, tok.pad_token_id, params)
+                _check_finite_step(out, step, loss, trained, config)  # before this step writes anything
                 metrics.write(json.dumps({"step": step, "loss": loss, "answer_tokens": n_tok,
                                           "lr": scheduled_lr(step, config.lr, config.steps, config.warmup_steps,
                                                              "cosine", config.min_lr_ratio),
-                                          "elapsed_s": round(time.perf_counter() - t0, 3)}) + "\n")
+                                          "elapsed_s": round(time.perf_counter() - t0, 3)}, allow_nan=False) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if step % config.ckpt_every == 0 or step == config.steps:
@@ -568,6 +596,28 @@ def finetune(
     result = FinetuneResult(config, layers, weights, pd.DataFrame(read_metrics(out)), after, eval_before, identity)
     result.save(out)  # replaces the run directory whole; its checkpoints are carried over
     return result
+
+
+def _check_finite_step(out: Path, step: int, loss: float, model: nn.Module, config: FinetuneConfig) -> None:
+    """A non-finite loss, or trainable weights an update made non-finite, stop the run at ``step`` with a
+    :class:`~taskvec_interp.finite.NonFiniteError` naming the step and the last good checkpoint (kept);
+    nothing of the step is written."""
+    what = None
+    if not math.isfinite(loss):
+        what = f"the training loss is {loss}"
+    else:
+        bad = nonfinite_params((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        if bad:
+            what = f"the trainable weights are not finite after the update ({bad[0]}" + \
+                   (f" and {len(bad) - 1} more)" if len(bad) > 1 else ")")
+    if what is None:
+        return
+    good, _ = latest_good_checkpoint(out)
+    kept = f"the last good checkpoint is {good[1]} (step {good[0]}), kept as it is" if good else \
+        "no checkpoint was written yet"
+    raise NonFiniteError(f"fine-tuning diverged in {out}: {what} at step {step}; stopped there, nothing was written "
+                         f"after it and {kept}. Train with a lower lr (now {config.lr:g}) or a grad_clip, in a new "
+                         "output directory")
 
 
 def _done(sweep_dir: Path) -> bool:
@@ -633,14 +683,19 @@ def compare_runs(runs: Sequence[str | Path | FinetuneResult]) -> FinetuneCompari
     """(summary, per_task, td): the Table-1-like comparison of fine-tuning runs (directories or results) and the
     pretrained model, as a :class:`FinetuneComparison` (a named tuple: ``summary, per_task, td = ...``).
 
-    ``summary``: one row per model (``pretrained`` + each run's layer spec): mean +- std over the
-    non-Null tasks of exact-match accuracy and of per-task TD at the pretrained model's peak layer, and
-    the peak overall TD. ``per_task``: accuracy and TD per task. ``td``: overall TD per layer per model.
+    ``summary``: one row per model (``pretrained`` + each run's layer spec; two runs of one spec are told apart
+    by their directory names): mean +- std over the non-Null tasks of exact-match accuracy and of per-task TD
+    at the pretrained model's peak layer, and the peak overall TD. ``per_task``: accuracy and TD per task.
+    ``td``: overall TD per layer per model. Runs are keyed by their identity (their directory), never by their
+    layer spec; the same run given twice, and runs of different base models (their weights' fingerprints: one
+    table has one pretrained baseline) are refused (``ValueError`` naming both runs).
     """
     if not runs:
         raise ValueError("give at least one fine-tuning run directory")
     results: dict[str, SweepResult] = {}
-    for run in runs:
+    seen: dict[object, str] = {}
+    first: tuple[str, dict] | None = None
+    for i, run in enumerate(runs):
         if isinstance(run, FinetuneResult):
             res = run
         else:
@@ -652,9 +707,27 @@ def compare_runs(runs: Sequence[str | Path | FinetuneResult]) -> FinetuneCompari
         if res.eval is None:
             raise ValueError(f"{res.path or 'the run'} has no eval results to compare: it was not evaluated "
                              "(finetune(..., evaluate=False))")
+        where = str(res.path) if res.path is not None else f"run {i}"
+        key = res.path.resolve() if res.path is not None else id(res)
+        if key in seen:
+            raise ValueError(f"{where} is given twice (as {seen[key]} too): give each run once")
+        seen[key] = where
+        base = _base_key(res.model)
+        if first is None:
+            first = (where, base)
+        else:
+            diffs = config_diffs(first[1], base, labels=(first[0], where))
+            if diffs:
+                raise ValueError(f"the runs start from different base models ({'; '.join(diffs)}): one comparison has "
+                                 "one pretrained baseline; compare runs of one base model")
         if "pretrained" not in results and res.eval_pretrained is not None:
             results["pretrained"] = res.eval_pretrained
-        results[res.label] = res.eval
+        label = res.label
+        if label in results:  # another run of the same spec: both rows stay, told apart by their directories
+            label = f"{label} ({res.path.name if res.path is not None else i})"
+            while label in results:
+                label = f"{label} #{i}"
+        results[label] = res.eval
     base = results.get("pretrained", next(iter(results.values())))
     overall = base.td[base.td["level"] == "overall"]
     peak = int(overall.loc[overall["td"].idxmax(), "layer"])
@@ -672,6 +745,14 @@ def compare_runs(runs: Sequence[str | Path | FinetuneResult]) -> FinetuneCompari
     per = pd.concat(per_task, ignore_index=True)[["model", "task", "exact", "td"]]
     return FinetuneComparison(pd.DataFrame(summary), per,
                               pd.concat(td_rows, ignore_index=True)[["model", "layer", "td"]])
+
+
+def _base_key(model: dict) -> dict:
+    """What identifies a run's base model: its weights' fingerprint (runs of older versions: name and shape)."""
+    model = model or {}
+    if model.get("fingerprint") is not None:
+        return {"model fingerprint": model["fingerprint"]}
+    return {k: model.get(k) for k in ("name", "model_type", "n_layers")}
 
 
 COMPARISON_KIND = "finetune_comparison"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import typer
 
-from ..cli_config import config_command
+from ..cli_config import config_command, overwrite_option, own_out
 from .function_vectors import FVConfig
 from .heads import PRESETS, HeadsConfig
 
@@ -53,11 +53,12 @@ def _check_out(out: Path) -> None:
         raise typer.BadParameter(f"--out: {err}") from None
 
 
-def _load(config) -> tuple[object, object]:
+def _load(config, out: Path, kind: str, overwrite: bool) -> tuple[object, object]:
     from ..adapters import load_model
     from ..tasks import get_family
 
     fam = get_family(config.family, **config.family_kwargs)  # a bad family fails before the model loads
+    own_out(out, kind, overwrite=overwrite)  # --out checked (missing, empty or a result of this kind) and locked
     return fam, load_model(config.model, backend=config.backend)
 
 
@@ -68,15 +69,16 @@ def heads(
                                           "(the defaults are the 'todd' preset)"),
     out: Path = typer.Option(Path("runs/heads"), help="output directory (results + config + figures)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Which attention heads carry the task: the causal indirect effect of every head (every head a branch of one
     shared prompt prefix), its average over prompts and tasks with CIs, per-head TD, and the function vector of
     the top heads (function_vectors.safetensors: `taskvec patch --vectors-file` injects it)."""
-    from .heads import run_heads
+    from .heads import KIND, run_heads
 
     _check_out(out)
     cfg = apply_preset(config, preset)
-    fam, adapter = _load(cfg)
+    fam, adapter = _load(cfg, out, KIND, overwrite)
     # finished chunks of heads (--chunk-heads) are kept beside --out until the result is written: a rerun resumes
     result = run_heads(adapter, cfg, fam, checkpoint_dir=out.parent / f".{out.name}.partial"
                        if cfg.chunk_heads is not None else None)
@@ -105,10 +107,11 @@ def fv(
                                               "without it the head analysis runs first"),
     out: Path = typer.Option(Path("runs/fv"), help="output directory (results + config + figures)"),
     figures: bool = typer.Option(True, help="write PNG figures"),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Function vectors injected: zero-shot (a layer sweep), shuffled-label and natural-text prompts, beside the
     paper's and Hendel et al.'s task vectors (zero-shot gain by layer, cosine similarities)."""
-    from .function_vectors import run_function_vectors
+    from .function_vectors import KIND, run_function_vectors
     from .heads import HeadsResult
 
     _check_out(out)
@@ -118,7 +121,7 @@ def fv(
             given = HeadsResult.load(heads_dir)
         except ValueError as err:
             raise typer.BadParameter(f"--heads-dir: {err}") from None
-    fam, adapter = _load(config)
+    fam, adapter = _load(config, out, KIND, overwrite)
     result = run_function_vectors(adapter, config, fam, heads=given)
     result.save(out)
     s = result.summary

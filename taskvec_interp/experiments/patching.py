@@ -21,6 +21,8 @@ the prefix runs once per prompt batch, each condition only its last token and th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -43,9 +45,9 @@ from ..config import (
     n_boot_field,
     opt,
 )
-from ..engine import run_conditions
+from ..engine import check_conditions_dir, clear_chunks, run_conditions
 from ..interventions import get_intervention, intervention_names
-from ..io import read_result_dir, write_result_dir
+from ..io import config_diffs, manifest_fingerprint, read_result_dir, sha256_file, write_result_dir
 from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
@@ -63,7 +65,7 @@ from ..validate import (
     check_seed,
     check_str,
 )
-from .sweep import peak_layer_of
+from .sweep import SweepResult, peak_layer_of
 
 # ------------------------------------------------------------------------------------------------
 # Interventions as hooks
@@ -217,6 +219,9 @@ class PatchResult:
     summary: dict
     model: dict = field(default_factory=dict)
     seconds: float = 0.0
+    inputs: dict = field(default_factory=dict)
+    """What the run read besides the model (recorded in config.json): ``vectors`` (a given vectors file: its
+    path, sha256 and provenance) and ``td_sweep`` (a TD sweep: its path, manifest fingerprint, model)."""
 
     def at_layer(self, layer: int | None = None) -> pd.DataFrame:
         """Task x (baseline, positive, negative) accuracy at one layer (default: the summary's layer, the
@@ -236,7 +241,7 @@ class PatchResult:
         with write_result_dir(out, KIND, asdict(self.config)) as tmp:
             write_json(tmp / "config.json", {**asdict(self.config), "model": self.model.get("name", self.config.model),
                                               "backend": self.model.get("backend", self.config.backend),
-                                              "provenance": provenance(self.model)})
+                                              "inputs": self.inputs, "provenance": provenance(self.model)})
             for name in TABLES:
                 getattr(self, name).to_parquet(tmp / f"{name}.parquet", index=False)
             self.vectors.save(tmp / "vectors.safetensors")
@@ -250,6 +255,7 @@ class PatchResult:
         d = read_result_dir(directory, KIND)
         raw = read_json(d / "config.json")
         model = raw.pop("provenance", {}).get("model", {})
+        inputs = raw.pop("inputs", {})
         raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
         from ..config import upgrade_config
 
@@ -258,7 +264,7 @@ class PatchResult:
         summary = read_json(d / "summary.json")
         seconds = summary.pop("seconds", 0.0)
         return cls(config, tables["accuracy"], tables["predictions"], tables["td"], tables["relation"],
-                   TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds)
+                   TaskVectors.load(d / "vectors.safetensors"), summary, model, seconds, inputs)
 
 
 def load_patching(directory: str | Path) -> PatchResult:
@@ -311,6 +317,68 @@ def td_relation(accuracy: pd.DataFrame, td: pd.DataFrame, null: str = NULL_TASK)
     return pd.DataFrame(rows, columns=cols)
 
 
+def check_td_sweep(sweep: str | Path | SweepResult, adapter: Adapter, shots: int) -> tuple[pd.DataFrame, dict]:
+    """A TD sweep (its directory, or a loaded :class:`SweepResult`) checked against the model and the shots:
+    ``(td table, record)``. Refused (``ValueError`` naming the sweep): a sweep that records no model fingerprint,
+    one of another model (the fingerprints, never the path strings, are compared), one without ``shots``-shot
+    rows. The record (what config.json keeps): its path, its own fingerprint (the sha256 of its manifest), the
+    model's fingerprint, its shot counts and its peak layer at ``shots``."""
+    path = None
+    if not isinstance(sweep, SweepResult):
+        path = Path(sweep)
+        sweep = SweepResult.load(path)
+    where = f"the TD sweep {path}" if path is not None else "the TD sweep"
+    theirs = (sweep.model or {}).get("fingerprint")
+    if theirs is None:
+        raise ValueError(f"{where} does not record model.fingerprint (missing key): it cannot be tied to this model; "
+                         "recompute it with this version (taskvec td)")
+    diffs = config_diffs({"model fingerprint": theirs}, {"model fingerprint": adapter.fingerprint()["fingerprint"]},
+                         labels=("sweep", "this model"))
+    if diffs:
+        raise ValueError(f"{where} comes from another model ({'; '.join(diffs)}): its peak layer is not this model's")
+    have = sorted({int(s) for s in sweep.config.shots})
+    if shots not in have:
+        raise ValueError(f"{where} has no {shots}-shot TD (it has shots {have}): sweep {shots} shots too, or patch "
+                         f"with --shots among {have}")
+    record = {"path": None if path is None else str(path),
+              "fingerprint": None if path is None else manifest_fingerprint(path), "model fingerprint": theirs,
+              "shots": have, "peak_layer": peak_layer_of(sweep.td, shots)}
+    return sweep.td, record
+
+
+def _sha256_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _vectors_record(vectors: TaskVectors) -> dict:
+    """What patching records of vectors it was given: their file (path, sha256), content hash and provenance."""
+    model = vectors.meta.get("model") or {}
+    src = vectors.source
+    return {"file": None if src is None else str(src),
+            "file_sha256": None if src is None or not Path(src).is_file() else sha256_file(src),
+            "sha256": _sha256_tensor(vectors.vectors), "definition": vectors.definition, "layers": vectors.layers,
+            "component": vectors.meta.get("component"), "shots": vectors.meta.get("shots"),
+            "template": vectors.meta.get("template"), "model fingerprint": model.get("fingerprint")}
+
+
+def _resume_key(config: PatchConfig, adapter: Adapter, inputs: dict, peak_layer: int | None,
+                given: dict[str, Sequence[Prompt] | None]) -> dict:
+    """What finished chunks are computed with: the whole config (the model by its fingerprint, never its path
+    string), the inputs (vectors, TD sweep: by content), a given peak layer and given prompt sets (by content)."""
+    ident = adapter.identity()
+    key: dict = {k: v for k, v in asdict(config).items() if k != "model"}
+    key |= {"model fingerprint": ident.get("fingerprint"), "model dtype": ident.get("dtype"), "peak_layer": peak_layer}
+    if "vectors" in inputs:
+        key["vectors"] = inputs["vectors"]["sha256"]
+    if "td_sweep" in inputs:
+        key["td_sweep"] = inputs["td_sweep"].get("fingerprint") or inputs["td_sweep"].get("sha256")
+    for name, prompts in given.items():
+        if prompts is not None:
+            text = json.dumps([p.to_dict() for p in prompts], sort_keys=True, default=str)
+            key[name] = hashlib.sha256(text.encode()).hexdigest()
+    return key
+
+
 def _resolve_patch_layers(config: PatchConfig, n_layers: int) -> list[int] | None:
     """Checked layers, or ``None`` for ``"peak"`` (known after the baseline pass)."""
     if config.layers == "peak":
@@ -327,7 +395,7 @@ def run_patching(
     vector_prompts: Sequence[Prompt] | None = None,
     vectors: TaskVectors | None = None,
     peak_layer: int | None = None,
-    td_sweep: pd.DataFrame | None = None,
+    td_sweep: pd.DataFrame | SweepResult | str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
@@ -335,15 +403,28 @@ def run_patching(
     """Task-vector interventions on ``adapter`` (see the module docstring and :class:`PatchConfig`).
 
     ``prompts`` / ``vector_prompts`` replace the built evaluation / vector prompt sets; ``vectors``
-    replaces the vectors (checked against the model). ``peak_layer`` or ``td_sweep`` (the ``td``
-    table of a :func:`run_sweep`) fix the peak layer for ``layers="peak"``; otherwise it is the peak
-    of the baseline pass's TD. Everything is checked before any model work.
+    replaces the vectors (checked against the model and, :meth:`TaskVectors.check_run`, the config's
+    definition, component, shots and template; a vectors file must record them all). ``peak_layer`` or
+    ``td_sweep`` (a sweep's directory or :class:`SweepResult`, checked against the model and the shots by
+    :func:`check_td_sweep`; or the ``td`` table of a :func:`run_sweep`) fix the peak layer for
+    ``layers="peak"``; otherwise it is the peak of the baseline pass's TD. Given vectors and sweeps are
+    recorded in ``result.inputs`` (config.json). ``checkpoint_dir``: finished chunks of conditions are kept
+    there with what they were computed with (the whole config, the model's fingerprint, the inputs); a rerun
+    with anything else is refused naming the fields that differ, and the chunks are left as they are.
+    Everything is checked before any model work.
     """
     t0 = time.perf_counter()
     fam = family if family is not None else get_family(config.family, **config.family_kwargs)
     template = PromptTemplate(**config.template)
     builder = PromptBuilder(template)
     layers = _resolve_patch_layers(config, adapter.n_layers)
+    given = {"prompts": prompts, "vector_prompts": vector_prompts}
+    inputs: dict = {}
+    if isinstance(td_sweep, pd.DataFrame):
+        inputs["td_sweep"] = {"sha256": hashlib.sha256(pd.util.hash_pandas_object(td_sweep, index=False)
+                                                       .to_numpy().tobytes()).hexdigest()}
+    elif td_sweep is not None:
+        td_sweep, inputs["td_sweep"] = check_td_sweep(td_sweep, adapter, config.shots)
     if peak_layer is not None:
         peak_layer = H.parse_layers([peak_layer], adapter.n_layers, what="peak_layer")[0]
     if td_sweep is not None and peak_layer is None:
@@ -371,6 +452,9 @@ def run_patching(
             raise ValueError("zero_shot with given vectors needs vector_prompts= (the k-shot prompts TD is read "
                              "from)")
         vectors.check_model(adapter)
+        vectors.check_run(definition=config.definition, component=config.component, shots=config.shots,
+                          template=config.template)
+        inputs["vectors"] = _vectors_record(vectors)
         missing = [t for t in names if t not in vectors.tasks]
         if missing:
             raise ValueError(f"the task vectors have no vector for tasks {missing}")
@@ -379,6 +463,8 @@ def run_patching(
             if absent:
                 raise ValueError(f"the task vectors have no layers {absent} (have {vectors.layers})")
     checks, max_new = answer_budget(adapter, prompts, config.max_new_tokens)
+    resume = _resume_key(config, adapter, inputs, peak_layer, given)
+    check_conditions_dir(checkpoint_dir, resume)  # finished chunks of another run: refused before any model work
     stop = template.example_separator
     if vectors is None:
         vectors = task_vectors(adapter, vector_prompts, config.definition, layers if layers is not None else "all",
@@ -431,7 +517,7 @@ def run_patching(
         return frames
 
     preds = run_conditions(conds, evaluate, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
-                           progress=progress, desc="interventions")
+                           progress=progress, desc="interventions", config=resume, cleanup=False)
     preds["layer"] = preds["layer"].astype("Int64")
     preds.insert(5, "direction", [direction_of(v, fam.null.name) for v in preds["vector"]])
     correct = torch.tensor(preds["exact"].to_numpy(), dtype=torch.bool).view(len(conds), len(prompts))
@@ -448,6 +534,8 @@ def run_patching(
     result.summary = patch_summary(result, peak_layer, names, fam.null.name)
     result.summary["engine"] = sorted(set(preds.loc[preds["direction"] != "baseline", "engine"]))
     result.seconds = time.perf_counter() - t0
+    result.inputs = inputs
+    clear_chunks(checkpoint_dir)  # the result is whole: its chunks are no longer needed
     return result
 
 
@@ -478,7 +566,7 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
 
 
 __all__ = [
-    "DIRECTIONS", "NO_VECTOR", "PatchConfig", "PatchResult", "direction_of", "intervention_hooks", "load_patching",
+    "DIRECTIONS", "NO_VECTOR", "PatchConfig", "PatchResult", "check_td_sweep", "direction_of", "intervention_hooks", "load_patching",
     "patch_conditions", "patch_summary", "run_conditions", "run_patching",
     "td_relation",
 ]

@@ -32,6 +32,7 @@ from ..config import (
     n_boot_field,
     opt,
 )
+from ..finite import NonFiniteError
 from ..hooks import CAPTURE_LAYERS, check_layer_spec
 from ..io import manifest_files, read_result_dir, write_result_dir
 from ..probes.accuracy import icl_accuracy
@@ -188,6 +189,9 @@ def fit_td_accuracy(
     from scipy.stats import linregress
 
     overall = td[td["level"] == "overall"]
+    if len(overall) and overall["td"].isna().all():  # an all-NaN evaluation has no peak and no fit
+        raise NonFiniteError(f"the overall TD is NaN at every layer ({sorted(set(overall['layer']))}): nothing to fit; "
+                             "the activations it was computed from were not finite")
     if layer is None:
         layer = int(overall.groupby("layer")["td"].mean().idxmax())
     elif layer not in set(overall["layer"]):
@@ -196,6 +200,10 @@ def fit_td_accuracy(
     points = per_task.merge(accuracy[["task", "shots", "exact"]], on=["task", "shots"])
     if not include_null:
         points = points[points["task"] != NULL_TASK]
+    for col, what in (("td", f"TD at layer {layer}"), ("exact", "accuracy")):
+        if len(points) and points[col].isna().all():
+            raise NonFiniteError(f"{what} is NaN for every task x shots point of the fit: an all-NaN evaluation is "
+                                 "an error, not a fit")
     fit = {"layer": layer, "n_points": len(points), "r2": math.nan, "slope": math.nan, "intercept": math.nan}
     if len(points) >= 3 and points["td"].nunique() > 1 and points["exact"].nunique() > 1:
         reg = linregress(points["td"], points["exact"])

@@ -47,10 +47,18 @@ from ..engine import (  # noqa: F401 - re-exported: the trajectory API names its
     step_dir,
 )
 from ..hooks import CAPTURE_LAYERS, check_layer_spec
-from ..io import check_result_owner, read_result_dir, write_result_dir
+from ..io import check_result_owner, listed_file, locks_out, read_result_dir, write_result_dir
 from ..probes.decodability import METRICS
 from ..results import provenance, read_json, read_parquet
-from ..validate import check_choice, check_int, check_knn_k, check_n_boot, check_optional_int, check_str
+from ..validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_knn_k,
+    check_n_boot,
+    check_optional_int,
+    check_str,
+)
 
 # ------------------------------------------------------------------------------------------------
 # The default probe: TD at every layer + ICL accuracy, per checkpoint (paper Fig. 5)
@@ -86,6 +94,8 @@ class TrajectoryConfig(PromptSetConfig):
     dtype: str | None = opt(None, "dtype each checkpoint loads in (default: float32)", choices=tuple(sorted(DTYPES)))
     device: str | None = opt(None, "device each checkpoint loads on, e.g. cuda (default: cpu)")
     summary_layer: int | None = opt(None, "layer of the summary's mean TD (default: each checkpoint's peak)")
+    allow_mixed_architectures: bool = opt(False, "run checkpoints of different architectures (model_type, layers, "
+                                                 "d_model) as one trajectory")
 
     def __post_init__(self) -> None:
         self.check_prompt_set()
@@ -100,6 +110,7 @@ class TrajectoryConfig(PromptSetConfig):
         if self.device is not None:
             check_str("TrajectoryConfig.device", self.device)
         check_optional_int("TrajectoryConfig.summary_layer", self.summary_layer, 0)
+        check_bool("TrajectoryConfig.allow_mixed_architectures", self.allow_mixed_architectures)
 
     def sweep_config(self, model: str = "") -> Any:
         from .sweep import SweepConfig
@@ -108,6 +119,38 @@ class TrajectoryConfig(PromptSetConfig):
                            n_per_task=self.n_per_task, seed=self.seed, k=self.k, metric=self.metric,
                            layers=self.layers, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
                            n_boot=self.n_boot, template=dict(self.template), family_kwargs=dict(self.family_kwargs))
+
+
+def _local_architecture(entry: Checkpoint) -> dict | None:
+    """``model_type``, ``n_layers``, ``d_model`` of a local checkpoint directory, read from its config.json
+    (``None`` where it cannot be read: the load will say why)."""
+    if entry.kind != "local" or not (Path(entry.location) / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(entry.location)
+    except Exception:  # noqa: BLE001 - an unreadable config is the loader's to report, with the entry's index
+        return None
+    return {"model_type": getattr(cfg, "model_type", None), "n_layers": getattr(cfg, "num_hidden_layers", None),
+            "d_model": getattr(cfg, "hidden_size", None)}
+
+
+def check_architectures(entries: Sequence[Checkpoint]) -> None:
+    """Refuse (:class:`~taskvec_interp.engine.ArchitectureError`, before any model loads) local checkpoint
+    directories whose config.json give another architecture (model_type, n_layers, d_model) than the first's,
+    naming both entries and the fields; other entries are compared when they load."""
+    from ..engine import ArchitectureError
+    from ..io import config_diffs
+
+    shapes = [(e, a) for e in entries if (a := _local_architecture(e)) is not None]
+    for entry, shape in shapes[1:]:
+        first, want = shapes[0]
+        diffs = config_diffs(want, shape, labels=(f"checkpoint {first.index}", f"checkpoint {entry.index}"))
+        if diffs:
+            raise ArchitectureError(f"checkpoint {entry.index} ({entry.label}) has another architecture than checkpoint "
+                                    f"{first.index} ({first.label}): {'; '.join(diffs)}; a trajectory follows one "
+                                    "model (allow_mixed_architectures=True runs them anyway)")
 
 
 def language_model_loader(backend: str = "torch", dtype: str | None = None, device: str | None = None) -> Load:
@@ -262,7 +305,9 @@ class TrajectoryResult:
         keys = {f.name for f in fields(Checkpoint)}
         entries = [Checkpoint(**{k: v for k, v in c.items() if k in keys}) for c in described]
         models = {c["step"]: c["model"] for c in described if c.get("model") is not None}
-        tables = {name: read_parquet(d / f"{name}.parquet") for name in names if name != "failed"}
+        source = str(d / "config.json")  # a table it names must be a file of this result (never followed out)
+        tables = {name: read_parquet(listed_file(d, f"{name}.parquet" if isinstance(name, str) else name, source))
+                  for name in names if name != "failed"}
         return cls(record, tables, read_parquet(d / "failed.parquet"), entries, models, seconds, outcome)
 
 
@@ -276,6 +321,7 @@ def trajectory_result(run: CheckpointRun, config: dict, outcome_table: str = "ac
     return TrajectoryResult(config, tables, run.failed, run.entries, run.models, run.seconds, outcome)
 
 
+@locks_out("out")  # one process at a time writes its per_step/ and result
 def run_trajectory(
     entries: Sequence[Checkpoint],
     config: TrajectoryConfig | None = None,
@@ -304,10 +350,14 @@ def run_trajectory(
                          "taskvec_interp.synthetic.analysis.synthetic_trajectory")
     if out is not None:
         check_result_owner(out, KIND, KEEP)  # before any model loads: a directory of someone else's is refused
+    if not config.allow_mixed_architectures:
+        check_architectures(entries)  # local directories, from their config.json: before any model loads
     record = {"probe": "td_accuracy", **asdict(config), "family": fam.name}
+    record.pop("allow_mixed_architectures")  # decides what may run together, not what a checkpoint's numbers are
     run = run_checkpoints(entries, sweep_probe(config, fam, progress=False),
                           load or language_model_loader(config.backend, config.dtype, config.device),
-                          config=record, out=out, on_error=on_error, progress=progress)
+                          config=record, out=out, on_error=on_error, progress=progress,
+                          same_architecture=not config.allow_mixed_architectures)
     if not run.tables:
         result = TrajectoryResult(record, {}, run.failed, run.entries, run.models, run.seconds)
         raise TrajectoryError(result)

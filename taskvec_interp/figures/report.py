@@ -53,9 +53,17 @@ def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Pat
     import html
     import json
 
-    from ..results import provenance
+    from ..io import inside_or_raise
+    from ..results import provenance, read_parquet
 
     out = Path(result.out)
+    if path is None:  # beside the demo's results: only in a directory marked as a demo's (never someone's report.html)
+        from ..io import read_marker
+
+        marker = read_marker(out) if out.is_dir() else None
+        if marker is None or marker.get("kind") != "demo":
+            raise ValueError(f"{out} is not a demo's directory (no demo result.json): refusing to write report.html "
+                             "there; pass path= for a report elsewhere")
     path = Path(path) if path is not None else out / "report.html"
     esc = html.escape
     body = [f"<h1>Task vectors in in-context learning: the paper's story on {esc(str(result.model.get('name')))}</h1>",
@@ -75,11 +83,12 @@ def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Pat
         rows = "".join(f"<tr><td>{esc(r['metric'])}</td><td class='num'>{esc(str(r['ours']))}</td>"
                        f"<td class='paper'>{esc(r['paper'])}</td></tr>" for r in part.headline)
         body.append(f"<table class='headline'><tr><th>headline</th><th>ours</th><th>paper</th></tr>{rows}</table>")
+        source = f"part {part.name!r} of the demo in {str(out)!r}"  # a path outside out is refused, never embedded
         for fig in part.figures:
-            body.append(_img(out / fig))
+            body.append(_img(inside_or_raise(out, fig, f"{source} (figures)")))
         for caption, table in part.tables.items():
             body.append(f"<details open><summary>{esc(caption)} (<code>{esc(table)}</code>)</summary>"
-                        f"{_table_html(pd.read_parquet(out / table))}</details>")
+                        f"{_table_html(read_parquet(inside_or_raise(out, table, f'{source} (tables)')))}</details>")
         body.append(f'<p class="meta">wall time {part.seconds:.0f} s</p></section>')
     from dataclasses import asdict
 

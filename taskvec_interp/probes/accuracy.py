@@ -26,6 +26,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..adapters.base import Adapter, Generation
+from ..finite import NonFiniteError, describe, overflow_advice
 from ..hooks import HookSpec
 from ..tasks.prompts import Prompt
 from ..tasks.tokenization import AnswerTokens, check_tokenization
@@ -79,7 +80,30 @@ def icl_accuracy(
     checks, max_new_tokens = answer_budget(adapter, prompts, max_new_tokens)
     gen = adapter.generate([p.text for p in prompts], max_new_tokens, hooks=hooks, capture_layers=capture_layers,
                            batch_size=batch_size, progress=progress)
-    return AccuracyResult(score_generation(prompts, gen, checks, stop), gen.activations, gen.layers, max_new_tokens)
+    predictions = score_generation(prompts, gen, checks, stop)
+    if not predictions["exact"].any() and not predictions["first_token"].any():
+        check_finite_logits(adapter, prompts[0].text)  # every answer wrong: NaN logits are not an accuracy of 0
+    return AccuracyResult(predictions, gen.activations, gen.layers, max_new_tokens)
+
+
+def check_finite_logits(adapter: Adapter, prompt: str) -> None:
+    """One forward pass of the model itself over ``prompt``: a :class:`~taskvec_interp.finite.NonFiniteError`
+    when its hidden states (naming the first layer that is not finite) or its next-token logits are NaN or
+    infinite, so an evaluation of NaN is an error rather than an accuracy of 0. Cheap: :func:`icl_accuracy` runs
+    it only when every answer was wrong. (Hooks of the evaluation are checked where they run: ``generate``
+    refuses non-finite hidden states at the last layer.) Any other error of this one-prompt pass (a hook
+    attached with ``adapter.hooks`` that expects every prompt) leaves the result as it is."""
+    try:
+        adapter.capture([prompt], "all", dtype=torch.float32, progress=False)  # raises naming the layer
+        logits = adapter.forward([prompt], logits="last")
+    except NonFiniteError:
+        raise
+    except Exception:  # noqa: BLE001 - a diagnostic: only a non-finite number is its business
+        return
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"icl_accuracy: the next-token logits of prompt 0 are {describe(logits)} (every answer "
+                             "was scored wrong: an evaluation of NaN, not an accuracy of 0): "
+                             f"{overflow_advice(torch.float32, adapter._model_dtype())}")
 
 
 def answer_budget(adapter: Adapter, prompts: Sequence[Prompt],

@@ -367,7 +367,9 @@ class TaskDecodability:
         """Inverse of :meth:`save`."""
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
-        meta = json.loads((directory / f"{name}.json").read_text())
+        from ..results import read_json  # a torn file: a one-line error naming it
+
+        meta = read_json(directory / f"{name}.json")
         meta.pop("format_version", None)
         meta["label_names"] = tuple(meta["label_names"])
         return cls(**{key: tensors[key] for key in cls.TENSOR_FIELDS}, **meta)

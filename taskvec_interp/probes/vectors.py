@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..adapters.base import Adapter
 from ..hooks import resolve_layers
-from ..io import read_result_dir, write_result_dir
+from ..io import config_diffs, read_result_dir, write_result_dir
 from ..tasks.base import Example, TaskFamily, as_rng
 from ..tasks.prompts import Prompt, PromptBuilder, PromptTemplate
 
@@ -42,6 +42,15 @@ KIND = "task_vectors"
 """The result kind of a task-vector directory (``result.json``)."""
 FILE = "vectors.safetensors"
 """The task-vector file of such a directory (and of a patching result)."""
+PROVENANCE: tuple[str, ...] = ("model.fingerprint", "definition", "component", "layers", "shots", "template")
+"""What a vectors file must record to be applied to a model (:meth:`TaskVectors.check_run`)."""
+
+
+def _template(t: dict | PromptTemplate | None) -> dict | None:
+    """A template as the full dict of its fields (a partial dict filled with the defaults)."""
+    if t is None:
+        return None
+    return asdict(t) if isinstance(t, PromptTemplate) else asdict(PromptTemplate(**t))
 
 
 @dataclass
@@ -53,7 +62,11 @@ class TaskVectors:
     tasks: tuple[str, ...]
     definition: str
     meta: dict = field(default_factory=dict)
-    """model (identity dict), component, shots, n (prompts per task), seed, template, family."""
+    """model (identity dict, with the weights' fingerprint), component, shots, n (prompts per task), seed,
+    template, family."""
+    source: Path | None = field(default=None, compare=False, repr=False)
+    """The file these vectors were loaded from (``None``: computed in this process). A file must carry its whole
+    provenance (:data:`PROVENANCE`) to be applied to a model."""
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 3 or self.vectors.shape[:2] != (len(self.layers), len(self.tasks)):
@@ -82,20 +95,63 @@ class TaskVectors:
         """One task's vector at one layer."""
         return self.vectors[self.layer_index(layer), self.task_index(task)]
 
+    def _what(self) -> str:
+        return f"the task vectors of {self.source}" if self.source is not None else "the task vectors"
+
+    def missing_provenance(self) -> list[str]:
+        """The keys of :data:`PROVENANCE` these vectors do not record (or record as ``None``)."""
+        model = self.meta.get("model") if isinstance(self.meta.get("model"), dict) else {}
+        have = {"model.fingerprint": model.get("fingerprint"), "definition": self.definition, "layers": self.layers,
+                "component": self.meta.get("component"), "shots": self.meta.get("shots"),
+                "template": self.meta.get("template")}
+        return [k for k in PROVENANCE if have[k] is None]
+
+    def check_run(self, *, definition: str, component: str, shots: int, template: dict | PromptTemplate) -> None:
+        """Refuse to apply these vectors in a run of other settings (``ValueError`` naming each differing field
+        with both values): the definition, the component the vectors were read at (and are written to), the
+        shot count and the template of their prompts. Vectors from a file must record all of them (and the
+        model's fingerprint, :meth:`check_model`): a file missing any is refused, naming the missing keys.
+        Function vectors (definition ``"function"``, built from attention heads, applied at any shot count)
+        are checked for their component only."""
+        missing = self.missing_provenance()
+        if missing and self.source is not None:
+            raise ValueError(f"{self.source} does not record {', '.join(missing)} (missing keys): task vectors "
+                             "whose provenance is unknown are not applied; recompute them with this version")
+        mine = {"definition": self.definition, "component": self.meta.get("component"),
+                "shots": self.meta.get("shots"), "template": _template(self.meta.get("template"))}
+        run = {"definition": definition, "component": component, "shots": shots, "template": _template(template)}
+        keys = ["component"] if self.definition == "function" else list(mine)
+        diffs = config_diffs({k: mine[k] for k in keys if mine[k] is not None},
+                             {k: run[k] for k in keys if mine[k] is not None}, labels=("vectors", "run"))
+        if diffs:
+            raise ValueError(f"{self._what()} were computed with other settings than this run: {'; '.join(diffs)}. "
+                             "Run with the vectors' settings (or recompute the vectors)")
+
     def check_model(self, adapter: Adapter, allow_other_model: bool = False) -> None:
-        """Refuse an adapter of another shape (d_model, n_layers) or, unless allowed, another model."""
+        """Refuse an adapter of another shape (d_model, n_layers) or, unless allowed, another model: other
+        weights (the fingerprint recorded with the vectors, never the path the model was loaded from). Vectors
+        from a file that records no fingerprint are refused (naming the missing key)."""
         model = self.meta.get("model") or {}
         if self.d_model != adapter.d_model:
             raise ValueError(f"task vectors have d_model {self.d_model}, the model has {adapter.d_model}")
         if model.get("n_layers") not in (None, adapter.n_layers) or max(self.layers) >= adapter.n_layers:
             raise ValueError(f"task vectors come from a model with {model.get('n_layers')} layers (layers "
                              f"{self.layers}); this model has {adapter.n_layers}")
+        if allow_other_model:
+            return
         mine = adapter.identity()
-        if not allow_other_model:
-            for key in ("name", "model_type", "n_params"):
-                if model.get(key) is not None and mine.get(key) is not None and model[key] != mine[key]:
-                    raise ValueError(f"task vectors come from another model ({key} {model[key]!r}, this model: "
-                                     f"{mine[key]!r}); pass allow_other_model=True to use them anyway")
+        if model.get("fingerprint") is None:
+            if self.source is not None:
+                raise ValueError(f"{self.source} does not record model.fingerprint (missing key): the vectors cannot "
+                                 "be tied to a model; pass allow_other_model=True to use them anyway")
+            keys = ("model_type", "n_params")  # computed in this process by an older identity: class and size
+        else:
+            keys = ("fingerprint", "fingerprint_kind", "model_type", "n_params")
+        diffs = config_diffs({k: model.get(k) for k in keys if model.get(k) is not None},
+                             {k: mine.get(k) for k in keys if model.get(k) is not None}, labels=("vectors", "this model"))
+        if diffs:
+            raise ValueError(f"{self._what()} come from another model ({'; '.join(diffs)}); pass "
+                             "allow_other_model=True to use them anyway")
 
     def save(self, path: str | Path) -> Path:
         """A result directory (kind ``"task_vectors"``, :func:`taskvec_interp.io.write_result_dir`) holding
@@ -141,7 +197,7 @@ class TaskVectors:
         if info.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a task-vector file written by taskvec_interp (format "
                              f"{info.get('format')!r})")
-        out = cls(vectors, list(info["layers"]), tuple(info["tasks"]), info["definition"], info.get("meta", {}))
+        out = cls(vectors, list(info["layers"]), tuple(info["tasks"]), info["definition"], info.get("meta", {}), path)
         if adapter is not None:
             out.check_model(adapter, allow_other_model)
         return out
@@ -252,4 +308,4 @@ def task_vectors(
     return TaskVectors(vectors, layer_list, tasks, definition, meta)
 
 
-__all__ = ["DEFINITIONS", "TaskVectors", "demo_positions", "task_vectors"]
+__all__ = ["DEFINITIONS", "PROVENANCE", "TaskVectors", "demo_positions", "task_vectors"]

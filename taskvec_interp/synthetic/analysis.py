@@ -45,6 +45,7 @@ from ..config import opt
 from ..engine import Checkpoint, run_checkpoints, run_checkpoints_of, run_conditions
 from ..experiments.trajectory import TrajectoryError, TrajectoryResult, trajectory_result
 from ..interventions import get_intervention, intervention_names
+from ..io import locks_out
 from ..probes.decodability import task_decodability
 from ..validate import (
     check_bool,
@@ -438,6 +439,7 @@ def emergence_summary(td: pd.DataFrame, loss: pd.DataFrame, names: Sequence[str]
     return out
 
 
+@locks_out("out")  # one process at a time writes its per_step/ and result
 def synthetic_trajectory(run_dir: str | Path, n_per_basis: int = 100, k: int = 10, seed: int = SYNTHETIC_TEST_SEED,
                          n_boot: int = 200, batch_size: int = 256, steps: Sequence[int] | None = None,
                          out: str | Path | None = None, on_error: str = "record",
@@ -496,12 +498,39 @@ def seed_runs(run_dir: str | Path) -> list[tuple[int, Path]]:
     out = []
     for p in Path(run_dir).glob("seed_*"):
         tail = p.name[len("seed_"):]
-        if p.is_dir() and tail.isdigit() and (p / "config.json").exists():
+        if p.is_symlink():  # a seed's run is read from inside run_dir only
+            raise ValueError(f"{p} is a symbolic link (to {str(p.readlink())!r}): a seeds directory holds its own runs; "
+                             "refused, not followed")
+        if p.is_dir() and tail.isascii() and tail.isdigit() and (p / "config.json").exists():
             out.append((int(tail), p))
     if not out:
         raise ValueError(f"no seed runs (seed_<n>/ with a config.json) in {run_dir}: train with train_seeds "
                          "(taskvec synthetic train --seeds ...)")
     return sorted(out)
+
+
+SEED_FIELDS = frozenset({"seed", "device", "compile", "compile_mode"})
+"""What the seeds analysed together may differ in: the seed, and where and how they ran (not their numbers)."""
+
+
+def check_seed_configs(runs: Sequence[tuple[int, Path]]) -> None:
+    """Refuse (``ValueError``) seed runs whose training configs differ beyond :data:`SEED_FIELDS` (a GPT-2 seed
+    and a Mamba-2 one, 20 and 30 steps): the message names each differing field with both seeds' values."""
+    from ..io import config_diffs
+
+    configs = []
+    for seed, path in runs:
+        try:
+            configs.append((seed, load_run_config(path).to_dict()))
+        except (TypeError, ValueError, OSError) as err:
+            raise ValueError(f"{path / 'config.json'} is not a readable training config ({err})") from None
+    for seed, cfg in configs[1:]:
+        first, want = configs[0]
+        diffs = config_diffs(want, cfg, SEED_FIELDS, labels=(f"seed_{first}", f"seed_{seed}"))
+        if diffs:
+            raise ValueError(f"the seeds in {Path(runs[0][1]).parent} were not trained with one config: "
+                             f"{'; '.join(diffs)}; a spread over seeds pools runs that differ only in their seed: "
+                             "analyse them one by one (synthetic analyze RUN/seed_<n>)")
 
 
 def seeds_table(results: dict[int, AnalysisResult]) -> pd.DataFrame:
@@ -548,6 +577,7 @@ def analyze_seeds(run_dir: str | Path, config: AnalysisConfig | None = None, uma
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     runs = seed_runs(run_dir)
+    check_seed_configs(runs)  # seeds of different runs are never pooled: refused before any work
     results = {}
     for seed, path in runs:
         results[seed] = analyze_run(path, config, umap=umap, progress=progress)

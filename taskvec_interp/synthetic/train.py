@@ -56,6 +56,8 @@ from ..checkpoints import (
     save_checkpoint,
     scheduled_lr,
 )
+from ..finite import NonFiniteError, json_safe, nonfinite_keys, nonfinite_params
+from ..io import locks_out
 from ..validate import check_bool, check_choice, check_int, check_number, check_str
 from .data import MSLRBatch, MSLRConfig, make_test_set, sample_batch
 from .families import FamilyMixtureConfig, data_config_from_dict, data_config_to_dict
@@ -233,7 +235,7 @@ def checkpoint_steps(cfg: TrainConfig) -> list[int]:
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    return TrainConfig.from_dict(_read_json(Path(run_dir) / "config.json"))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> SyntheticRegressor:
@@ -304,10 +306,10 @@ def _save_checkpoint(
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); a run directory's config.json must be intact") from None
+    """JSON of a run or checkpoint directory: one-line ``ValueError`` naming the file when it is torn."""
+    from ..results import read_json
+
+    return read_json(path)
 
 
 def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
@@ -449,6 +451,7 @@ def _prepare_run(cfg: TrainConfig, run_dir: Path, good_steps: bool = False) -> t
     return None, ok
 
 
+@locks_out("run_dir")  # one process at a time trains into a run directory
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
@@ -462,9 +465,22 @@ def train(
     Resumes from the latest complete checkpoint if ``run_dir`` has one (``ValueError`` if its saved
     config differs from ``cfg`` outside ``RUNTIME_FIELDS``). ``stop_at`` stops after that many steps
     without saving (simulates a kill; for tests). ``callback(step, record)`` gets each metrics record.
+    A directory of :func:`train_seeds` (``seed_<n>/`` runs) is refused: a solo run would be mixed into it.
     """
+    seeds = _seed_runs_in(Path(run_dir))
+    if seeds:
+        raise ValueError(f"{run_dir} holds the runs of several seeds ({', '.join(seeds[:5])}; written by train_seeds "
+                         "/ --seeds): refusing to train a solo run into it (the two would be mixed); resume it with "
+                         "train_seeds (--seeds) or use another run directory")
     return _train_runs([cfg], [Path(run_dir)], stacked=False, progress=progress, stop_at=stop_at,
                        callback=callback)[0]
+
+
+def _seed_runs_in(run_dir: Path) -> list[str]:
+    """The ``seed_<n>`` run directories (with a config.json) in ``run_dir``, by name."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.glob("seed_*") if p.name[5:].isdigit() and (p / "config.json").is_file())
 
 
 def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:
@@ -472,6 +488,7 @@ def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:
     return Path(run_dir) / f"seed_{seed}"
 
 
+@locks_out("run_dir")
 def train_seeds(
     cfg: TrainConfig,
     seeds: Sequence[int],
@@ -496,6 +513,10 @@ def train_seeds(
 
     seeds = check_seeds(seeds)
     base = Path(run_dir)
+    if (base / "config.json").is_file() or list_checkpoints(base):
+        raise ValueError(f"{base} holds a solo run (config.json / checkpoints/ of one seed): refusing to train seeds "
+                         "into it (the two would be mixed); resume it with train (no --seeds) or use another run "
+                         "directory")
     cfgs = [replace(cfg, seed=s) for s in seeds]
     return _train_runs(cfgs, [seed_dir(base, s) for s in seeds], stacked=True, progress=progress,
                        stop_at=stop_at, callback=callback)
@@ -552,10 +573,11 @@ def _train_runs(
             st_t = load_file(ck / "state.safetensors")
             gens[s].set_state(st_t["data_generator"])
             loss_sum[s] = st_t["loss_sum"].to(device)
-            loss_count = json.loads((ck / "state.json").read_text())["loss_count"]
+            loss_count = _read_json(ck / "state.json")["loss_count"]
             # drop metrics logged after the checkpoint (they will be recomputed identically)
             recs = [r for r in read_metrics(d) if r["step"] <= start]
-            atomic_write_text(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+            atomic_write_text(d / "metrics.jsonl", "".join(json.dumps(json_safe(r), allow_nan=False) + "\n"
+                                for r in recs))
             last_ck[s] = ck
     else:
         for d in run_dirs:
@@ -571,9 +593,39 @@ def _train_runs(
     t0 = time.perf_counter()
     metrics_f = [open(d / "metrics.jsonl", "a") for d in run_dirs]  # noqa: SIM115 - closed in finally
 
+    def diverged(s: int, step: int, what: str) -> NonFiniteError:
+        """The error that stops a diverging run: the step, the seed, and the last good checkpoint (kept)."""
+        ck = last_ck[s]
+        seed = f" (seed {cfgs[s].seed})" if stacked else ""
+        good = (f"the last good checkpoint is {ck} (step {int(ck.name.removeprefix('step_'))}), kept as it is"
+                if ck is not None else "no checkpoint was written")
+        return NonFiniteError(
+            f"training diverged in {run_dirs[s]}{seed}: {what} at step {step}; stopped there, nothing was written "
+            f"after it and {good}. Train with a lower lr (now {cfg.lr:g}) or a grad_clip, in a new run directory")
+
+    def check_records(step: int, records: list[dict[str, Any]]) -> None:
+        """Every seed's record is finite before ANY is written (metrics.jsonl stays strict JSON)."""
+        for s, rec in enumerate(records):
+            bad = nonfinite_keys(rec)
+            if bad:
+                raise diverged(s, step, f"{bad[0]} is {rec[bad[0]]!r}" if not isinstance(rec[bad[0]], list)
+                               else f"{bad[0]} holds a non-finite value")
+
+    # the first step at which each seed's training loss was not finite (-1: none yet) and that loss: kept on
+    # the device (no sync per step off the CPU), checked before anything is written
+    first_bad = torch.full((n,), -1, dtype=torch.long, device=device)
+    bad_loss = torch.zeros(n, dtype=torch.float32, device=device)
+    check_each_step = device.type == "cpu"  # a sync costs nothing there: stop at the bad step itself
+
+    def check_losses() -> None:
+        if bool((first_bad >= 0).any()):
+            steps = [int(x) for x in first_bad.tolist()]
+            s = min((st, i) for i, st in enumerate(steps) if st >= 0)[1]
+            raise diverged(s, steps[s], f"the training loss is {float(bad_loss[s])}")
+
     def log(s: int, step: int, rec: dict[str, Any]) -> None:
         rec = {"step": step, **rec, "elapsed_s": round(time.perf_counter() - t0, 3)}
-        metrics_f[s].write(json.dumps(rec) + "\n")
+        metrics_f[s].write(json.dumps(json_safe(rec), allow_nan=False) + "\n")  # strict JSON, never a bare NaN
         metrics_f[s].flush()
         if callback is not None:
             callback(step, {**rec, "seed": cfgs[s].seed} if stacked else rec)
@@ -582,6 +634,11 @@ def _train_runs(
         return scheduled_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio)
 
     def checkpoint(step: int, models: list[SyntheticRegressor]) -> None:
+        for s, model in enumerate(models):  # no checkpoint of non-finite weights, for any seed
+            bad = nonfinite_params(model.named_parameters())
+            if bad:
+                raise diverged(s, step, f"the weights are not finite ({', '.join(bad[:3])}"
+                                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''})")
         for s, (d, model) in enumerate(zip(run_dirs, models, strict=True)):
             last_ck[s] = _save_checkpoint(d, step, model, engine.optimizer_of(s, model), gens[s], loss_sum[s].clone(),
                                           loss_count)
@@ -590,8 +647,10 @@ def _train_runs(
     try:
         if start == 0 and resume[0] is None:
             models = [engine.model_of(s) for s in range(n)]
+            recs0 = [evaluate(models[s], test, cfg.data.n_bases, autocast_dtype=amp_dtype) for s in range(n)]
+            check_records(0, recs0)
             for s in range(n):
-                log(s, 0, evaluate(models[s], test, cfg.data.n_bases, autocast_dtype=amp_dtype))
+                log(s, 0, recs0[s])
             checkpoint(0, models)
         engine.train_mode()
         bar = tqdm(range(start + 1, end + 1), initial=start, total=cfg.steps, disable=not progress,
@@ -603,8 +662,15 @@ def _train_runs(
             ys = torch.stack([b.ys for b in batches])
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
-            loss_sum += engine.step(xs, ys, amp_dtype, device)
+            losses = engine.step(xs, ys, amp_dtype, device)
+            newly = (first_bad < 0) & ~torch.isfinite(losses)
+            first_bad.masked_fill_(newly, step)
+            bad_loss.copy_(torch.where(newly, losses.float(), bad_loss))
+            loss_sum += losses
             loss_count += 1
+            writes = step % cfg.log_every == 0 or step == cfg.steps or step % cfg.eval_every == 0 or step in ck_steps
+            if check_each_step or writes:
+                check_losses()  # before anything of this step is written
             recs: list[dict[str, Any]] = [{} for _ in range(n)]
             if step % cfg.log_every == 0 or step == cfg.steps:
                 means = (loss_sum / loss_count).tolist()
@@ -624,6 +690,7 @@ def _train_runs(
                 if last_loss is not None:  # the last logged training loss, never a NaN placeholder
                     shown = {"loss": f"{last_loss:.4f}", **shown}
                 bar.set_postfix(**shown)
+            check_records(step, recs)
             for s in range(n):
                 if recs[s]:
                     log(s, step, recs[s])
