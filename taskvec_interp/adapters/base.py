@@ -620,19 +620,28 @@ class Adapter(ABC):
         The answers are appended to the left-padded prompts and right-padded, so prompt coordinates (and
         a hook at ``-1``, the last prompt token) mean what they mean in generation. The prompt prefix is
         shared as in :meth:`generate_branches` when the branches allow it; otherwise one full forward pass
-        per branch, with the same numbers.
+        per branch, with the same numbers. When every answer is one token, nothing is appended: its
+        log-probability comes from the last prompt token's logits, so a branch runs one token, not two.
         """
         if len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
         checked, reason = self._check_branches(branches, max_rows, share_prefix)
         answers = [list(a) for a in answers]
         longest = max(len(a) for a in answers)
-        n, batches = self._batches(prompts, batch_size, extra=longest)
+        # one-token answers are scored from the last prompt token's logits alone: nothing is appended, so each
+        # branch runs one token (not two) off the shared prefix
+        single = longest == 1 and all(len(a) == 1 for a in answers)
+        n, batches = self._batches(prompts, batch_size, extra=0 if single else longest)
         out = torch.zeros((len(checked), n), dtype=torch.float64)
         bar = tqdm(batches, desc=f"score x {len(checked)} branches", disable=not progress, leave=False)
         with torch.no_grad():
             for idx, inputs in bar:
-                full, target, valid = self._append_answers(inputs, [answers[i] for i in idx.tolist()])
+                if single:
+                    full = inputs
+                    target = torch.tensor([answers[i] for i in idx.tolist()], dtype=torch.long, device=self.device)
+                    valid = torch.ones(target.shape, dtype=torch.float64, device=self.device)
+                else:
+                    full, target, valid = self._append_answers(inputs, [answers[i] for i in idx.tolist()])
                 logits = None
                 if reason is None and inputs.length > 1:
                     logits = self._score_branches(full, checked, self._state(inputs, idx, n), max_rows)
@@ -642,7 +651,8 @@ class Adapter(ABC):
                     p = inputs.length
                     logits = [self._forward(full, b, self._state(inputs, idx, n), "all")[:, p - 1:] for b in checked]
                 for b, lg in enumerate(logits):
-                    logp = torch.log_softmax(lg[:, :-1].double(), -1).gather(-1, target[:, :, None])[..., 0]
+                    lg = lg if single else lg[:, :-1]  # the positions that predict the answer's tokens
+                    logp = torch.log_softmax(lg.double(), -1).gather(-1, target[:, :, None])[..., 0]
                     out[b, idx] = (logp * valid).sum(1).cpu()
         bad = nonfinite_slices(out)  # a NaN log-probability is an error, never a score
         if bad:
