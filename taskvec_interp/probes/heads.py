@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..adapters.arch import ARCHS, O_PROJ_NAMES, find_o_proj, get_module
 from ..adapters.base import Adapter
 from ..hooks import Site, resolve_layers
-from ..io import read_result_dir, write_result_dir
+from ..io import atomic_write, read_result_dir, write_result_dir
 from ..tasks.prompts import Prompt, PromptTemplate
 from .decodability import task_decodability
 from .vectors import TaskVectors
@@ -249,10 +249,7 @@ class HeadMeans:
                 self._write(tmp / MEANS_FILE)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self._write(tmp)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self._write)
 
     def _info(self) -> dict:
         return {"format": _MEANS_FORMAT, "tasks": list(self.tasks), "layers": self.layers, "meta": self.meta}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..adapters.base import Adapter
 from ..hooks import resolve_layers
-from ..io import config_diffs, read_result_dir, write_result_dir
+from ..io import atomic_write, config_diffs, read_result_dir, write_result_dir
 from ..tasks.base import Example, TaskFamily, as_rng
 from ..tasks.prompts import Prompt, PromptBuilder, PromptTemplate
 
@@ -166,10 +166,7 @@ class TaskVectors:
         if path.is_dir():
             raise ValueError(f"{path} is a directory; give a file name for the task vectors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self._write_file(tmp)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self._write_file)
 
     def _info(self) -> dict:
         return {"format": _FORMAT, "layers": self.layers, "tasks": list(self.tasks), "definition": self.definition,
