@@ -1,0 +1,249 @@
+"""The demo's configuration: which parts run, on which families, with which sizes (the full and ``quick``
+presets of :func:`demo_settings`), one dataclass per part, and the paper's numbers shown beside ours."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from ..config import backend_field, backend_names, model_field, opt
+from ..hooks import FINETUNE_LAYERS, check_layer_spec
+from ..validate import (
+    check_bool,
+    check_choice,
+    check_choices,
+    check_ints,
+    check_knn_k,
+    check_n_boot,
+    check_number,
+    check_optional_int,
+    check_seed,
+    check_str,
+)
+
+PARTS = ("synthetic", "td", "patch", "finetune", "trajectory")
+FAMILIES = ("bitwise", "pos")
+
+# What the paper reports, shown beside our numbers (Han et al. 2025; Llama-3.1-8B unless said otherwise).
+PAPER = {
+    "synthetic_td": "near-perfect separation of the 4 bases in the middle layers at convergence (Fig. 2, 11)",
+    "synthetic_order": "bases separate one after another, each when its loss drops (Fig. 2)",
+    "td_bitwise": "peak layer 13 of 32; 4-shot mean TD 0.43 +- 0.13",
+    "td_pos": "peak layer 15 of 32; 4-shot mean TD 0.68 +- 0.11",
+    "r2_bitwise": "0.53",
+    "r2_pos": "0.78",
+    "patch": "separable tasks gain up to ~14 points (positive) and lose up to ~15 (negative)",
+    "finetune": "bitwise accuracy 26.2% -> 90.2% (first 10 layers) vs 66.3% (last 10); TD 0.43 -> 0.85 only "
+                "with the first layers",
+    "trajectory": "TD and accuracy rise together over pretraining (OLMo-7B, Fig. 5)",
+}
+
+
+def demo_settings(quick: bool) -> dict:
+    """The sizes of each part: the full demo (<= 20 min on 2 CPU cores) or ``quick`` (<= 4 min)."""
+    if quick:
+        return {
+            "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
+            "td": {"shots": (1, 4), "n_per_task": 8, "k": 3, "n_boot": 50},
+            "patch": {"shots": 4, "n_per_task": 6, "k": 2, "n_boot": 50},
+            "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 4, "n_train": 8,
+                         "batch_size": 4, "n_per_task": 5, "k": 2, "lr": 2e-3},
+            "trajectory": {"n_per_basis": 30, "k": 5},
+        }
+    return {
+        "synthetic": {"config": "small", "steps": 3000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
+        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300},
+        "patch": {"shots": 4, "n_per_task": 20, "k": 10, "n_boot": 300},
+        "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 40, "n_train": 100,
+                     "batch_size": 8, "n_per_task": 20, "k": 10, "lr": 1e-3},
+        "trajectory": {"n_per_basis": 50, "k": 10},
+    }
+
+def _preset(part: str, name: str, text: str) -> str:
+    """A part setting's help: ``text`` and the two presets' values (read from :func:`demo_settings`)."""
+    def show(v: object) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    full, quick = demo_settings(False)[part][name], demo_settings(True)[part][name]
+    return f"{text} (full {show(full)}, quick {show(quick)})"
+
+
+def _train_configs() -> tuple[str, ...]:
+    from ..synthetic.train import TRAIN_CONFIGS
+
+    return tuple(sorted(TRAIN_CONFIGS))
+
+
+class _PresetPart:
+    """A part's settings; ``None`` fields take the preset's value (:func:`demo_settings`, full or quick) when the
+    :class:`DemoConfig` holding the part is built. Each set field is checked here, the whole part there."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:  # pragma: no cover - every part defines it
+        raise NotImplementedError
+
+    def _name(self, field_name: str) -> str:
+        return f"DemoConfig.{PART_FIELDS[type(self)]}.{field_name}"
+
+    def _int(self, field_name: str, minimum: int) -> None:
+        check_optional_int(self._name(field_name), getattr(self, field_name), minimum)
+
+    def _k(self, size_field: str) -> None:
+        self._int("k", 1)
+        if self.k is not None and getattr(self, size_field) is not None:  # type: ignore[attr-defined]
+            check_knn_k(self._name("k"), self.k, getattr(self, size_field), size_field)  # type: ignore[attr-defined]
+
+
+@dataclass
+class DemoSyntheticConfig(_PresetPart):
+    """(a) the synthetic model: trained with the named config, then analysed (``analyze_run``)."""
+
+    config: str | None = opt(None, _preset("synthetic", "config", "named synthetic training config"),
+                             choices=_train_configs)
+    steps: int | None = opt(None, _preset("synthetic", "steps", "training steps"))
+    n_per_basis: int | None = opt(None, _preset("synthetic", "n_per_basis", "test sequences per basis"))
+    k: int | None = opt(None, _preset("synthetic", "k", "neighbours of the TD k-NN"))
+    umap_checkpoints: int | None = opt(None, _preset("synthetic", "umap_checkpoints", "checkpoints of the UMAP grid"))
+
+    def check(self) -> None:
+        if self.config is not None:
+            check_choice(self._name("config"), self.config, _train_configs())
+        self._int("steps", 1)
+        self._int("n_per_basis", 1)
+        self._k("n_per_basis")
+        self._int("umap_checkpoints", 0)
+
+
+@dataclass
+class DemoTDConfig(_PresetPart):
+    """(b) the TD sweep of each family (:class:`~taskvec_interp.experiments.sweep.SweepConfig`)."""
+
+    shots: tuple[int, ...] | None = opt(None, _preset("td", "shots", "shot counts, comma-separated"))
+    n_per_task: int | None = opt(None, _preset("td", "n_per_task", "prompts per task"))
+    k: int | None = opt(None, _preset("td", "k", "neighbours of the TD k-NN"))
+    n_boot: int | None = opt(None, _preset("td", "n_boot", "bootstrap resamples"))
+
+    def check(self) -> None:
+        if self.shots is not None:
+            self.shots = check_ints(self._name("shots"), self.shots, 0)
+        self._int("n_per_task", 1)
+        self._k("n_per_task")
+        if self.n_boot is not None:
+            check_n_boot(self._name("n_boot"), self.n_boot)
+
+
+@dataclass
+class DemoPatchConfig(_PresetPart):
+    """(c) task-vector patching of each family at the sweep's peak layer
+    (:class:`~taskvec_interp.experiments.patching.PatchConfig`)."""
+
+    shots: int | None = opt(None, _preset("patch", "shots", "demonstrations per prompt"))
+    n_per_task: int | None = opt(None, _preset("patch", "n_per_task", "evaluation prompts per task"))
+    k: int | None = opt(None, _preset("patch", "k", "neighbours of the TD k-NN"))
+    n_boot: int | None = opt(None, _preset("patch", "n_boot", "bootstrap resamples"))
+
+    def check(self) -> None:
+        self._int("shots", 1)
+        self._int("n_per_task", 1)
+        self._k("n_per_task")
+        if self.n_boot is not None:
+            check_n_boot(self._name("n_boot"), self.n_boot)
+
+
+@dataclass
+class DemoFinetuneConfig(_PresetPart):
+    """(d) first-k vs last-k fine-tuning (:class:`~taskvec_interp.experiments.finetune.FinetuneConfig`), one run
+    per layer spec."""
+
+    family: str | None = opt(None, _preset("finetune", "family", "task family"))
+    layers: tuple[str, ...] | None = opt(None, _preset("finetune", "layers", "layer specs, one run each, "
+                                                                            "comma-separated"))
+    steps: int | None = opt(None, _preset("finetune", "steps", "optimizer steps"))
+    n_train: int | None = opt(None, _preset("finetune", "n_train", "training prompts per task"))
+    batch_size: int | None = opt(None, _preset("finetune", "batch_size", "training prompts per step"))
+    n_per_task: int | None = opt(None, _preset("finetune", "n_per_task", "evaluation prompts per task"))
+    k: int | None = opt(None, _preset("finetune", "k", "neighbours of the TD k-NN"))
+    lr: float | None = opt(None, _preset("finetune", "lr", "learning rate"))
+
+    def check(self) -> None:
+        if self.family is not None:
+            check_str(self._name("family"), self.family)
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ValueError(f"{self._name('layers')} must be a non-empty list of layer specs, got "
+                                 f"{self.layers!r}")
+            self.layers = tuple(self.layers)
+            for spec in self.layers:
+                if not isinstance(spec, str):
+                    raise ValueError(f"{self._name('layers')} must be layer specs (strings), got {spec!r}")
+                check_layer_spec(spec, FINETUNE_LAYERS, self._name("layers"))
+        for name in ("steps", "n_train", "batch_size", "n_per_task"):
+            self._int(name, 1)
+        self._k("n_per_task")
+        if self.lr is not None:
+            check_number(self._name("lr"), self.lr, 0.0, low_open=True)
+
+
+@dataclass
+class DemoTrajectoryConfig(_PresetPart):
+    """(e) the trajectory over the synthetic run's checkpoints (``synthetic_trajectory``)."""
+
+    n_per_basis: int | None = opt(None, _preset("trajectory", "n_per_basis", "test sequences per basis"))
+    k: int | None = opt(None, _preset("trajectory", "k", "neighbours of the TD k-NN"))
+
+    def check(self) -> None:
+        self._int("n_per_basis", 1)
+        self._k("n_per_basis")
+
+
+PART_FIELDS: dict[type, str] = {DemoSyntheticConfig: "synthetic", DemoTDConfig: "td", DemoPatchConfig: "patch",
+                                DemoFinetuneConfig: "finetune", DemoTrajectoryConfig: "trajectory"}
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs. ``quick``: the same parts on smaller settings (about 3 minutes on 2 cores).
+
+    Each part has its settings (``td=DemoTDConfig(n_per_task=50)``); a setting left ``None`` takes the value
+    of the preset (:func:`demo_settings`: full, or ``quick``), filled in when the config is built.
+    """
+
+    quick: bool = opt(False, "the same parts on smaller settings (about 3 min)")
+    model: str = model_field()
+    backend: str = backend_field()
+    seed: int = opt(0, "seed of every part (prompts, training, the synthetic test set's offset)")
+    families: tuple[str, ...] = opt(FAMILIES, "task families of the language-model parts, comma-separated",
+                                    choices=FAMILIES)
+    parts: tuple[str, ...] = opt(PARTS, "parts to run, comma-separated", choices=PARTS)
+    synthetic: DemoSyntheticConfig = opt(factory=DemoSyntheticConfig)
+    td: DemoTDConfig = opt(factory=DemoTDConfig)
+    patch: DemoPatchConfig = opt(factory=DemoPatchConfig)
+    finetune: DemoFinetuneConfig = opt(factory=DemoFinetuneConfig)
+    trajectory: DemoTrajectoryConfig = opt(factory=DemoTrajectoryConfig)
+
+    def __post_init__(self) -> None:
+        check_bool("DemoConfig.quick", self.quick)
+        check_str("DemoConfig.model", self.model)
+        check_choice("DemoConfig.backend", self.backend, backend_names())
+        check_seed("DemoConfig.seed", self.seed)
+        self.families = check_choices("DemoConfig.families", self.families, FAMILIES)
+        self.parts = check_choices("DemoConfig.parts", self.parts, PARTS)
+        preset = demo_settings(self.quick)
+        for cls, name in PART_FIELDS.items():
+            part = getattr(self, name)
+            if isinstance(part, dict):  # read back from demo_config.json
+                unknown = sorted(set(part) - {f.name for f in fields(cls)})
+                if unknown:
+                    raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got "
+                                     f"{part!r}: unknown keys {unknown}")
+                part = cls(**part)
+            if not isinstance(part, cls):
+                raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got {part!r}")
+            fill = {k: v for k, v in preset[name].items() if getattr(part, k) is None}
+            setattr(self, name, replace(part, **fill) if fill else part)
+
+    def resolved(self) -> dict:
+        """Every part's settings, as plain dicts."""
+        return {name: asdict(getattr(self, name)) for name in PART_FIELDS.values()}
+
