@@ -11,7 +11,11 @@ import pandas as pd
 if TYPE_CHECKING:
     from ..demo import DemoResult, Part
 
-__all__ = ["write_demo_report"]
+__all__ = ["VERDICT_COLOURS", "scoreboard_html", "write_demo_report"]
+
+VERDICT_COLOURS: dict[str, str] = {"reproduced": "#cdeccf", "not reproduced": "#f6cfcd", "inconclusive": "#fbeeb8",
+                                   "not run": "#e6e6e6"}
+"""Background colour of each verdict's cell in the scoreboard."""
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -23,6 +27,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} .paper{color:#555;fon
 img{max-width:100%;border:1px solid #eee;margin:.4em 0} .skipped{color:#a00} .meta{color:#555;font-size:.9em}
 details{margin:.5em 0} pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 nav a{margin-right:1em}
+table.scoreboard td.verdict{font-weight:600;white-space:nowrap} table.scoreboard .note{color:#555;font-size:.85em}
 """
 
 
@@ -41,14 +46,59 @@ def _table_html(df: pd.DataFrame, max_rows: int = 40) -> str:
     return html + more
 
 
+def _num(x: object, digits: int = 3) -> str:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ""
+    if v != v:  # NaN
+        return ""
+    return f"{v:.{digits}g}" if abs(v) < 10 ** -digits and v != 0 else f"{v:.{digits}f}"
+
+
+def scoreboard_html(table: pd.DataFrame) -> str:
+    """The findings scoreboard (:func:`taskvec_interp.findings.findings`'s table) as one HTML table: a row per
+    finding and family, with the claim, the paper's number, ours, the statistic with its CI and p-value, the test
+    and the verdict (its cell coloured by :data:`VERDICT_COLOURS`); the note under the test. Every text is
+    escaped."""
+    import html
+
+    esc = html.escape
+    need = {"finding", "claim", "family", "paper", "ours", "statistic", "estimate", "ci_low", "ci_high", "p_value",
+            "test", "verdict"}
+    missing = sorted(need - set(table.columns))
+    if missing:
+        raise ValueError(f"the scoreboard table lacks columns {missing}")
+    head = ("<tr><th>finding</th><th>claim</th><th>family</th><th>paper</th><th>ours</th><th>statistic</th>"
+            "<th>estimate [CI]</th><th>p</th><th>test</th><th>verdict</th></tr>")
+    rows = []
+    for r in table.to_dict("records"):
+        v = str(r["verdict"])
+        colour = VERDICT_COLOURS.get(v, "#ffffff")
+        est = _num(r["estimate"])
+        ci = f" [{_num(r['ci_low'])}, {_num(r['ci_high'])}]" if _num(r["ci_low"]) or _num(r["ci_high"]) else ""
+        note = f"<div class='note'>{esc(str(r.get('note') or ''))}</div>" if r.get("note") else ""
+        threshold = (f" (vs {_num(r['threshold'])}, paper {'above' if r.get('side') == 'greater' else 'below'})"
+                     if "threshold" in r and r.get("side") in ("greater", "less") and est else "")
+        rows.append(f"<tr><td>{esc(str(r['finding']))}</td><td>{esc(str(r['claim']))}</td>"
+                    f"<td>{esc(str(r['family']))}</td><td class='paper'>{esc(str(r['paper']))}</td>"
+                    f"<td>{esc(str(r['ours']))}</td><td>{esc(str(r['statistic']))}</td>"
+                    f"<td class='num'>{esc(est + ci + threshold)}</td><td class='num'>{esc(_num(r['p_value'], 4))}</td>"
+                    f"<td>{esc(str(r['test']))}{note}</td>"
+                    f"<td class='verdict' style='background:{colour}'>{esc(v)}</td></tr>")
+    return f"<table class='scoreboard'>{head}{''.join(rows)}</table>"
+
+
 def _nav_label(part: Part) -> str:
     label = part.title.split(":")[0]
     return f"{label} ({part.name.split('_', 1)[1]})" if "_" in part.name else label
 
 
-def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Path:
-    """ONE self-contained HTML file for a :class:`~taskvec_interp.demo.DemoResult`: each part's
-    text, its headline numbers beside the paper's, its figures (embedded as base64 PNG) and tables, then
+def write_demo_report(result: DemoResult, path: str | Path | None = None,
+                      scoreboard: pd.DataFrame | None = None) -> Path:
+    """ONE self-contained HTML file for a :class:`~taskvec_interp.demo.DemoResult`: the findings scoreboard at the
+    top (``scoreboard``, else the result's ``findings`` table where it has one; :func:`scoreboard_html`), then each
+    part's text, its headline numbers beside the paper's, its figures (embedded as base64 PNG) and tables, then
     the configuration, the model's identity, package versions and wall times."""
     import html
     import json
@@ -65,6 +115,8 @@ def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Pat
             raise ValueError(f"{out} is not a demo's directory (no demo result.json): refusing to write report.html "
                              "there; pass path= for a report elsewhere")
     path = Path(path) if path is not None else out / "report.html"
+    board = scoreboard if scoreboard is not None else getattr(result, "findings", None)
+    board = board if isinstance(board, pd.DataFrame) else None
     esc = html.escape
     body = [f"<h1>Task vectors in in-context learning: the paper's story on {esc(str(result.model.get('name')))}</h1>",
             '<p class="meta">Han, Song, Gore &amp; Agrawal, <i>Emergence and Effectiveness of Task Vectors in '
@@ -72,8 +124,14 @@ def write_demo_report(result: DemoResult, path: str | Path | None = None) -> Pat
             f"{'Quick settings' if result.config.quick else 'Full settings'}; the parts took "
             f"{sum(p.seconds for p in result.parts):.0f} s together (this run's wall time: {result.seconds:.0f} s; "
             "parts reused from an earlier run count the time they took when they ran).</p>",
-            "<nav>" + "".join(f'<a href="#{esc(p.name)}">{esc(_nav_label(p))}</a>' for p in result.parts)
+            "<nav>" + ("<a href='#scoreboard'>Scoreboard</a>" if board is not None else "")
+            + "".join(f'<a href="#{esc(p.name)}">{esc(_nav_label(p))}</a>' for p in result.parts)
             + "</nav>"]
+    if board is not None:
+        body.append("<section id='scoreboard'><h2>Findings scoreboard</h2><p class='meta'>Each verdict is computed from "
+                    "the statistic's CI (and p-value) against the threshold, never from the paper's number: "
+                    "reproduced (the CI on the paper's side), not reproduced (on the other side), inconclusive (it "
+                    f"spans the threshold), not run.</p>{scoreboard_html(board)}</section>")
     for part in result.parts:
         body.append(f'<section id="{esc(part.name)}"><h2>{esc(part.title)}</h2>')
         if part.skipped:
