@@ -14,10 +14,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TEST_DATA = Path(__file__).resolve().parent / "data"
-"""Small excerpts shipped with the tests (``tests/data``, see its README.md for sources and licences): the
-first 300 sentences of UD English EWT's dev split and six function-vector task files of <= 200 pairs. The
-folder has the layout of the project's full data folder, so ``TEST_DATA / "ud_english_ewt"`` reads the same
-way as the full copy."""
+"""Small excerpts shipped with the tests (``tests/data``, see its README.md for sources and licences): six
+function-vector task files of <= 200 pairs, in the layout of the project's full data folder. The UD English
+EWT excerpt (first 300 sentences of the dev split) ships inside the package: ``taskvec_interp.tasks.UD_EXCERPT``."""
 
 FULL_DATA = Path(os.environ.get("TASKVEC_SHARED_DATA",
                                 Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-UD_EXCERPT = ROOT / "tests" / "data" / "ud_english_ewt"  # shipped: 300 sentences of UD English EWT (CC BY-SA 4.0)
+UD_EXCERPT = ROOT / "taskvec_interp" / "tasks" / "data" / "ud_english_ewt"  # shipped: 300 sentences of UD English EWT (CC BY-SA 4.0)
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 NO_RUN = re.compile(r"^\s*<!--\s*no-run\s*:(?P<reason>.*?)-->\s*$")
 NO_RUN_ANY = re.compile(r"<!--\s*no-run\b")

@@ -32,6 +32,7 @@ from .function_vectors import FV_TASKS, TODD_TASKS, function_vector_family
 from .pos import (
     POS_TAGS,
     UD_ENV_VAR,
+    UD_EXCERPT,
     ChecksumError,
     Sentence,
     download_ud_english_ewt,
@@ -51,6 +52,7 @@ __all__ = [
     "POS_TAGS",
     "SPLITS",
     "UD_ENV_VAR",
+    "UD_EXCERPT",
     "AnswerTokens",
     "BitwiseTask",
     "ChecksumError",

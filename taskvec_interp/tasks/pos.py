@@ -14,7 +14,10 @@ at every sample; punctuation and symbols (UPOS PUNCT, SYM) are not words and are
 Treebank source, in order: ``path`` (a .conllu / .conllu.gz file, a folder of them, or a list), the
 environment variable ``TASKVEC_UD_PATH`` (same forms; several paths joined by ``os.pathsep``), or a
 download of UD_English-EWT (tag r2.15, dev split by default) from its public GitHub repository into
-``platformdirs.user_cache_dir("taskvec_interp")``, verified against a pinned SHA-256.
+``platformdirs.user_cache_dir("taskvec_interp")``, verified against a pinned SHA-256. ``path="excerpt"``
+reads the excerpt shipped inside the package (:data:`UD_EXCERPT`: the first 300 sentences of the EWT dev
+split, 66 of which hold all six default tags; CC BY-SA 4.0, see its README.md), so the family builds
+offline on a machine with nothing else; a run on it says so (its ``sources``).
 
 Split (OPEN; the paper used 80/20): ``split="train"``/``"test"`` keeps a seeded 80/20 partition of
 the surviving sentences, shared by every task including Null.
@@ -50,6 +53,7 @@ __all__ = [
     "UD_EWT_URL",
     "ChecksumError",
     "Sentence",
+    "UD_EXCERPT",
     "download_ud_english_ewt",
     "filter_sentences",
     "pos_family",
@@ -179,6 +183,12 @@ def download_ud_english_ewt(
     return target
 
 
+UD_EXCERPT = Path(__file__).resolve().parent / "data" / "ud_english_ewt" / "en_ewt-ud-dev.conllu"
+"""The UD English EWT excerpt shipped with the package (first 300 sentences of the v2.15 dev split, byte for
+byte; CC BY-SA 4.0, licence and provenance beside it): ``path="excerpt"``."""
+EXCERPT = "excerpt"
+
+
 def resolve_ud_paths(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     *,
@@ -186,7 +196,10 @@ def resolve_ud_paths(
     ud_split: str = "dev",
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """The CoNLL-U files to read: ``path``, else ``$TASKVEC_UD_PATH``, else the cached EWT download."""
+    """The CoNLL-U files to read: ``path``, else ``$TASKVEC_UD_PATH``, else the cached EWT download.
+    ``path="excerpt"``: the excerpt shipped with the package (:data:`UD_EXCERPT`)."""
+    if isinstance(path, str) and path == EXCERPT:
+        return [UD_EXCERPT]
     if path is None:
         env = os.environ.get(UD_ENV_VAR)
         if env:
