@@ -6,7 +6,8 @@ and its help are written once. Every config checks itself in ``__post_init__`` t
 :mod:`taskvec_interp.validate`, every message in one style: ``SweepConfig.k must be an int >= 1, got 0``.
 
 :class:`PromptSetConfig` holds what decides WHICH prompts an experiment reads: the task family (and its
-keyword arguments), the prompt template, the number of demonstrations, prompts per task and the seed.
+keyword arguments), the prompt template, the number of demonstrations, prompts per task, the seed and
+whether queries are drawn with replacement (``replace``: :meth:`~taskvec_interp.tasks.PromptBuilder.build`).
 The sweep, patching, fine-tuning and trajectory configs inherit it, so their keyword construction stays
 flat (``SweepConfig(family="bitwise", n_per_task=40)``), ``cfg.n_per_task`` reads as before and a saved
 ``config.json`` keeps its flat keys.
@@ -17,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from .validate import check_dict, check_int, check_seed, check_str
+from .validate import check_bool, check_dict, check_int, check_seed, check_str
 
 Choices = tuple | Callable[[], tuple]
 """The allowed values of a field: a tuple, or a function returning one (a registry read when asked)."""
@@ -51,8 +52,9 @@ def resolve_choices(choices: Choices | None) -> tuple | None:
 class PromptSetConfig:
     """Which prompts: ``n_per_task`` prompts per task of ``family`` (Null included), ``shots``
     demonstrations each, laid out by ``template`` (:class:`~taskvec_interp.tasks.PromptTemplate` fields),
-    drawn with ``seed``. Inherited by every experiment that builds prompts; a subclass may redeclare a
-    field to change its default or help (``SweepConfig.shots`` is a tuple of shot counts)."""
+    drawn with ``seed`` (queries with replacement when ``replace``). Inherited by every experiment that
+    builds prompts; a subclass may redeclare a field to change its default or help (``SweepConfig.shots`` is
+    a tuple of shot counts)."""
 
     family: str = opt("bitwise", "task family: bitwise | pos | files:PATH")
     family_kwargs: dict = opt({}, "keyword arguments of the family's factory, as JSON, e.g. '{\"n_bits\": 6}'")
@@ -61,6 +63,13 @@ class PromptSetConfig:
     shots: int = opt(4, "demonstrations per prompt")
     n_per_task: int = opt(100, "prompts per task (Null included)")
     seed: int = opt(0, "seed of the prompts (and of the bootstrap)")
+    replace: bool = opt(False, "draw each task's queries with replacement (a query may repeat; its demonstrations "
+                               "stay distinct from it), so n_per_task may exceed a task's distinct inputs")
+
+    supports_replace: ClassVar[bool] = False
+    """Whether the experiment built from this config honours ``replace`` (it passes it to
+    :meth:`~taskvec_interp.tasks.PromptBuilder.build`); where not, ``replace=True`` is refused rather than
+    ignored."""
 
     def __post_init__(self) -> None:
         self.check_prompt_set()
@@ -74,6 +83,10 @@ class PromptSetConfig:
         self.check_shots()
         check_int(f"{name}.n_per_task", self.n_per_task, 1)
         check_seed(f"{name}.seed", self.seed)
+        check_bool(f"{name}.replace", self.replace)
+        if self.replace and not self.supports_replace:
+            raise ValueError(f"{name}.replace must be False: this experiment does not draw queries with replacement "
+                             "yet (PatchConfig does), got True")
 
     def check_shots(self) -> None:
         check_int(f"{type(self).__name__}.shots", self.shots, 0)

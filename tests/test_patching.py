@@ -285,7 +285,7 @@ def test_run_patching_hits_the_right_rows(tiny_smol, bitwise, tmp_path):
     last = tiny_smol.n_layers - 1
     vectors = _forced_vectors(tiny_smol, bitwise, [1, last])
     cfg = PatchConfig(n_per_task=4, layers=[1, last], modes=("replace",), directions=("positive", "negative"),
-                      n_boot=50, batch_size=5, k=2)
+                      n_boot=50, batch_size=5, k=2, td=True)
     res = run_patching(tiny_smol, cfg, bitwise, vectors=vectors, progress=False)
     model = tiny_smol.model
     with torch.no_grad():
@@ -299,6 +299,11 @@ def test_run_patching_hits_the_right_rows(tiny_smol, bitwise, tmp_path):
             want = tok.decode([int(expected(r.task))], skip_special_tokens=True)
             assert want and r.generated.startswith(want), (vector, r.task, r.generated, want)
     assert set(preds["engine"]) == {"full", "prefix"}  # the baseline is a plain generation
+    # each prediction keeps its query and the first-token score
+    assert {"query", "answer", "generated", "exact", "first_token"} <= set(preds.columns)
+    prompts = PromptBuilder().build(bitwise, n_per_task=4, shots=4, seed=0)
+    base = preds[preds["direction"] == "baseline"].sort_values("prompt_id")
+    assert base["query"].tolist() == [p.query for p in prompts]
     # tidy tables: one accuracy row per (condition, task); conditions = baseline + 2 layers x 2 vectors
     assert len(res.accuracy) == 5 * 7 and set(res.accuracy["direction"]) == {"baseline", "positive", "negative"}
     assert res.summary["layer"] in (1, last) and res.summary["peak_layer"] in range(tiny_smol.n_layers)
@@ -315,7 +320,7 @@ def test_run_patching_hits_the_right_rows(tiny_smol, bitwise, tmp_path):
 
 def test_run_patching_matrix_zero_shot_and_peak(tiny_smol, bitwise):
     cfg = PatchConfig(n_per_task=3, shots=2, layers="peak", modes=("add",), directions=("matrix",), scale=4.0,
-                      zero_shot=True, definition="mean", n_boot=20, k=1)
+                      zero_shot=True, definition="mean", n_boot=20, k=1, td=True)
     res = run_patching(tiny_smol, cfg, bitwise, progress=False)
     assert (res.predictions["generated"].notna()).all()
     assert res.summary["layer"] == res.summary["peak_layer"]
@@ -362,12 +367,14 @@ def test_bad_patching_inputs_fail_before_model_work(tiny_smol, bitwise, tmp_path
                           ({"scale": float("nan")}, "finite"), ({"scale": float("inf")}, "finite"),
                           ({"shots": 0}, "shots must be an int >= 1"), ({"modes": ("swap",)}, "modes"),
                           ({"directions": ()}, "directions"), ({"n_per_task": 0}, "n_per_task"),
-                          ({"layers": []}, "empty")]:
+                          ({"layers": []}, "empty"), ({"td": True, "n_per_task": 11}, "k must be <= n_per_task - 2"),
+                          ({"td": 1}, "PatchConfig.td"), ({"replace": "yes"}, "PatchConfig.replace")]:
         with pytest.raises(ValueError, match=match):
             PatchConfig(**kwargs)
     good = _forced_vectors(tiny_smol, bitwise, [0, 1])
     cases = [
         (PatchConfig(layers=[9]), {}, "out of range"),
+        (PatchConfig(layers="peak"), {}, "needs the peak-TD layer"),  # no TD here, no sweep, no peak_layer
         (PatchConfig(layers=[2]), {"vectors": good}, "no layers"),
         (PatchConfig(layers=[1]), {"vectors": TaskVectors(torch.zeros(2, 7, 48), [0, 1], bitwise.task_names,
                                                          "paper")}, "d_model 48"),
@@ -523,3 +530,76 @@ def test_run_patching_scores_answer_logprobs(tiny_smol, bitwise):
     assert (res.accuracy.loc[res.accuracy["direction"] != "baseline", "logprob_delta"].abs() > 0).any()
     assert {"logprob_r", "logprob_mean_delta"} <= set(res.relation.columns)
     assert "logprob_at_peak" in res.summary
+
+
+def test_patching_computes_td_only_when_asked(tiny_smol, bitwise):
+    """Without td a small run needs no n_per_task >= k + 2 (the default k is 10): 2 prompts per task, the
+    td and relation tables empty, no peak in the summary; the predictions keep query and first_token."""
+    cfg = PatchConfig(n_per_task=2, shots=2, layers=[2], modes=("add",), directions=("positive",), n_boot=10)
+    assert not cfg.td and cfg.k == 10
+    res = run_patching(tiny_smol, cfg, bitwise, progress=False)
+    assert res.td.empty and list(res.td.columns)[:4] == ["layer", "level", "task", "td"]
+    assert res.relation.empty and "r" in res.relation.columns
+    assert res.summary["peak_layer"] is None and res.summary["peak_td"] is None and res.summary["layer"] == 2
+    assert res.summary["max_new_tokens"] == {t: 6 for t in bitwise.task_names}
+    assert {"query", "first_token"} <= set(res.predictions.columns) and len(res.predictions) == 2 * 7 * 2
+    # a given TD sweep gives the peak and its TD without TD in this run
+    sweep = pd.DataFrame({"layer": [0, 1, 2, 3] * 3, "level": "overall", "task": "all", "chance": 0.14,
+                          "td": [0.1, 0.3, 0.9, 0.2] + [0.1, 0.95, 0.3, 0.2] * 2, "shots": [2] * 4 + [4] * 4 + [2] * 4,
+                          "context": ["demos"] * 8 + ["shuffled"] * 4})  # other shots and a control: not read
+    peak = run_patching(tiny_smol, PatchConfig(n_per_task=2, shots=2, layers="peak", modes=("add",),
+                                               directions=("positive",), n_boot=10), bitwise, td_sweep=sweep,
+                        progress=False)
+    assert peak.td.empty and peak.summary["peak_layer"] == 2 and peak.summary["peak_td"] == 0.9
+    assert peak.summary["layer"] == 2 and peak.summary["chance"] == 0.14
+
+
+def test_patching_gives_each_task_its_own_answer_budget(tiny_smol, tmp_path, monkeypatch):
+    """A 1-token task and a 5-token task: each generates its own budget (grouped calls), and every prompt
+    still gets its own task's vector (the hooks see the whole call's prompt indices)."""
+    for name, outputs in (("short", ["cat", "dog", "red", "blue", "sun", "tree"]),
+                          ("long", ["one two three four five"] * 6)):
+        (tmp_path / f"{name}.json").write_text(json.dumps([{"input": f"{name[0]}{i}", "output": o}
+                                                          for i, o in enumerate(outputs)]))
+    from taskvec_interp.tasks import files_family
+
+    fam = files_family(tmp_path, tasks=["short", "long"])
+    last = tiny_smol.n_layers - 1
+    vectors = _forced_vectors(tiny_smol, fam, [last])
+    calls = []
+    real = tiny_smol.generate_branches
+
+    def spy(prompts, branches, max_new_tokens, **kw):
+        calls.append((len(prompts), max_new_tokens))
+        return real(prompts, branches, max_new_tokens, **kw)
+
+    monkeypatch.setattr(tiny_smol, "generate_branches", spy)
+    cfg = PatchConfig(family="unused", n_per_task=3, shots=1, layers=[last], modes=("replace",),
+                      directions=("positive",), n_boot=10, batch_size=2)
+    res = run_patching(tiny_smol, cfg, fam, vectors=vectors, progress=False)
+    budgets = res.summary["max_new_tokens"]
+    assert budgets["short"] == 1 and budgets["long"] == 5
+    assert sorted(b for _, b in calls) == sorted(set(budgets.values()))  # one call per distinct budget
+    with torch.no_grad():
+        model = tiny_smol.model
+        first = model.lm_head(model.model.norm(vectors.vectors[0])).argmax(-1)  # [task] forced first token
+    tok = tiny_smol.tokenizer
+    rows = res.predictions[res.predictions["direction"] == "positive"]
+    for r in rows.itertuples():
+        want = tok.decode([int(first[fam.label(r.task)])], skip_special_tokens=True)
+        assert r.generated.startswith(want), (r.task, r.generated, want)
+        if r.task == "short":  # one token: the forced one and nothing more
+            assert r.generated == want
+
+
+def test_patching_samples_queries_with_replacement_when_asked(tiny_smol):
+    """A task with fewer inputs than n_per_task: refused before model work naming the task and the option;
+    with replace=True the evaluation and vector prompts are drawn with replacement."""
+    kw = dict(family="bitwise", family_kwargs={"n_bits": 1}, n_per_task=6, shots=1, layers=[1], modes=("add",),
+              directions=("positive",), n_boot=10)
+    with _Spy(tiny_smol) as spy, pytest.raises(ValueError, match=r"has only 4 inputs.*replace=True"):
+        run_patching(tiny_smol, PatchConfig(**kw), progress=False)
+    assert spy.calls == 0
+    res = run_patching(tiny_smol, PatchConfig(**kw, replace=True), progress=False)
+    base = res.predictions[res.predictions["direction"] == "baseline"]
+    assert len(base) == 6 * 7 and base.groupby("task")["query"].nunique().max() <= 4

@@ -19,7 +19,7 @@ from taskvec_interp.tasks import pos as pos_mod
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA = Path(__file__).resolve().parent / "data"  # the shipped excerpts (tests/data/README.md)
-UD_DIR = DATA / "ud_english_ewt"
+UD_DIR = T.UD_EXCERPT.parent  # shipped inside the package (its README.md: source, licence)
 UD_DEV = UD_DIR / "en_ewt-ud-dev.conllu"  # the first 300 of the dev split's 2,001 sentences
 UD_DEV_SHA256 = "9ab0e829560c1ccea5d169007ed4d2a290c0c512421bce3d5e63613634ef736d"  # of that excerpt
 FV_ABSTRACTIVE = DATA / "function_vectors" / "dataset_files" / "abstractive"
@@ -338,7 +338,7 @@ def test_builder_errors():
     tiny = T.bitwise_family(1)  # 4 input pairs
     with pytest.raises(ValueError, match=r"shots=4 needs 5 distinct.*only 4"):
         T.build_prompts(tiny, n_per_task=1, shots=4)
-    with pytest.raises(ValueError, match="distinct_queries"):
+    with pytest.raises(ValueError, match=r"task 'AND' has only 4 inputs.*replace=True"):
         T.build_prompts(tiny, n_per_task=10, shots=1)
     ps = T.build_prompts(tiny, n_per_task=10, shots=1, distinct_queries=False)
     assert len(ps) == 70 and all(p.query != p.demos[0].input for p in ps)
@@ -689,3 +689,38 @@ def test_the_builtin_function_vector_family_ships_with_its_licence():
         assert tr and te and not tr & te
     with pytest.raises(ValueError, match="no task file for \\['nope'\\]"):
         get_family("fv", tasks=["nope"])
+
+
+def test_queries_with_replacement():
+    """n_per_task above a task's distinct inputs: refused by default (naming the task, its count and the
+    option); with replace=True queries are drawn with replacement, each prompt's demonstrations distinct
+    from its query and from each other, reproducibly."""
+    from taskvec_interp.config import PromptSetConfig
+    from taskvec_interp.experiments.patching import PatchConfig
+    from taskvec_interp.experiments.sweep import SweepConfig
+
+    tiny = T.bitwise_family(1)  # 4 input pairs per task
+    with pytest.raises(ValueError, match=r"n_per_task=9 .* task 'AND' has only 4 inputs; lower n_per_task to 4 or "
+                                         r"sample queries with replacement \(replace=True, --replace\)"):
+        T.PromptBuilder().build(tiny, n_per_task=9, shots=2, seed=0)
+    ps = T.PromptBuilder().build(tiny, n_per_task=9, shots=2, seed=0, replace=True)
+    assert len(ps) == 9 * 7
+    for task in tiny.task_names:
+        mine = [p for p in ps if p.task == task]
+        assert len(mine) == 9 and len({p.query for p in mine}) <= 4  # queries repeat
+    for p in ps:
+        inputs = [d.input for d in p.demos]
+        assert p.query not in inputs and len(set(inputs)) == len(inputs) == 2
+    again = T.build_prompts(tiny, n_per_task=9, shots=2, seed=0, replace=True)
+    assert [p.to_dict() for p in again] == [p.to_dict() for p in ps]
+    assert T.build_prompts(tiny, n_per_task=9, shots=2, seed=0, distinct_queries=False) == ps  # the same thing
+    with pytest.raises(ValueError, match="replace must be True or False"):
+        T.build_prompts(tiny, n_per_task=2, replace="yes")
+    # the config field: a prompt-set option; refused (not ignored) where the experiment does not honour it yet
+    assert PromptSetConfig().replace is False and PatchConfig(replace=True).replace is True
+    with pytest.raises(ValueError, match="PromptSetConfig.replace must be True or False"):
+        PromptSetConfig(replace=1)
+    if not SweepConfig.supports_replace:
+        with pytest.raises(ValueError, match="SweepConfig.replace must be False"):
+            SweepConfig(replace=True)
+

@@ -11,8 +11,9 @@ Two layers of code:
   prompt set, interventions (add with a scale, or replace) at the query's last prompt token of
   another, positive (the prompt's own task), negative (the Null task) or any source task (a
   source x target matrix), k-shot or zero-shot, over layers; exact-match accuracy per task and
-  condition with paired bootstrap CIs; TD per layer and task from the baseline generation's prefill
-  (the same pass), and the accuracy change's relation to TD.
+  condition with paired bootstrap CIs (each prediction also scored by first content token, with its query);
+  each task generating its own answer budget. Only when asked (``PatchConfig.td``): TD per layer and task
+  from the baseline generation's prefill (the same pass), and the accuracy change's relation to TD.
 
 Every intervention is a plain hook (``hooks.add`` / ``hooks.replace``) at the query's last prompt
 token, so all conditions branch off one shared prompt prefix (:meth:`Adapter.generate_branches`):
@@ -28,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -48,7 +50,15 @@ from ..config import (
 from ..engine import check_conditions_dir, clear_chunks, run_conditions
 from ..interventions import get_intervention, intervention_names
 from ..io import config_diffs, manifest_fingerprint, read_result_dir, sha256_file, write_result_dir
-from ..probes.accuracy import answer_budget, bootstrap_accuracy, bootstrap_means, score_generation
+from ..probes.accuracy import (
+    answer_budgets,
+    bootstrap_accuracy,
+    bootstrap_means,
+    generate_branches_by_budget,
+    generate_by_budget,
+    score_generation,
+    task_budgets,
+)
 from ..probes.decodability import task_decodability
 from ..probes.vectors import DEFINITIONS, TaskVectors, task_vectors
 from ..results import provenance, read_json, read_parquet, write_json
@@ -74,6 +84,9 @@ DIRECTIONS: tuple[str, ...] = ("positive", "negative", "matrix")
 KIND = "patching"
 """The result kind a patching directory is marked with (``result.json``)."""
 TABLES = ("accuracy", "predictions", "td", "relation")
+PREDICTION_COLUMNS = ["prompt_id", "task", "query", "answer", "generated", "exact", "first_token"]
+"""What each prediction row keeps of :func:`~taskvec_interp.probes.accuracy.score_generation` (plus the
+condition's fields, ``engine`` and, with ``logprob``, the answer's log-probability)."""
 OWN = "own"
 NO_VECTOR = "-"
 """The ``vector`` of a condition whose intervention takes none (e.g. ``ablate``)."""
@@ -125,8 +138,11 @@ class PatchConfig(PromptSetConfig):
     Evaluation prompts (the prompt set of :class:`PromptSetConfig`): ``n_per_task`` per task at ``shots``
     (0 with ``zero_shot``: Hendel et al.'s setting, the query alone). Task vectors: ``definition`` from a
     separate set of ``shots``-shot prompts (``n_vector_prompts`` per task, seed ``vector_seed``; defaults
-    ``n_per_task`` and ``seed + 1``). ``layers``: ``"all"``, ``"peak"`` (the peak of the overall TD of the
-    baseline pass, or ``peak_layer`` / a TD sweep given to :func:`run_patching`), ``first:K``, ``last:K``,
+    ``n_per_task`` and ``seed + 1``). ``td``: also compute TD per layer and task (the ``td`` and ``relation``
+    tables, the summary's ``peak_td``), from the baseline pass's prefill (with ``zero_shot``: from the k-shot
+    vector prompts); ``k`` must then be at most ``n_per_task - 2`` (``n_vector_prompts - 2``). Off, those
+    tables are empty and the prompt counts are free. ``layers``: ``"all"``, ``"peak"`` (``peak_layer`` or a
+    TD sweep given to :func:`run_patching`, else the peak of this run's TD: ``td=True``), ``first:K``, ``last:K``,
     ``A-B`` or a list (:func:`~taskvec_interp.hooks.parse_layers`). ``modes``: interventions of the registry
     (:mod:`taskvec_interp.interventions`). ``directions``: ``positive`` (own task), ``negative`` (Null),
     ``matrix`` (every task's vector into every task's prompts). ``scale`` multiplies added vectors.
@@ -162,6 +178,9 @@ class PatchConfig(PromptSetConfig):
                                           "backend can)")
     logprob: bool = opt(False, "also score each answer's teacher-forced log-probability")
     center: bool = opt(False, "add only the task-specific part (vector minus the mean over tasks)")
+    supports_replace: ClassVar[bool] = True
+    td: bool = opt(False, "also compute task decodability per layer (the td and relation tables; needs k <= "
+                          "n_per_task - 2, with zero_shot n_vector_prompts - 2)")
 
     def __post_init__(self) -> None:
         self.check_prompt_set()
@@ -180,8 +199,11 @@ class PatchConfig(PromptSetConfig):
         check_optional_int("PatchConfig.n_vector_prompts", self.n_vector_prompts, 1)
         if self.vector_seed is not None:
             check_seed("PatchConfig.vector_seed", self.vector_seed)
-        # TD reads the baseline prompts, or with zero_shot the k-shot vector prompts
-        if self.zero_shot and self.n_vector_prompts is not None:
+        check_bool("PatchConfig.td", self.td)
+        # TD (only when asked) reads the baseline prompts, or with zero_shot the k-shot vector prompts
+        if not self.td:
+            check_int("PatchConfig.k", self.k, 1)
+        elif self.zero_shot and self.n_vector_prompts is not None:
             check_knn_k("PatchConfig.k", self.k, self.n_vector_prompts, "n_vector_prompts")
         else:
             check_knn_k("PatchConfig.k", self.k, self.n_per_task, "n_per_task")
@@ -210,11 +232,14 @@ class PatchResult:
     accuracy: pd.DataFrame
     """condition, layer, mode, vector, scale, direction, task, n, accuracy, ci_low, ci_high, delta, ..."""
     predictions: pd.DataFrame
-    """condition, ..., prompt_id, task, answer, generated, exact: one row per condition and prompt."""
+    """condition, ..., prompt_id, task, query, answer, generated, exact, first_token: one row per condition and
+    prompt (``first_token``: the first content token, see :mod:`taskvec_interp.probes.accuracy`)."""
     td: pd.DataFrame
-    """TD per layer (overall and per task) of the baseline pass's last-token states."""
+    """TD per layer (overall and per task) of the baseline pass's last-token states (empty unless
+    ``config.td``)."""
     relation: pd.DataFrame
-    """per (layer, mode, direction): the accuracy change's correlation with per-task TD over tasks."""
+    """per (layer, mode, direction): the accuracy change's correlation with per-task TD over tasks (empty
+    unless ``config.td``)."""
     vectors: TaskVectors
     summary: dict
     model: dict = field(default_factory=dict)
@@ -407,7 +432,9 @@ def run_patching(
     definition, component, shots and template; a vectors file must record them all). ``peak_layer`` or
     ``td_sweep`` (a sweep's directory or :class:`SweepResult`, checked against the model and the shots by
     :func:`check_td_sweep`; or the ``td`` table of a :func:`run_sweep`) fix the peak layer for
-    ``layers="peak"``; otherwise it is the peak of the baseline pass's TD. Given vectors and sweeps are
+    ``layers="peak"``; otherwise it is the peak of the baseline pass's TD (``config.td``; without it
+    ``layers="peak"`` is refused). Without ``config.td`` the summary's ``peak_td`` / ``chance`` are the TD
+    sweep's (``None`` without one). Given vectors and sweeps are
     recorded in ``result.inputs`` (config.json). ``checkpoint_dir``: finished chunks of conditions are kept
     there with what they were computed with (the whole config, the model's fingerprint, the inputs); a rerun
     with anything else is refused naming the fields that differ, and the chunks are left as they are.
@@ -430,8 +457,12 @@ def run_patching(
     if td_sweep is not None and peak_layer is None:
         peak_layer = H.parse_layers([peak_layer_of(td_sweep, config.shots)], adapter.n_layers,
                                     what="the TD sweep's peak layer")[0]
+    if layers is None and peak_layer is None and not config.td:
+        raise ValueError("PatchConfig.layers='peak' needs the peak-TD layer: give peak_layer= or td_sweep= (a "
+                         "`taskvec td` run, --td-sweep), or compute TD in this run with td=True (--td)")
     if prompts is None:
-        prompts = builder.build(fam, n_per_task=config.n_per_task, shots=config.eval_shots, seed=config.seed)
+        prompts = builder.build(fam, n_per_task=config.n_per_task, shots=config.eval_shots, seed=config.seed,
+                                replace=config.replace)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no evaluation prompts")
@@ -446,11 +477,12 @@ def run_patching(
         if vector_prompts is None:
             vector_prompts = builder.build(fam, n_per_task=config.n_vector_prompts or config.n_per_task,
                                            shots=config.shots,
-                                           seed=config.seed + 1 if config.vector_seed is None else config.vector_seed)
+                                           seed=config.seed + 1 if config.vector_seed is None else config.vector_seed,
+                                           replace=config.replace)
     else:
-        if config.zero_shot and vector_prompts is None:
-            raise ValueError("zero_shot with given vectors needs vector_prompts= (the k-shot prompts TD is read "
-                             "from)")
+        if config.td and config.zero_shot and vector_prompts is None:
+            raise ValueError("zero_shot and td with given vectors need vector_prompts= (the k-shot prompts TD is "
+                             "read from)")
         vectors.check_model(adapter)
         vectors.check_run(definition=config.definition, component=config.component, shots=config.shots,
                           template=config.template)
@@ -462,7 +494,7 @@ def run_patching(
             absent = [layer for layer in layers if layer not in vectors.layers]
             if absent:
                 raise ValueError(f"the task vectors have no layers {absent} (have {vectors.layers})")
-    checks, max_new = answer_budget(adapter, prompts, config.max_new_tokens)
+    checks, budgets = answer_budgets(adapter, prompts, config.max_new_tokens)  # each task its own
     resume = _resume_key(config, adapter, inputs, peak_layer, given)
     check_conditions_dir(checkpoint_dir, resume)  # finished chunks of another run: refused before any model work
     stop = template.example_separator
@@ -470,19 +502,21 @@ def run_patching(
         vectors = task_vectors(adapter, vector_prompts, config.definition, layers if layers is not None else "all",
                                family=fam, template=template, seed=config.seed, component=config.component,
                                batch_size=config.batch_size, progress=progress)
-    # the baseline: one generation whose prefill also gives every layer's last-token state (for TD)
+    # the baseline: one generation whose prefill also gives every layer's last-token state (for TD, when asked)
     texts = [p.text for p in prompts]
-    base = adapter.generate(texts, max_new, capture_layers=None if config.zero_shot else "all",
-                            component=config.component, batch_size=config.batch_size, progress=progress)
-    if config.zero_shot:  # queries alone encode no task: TD (peak, relation) from the k-shot vector prompts
-        td_acts, td_tasks = adapter.capture([p.text for p in vector_prompts], component=config.component,
-                                            batch_size=config.batch_size, progress=progress), \
-            [p.task for p in vector_prompts]
-    else:
-        td_acts, td_tasks = base.activations, [p.task for p in prompts]
-    td = task_decodability(td_acts, td_tasks, k=config.k, label_names=names, n_boot=config.n_boot,
-                           seed=config.seed).to_frame()
-    if peak_layer is None:
+    base = generate_by_budget(adapter, texts, budgets, capture_layers="all" if config.td and not config.zero_shot
+                              else None, component=config.component, batch_size=config.batch_size, progress=progress)
+    td = empty_td()
+    if config.td:
+        if config.zero_shot:  # queries alone encode no task: TD (peak, relation) from the k-shot vector prompts
+            td_acts = adapter.capture([p.text for p in vector_prompts], component=config.component,
+                                      batch_size=config.batch_size, progress=progress)
+            td_tasks = [p.task for p in vector_prompts]
+        else:
+            td_acts, td_tasks = base.activations, [p.task for p in prompts]
+        td = task_decodability(td_acts, td_tasks, k=config.k, label_names=names, n_boot=config.n_boot,
+                               seed=config.seed).to_frame()
+    if peak_layer is None and config.td:  # this run's TD gives the peak (layers="peak" needs one: checked above)
         peak_layer = peak_layer_of(td)
     if layers is None:
         layers = [peak_layer]
@@ -501,15 +535,15 @@ def run_patching(
         branches = [intervention_hooks(c, vectors, prompts, component=config.component, position=config.position,
                                        center=config.center) for c in chunk]
         if todo:
-            out = adapter.generate_branches(texts, [b for b, c in zip(branches, chunk, strict=True)
-                                                    if c["vector"] != "none"], max_new, **kw)
+            out = generate_branches_by_budget(adapter, texts, [b for b, c in zip(branches, chunk, strict=True)
+                                                               if c["vector"] != "none"], budgets, **kw)
             gens = {id(c): g for c, g in zip(todo, out, strict=True)}
         logp = adapter.score_branches(texts, answer_ids, branches, **kw) if config.logprob else None
         frames = []
         for i, c in enumerate(chunk):
             gen = gens.get(id(c), base)
-            frame = score_generation(prompts, gen, checks, stop)
-            frame = frame[["prompt_id", "task", "answer", "generated", "exact"]].assign(engine=gen.engine)
+            frame = score_generation(prompts, gen, checks, stop, tokenizer=adapter.tokenizer)
+            frame = frame[PREDICTION_COLUMNS].assign(engine=gen.engine)
             if logp is not None:
                 frame["answer_logprob"] = logp[i].numpy()
                 frame["answer_logprob_per_token"] = (logp[i] / n_answer).numpy()
@@ -531,7 +565,9 @@ def run_patching(
     acc = index.merge(acc, on="condition").reset_index(drop=True)
     relation = td_relation(acc, td, fam.null.name)
     result = PatchResult(config, acc, preds, td, relation, vectors, {}, adapter.identity())
-    result.summary = patch_summary(result, peak_layer, names, fam.null.name)
+    result.summary = patch_summary(result, peak_layer, names, fam.null.name,
+                                   td=td if config.td or td_sweep is None else _at_shots(td_sweep, config.shots))
+    result.summary["max_new_tokens"] = task_budgets(prompts, budgets)
     result.summary["engine"] = sorted(set(preds.loc[preds["direction"] != "baseline", "engine"]))
     result.seconds = time.perf_counter() - t0
     result.inputs = inputs
@@ -539,17 +575,29 @@ def run_patching(
     return result
 
 
-def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], null: str = NULL_TASK) -> dict:
+def patch_summary(result: PatchResult, peak_layer: int | None, tasks: Sequence[str], null: str = NULL_TASK,
+                  td: pd.DataFrame | None = None) -> dict:
     """Headline numbers: the peak-TD layer, baseline accuracy, and the positive / negative change per task at
-    ``layer`` (the peak-TD layer if patched, else the patched layer of highest TD)."""
-    acc, td = result.accuracy, result.td
+    ``layer`` (the peak-TD layer if patched, else the patched layer of highest TD, else the first patched
+    layer). ``td``: the TD table the peak's TD and chance are read from (default ``result.td``; a TD sweep's
+    when this run computed none); without TD rows ``peak_td`` and ``chance`` are ``None``."""
+    acc = result.accuracy
+    td = result.td if td is None else td
     overall = td[td["level"] == "overall"].set_index("layer")
     patched = sorted(int(x) for x in acc["layer"].dropna().unique())
     # the headline layer: the peak-TD layer if it was patched, else the patched layer of highest TD
-    layer = peak_layer if peak_layer in patched else int(overall.loc[patched, "td"].idxmax())
-    out: dict = {"peak_layer": int(peak_layer), "peak_td": float(overall.loc[peak_layer, "td"]),
-                 "chance": float(overall.loc[peak_layer, "chance"]), "layer": layer, "patched_layers": patched,
-                 "baseline": {}, "at_peak": {}}
+    known = [layer for layer in patched if layer in overall.index]
+    if peak_layer in patched:
+        layer = int(peak_layer)
+    elif known:
+        layer = int(overall.loc[known, "td"].idxmax())
+    else:
+        layer = patched[0]
+    at_peak = peak_layer is not None and peak_layer in overall.index
+    out: dict = {"peak_layer": None if peak_layer is None else int(peak_layer),
+                 "peak_td": float(overall.loc[peak_layer, "td"]) if at_peak else None,
+                 "chance": float(overall.loc[peak_layer, "chance"]) if at_peak else None,
+                 "layer": layer, "patched_layers": patched, "baseline": {}, "at_peak": {}}
     base = acc[acc["direction"] == "baseline"]
     out["baseline"] = {r.task: float(r.accuracy) for r in base.itertuples()}
     at = acc[(acc["layer"] == layer) & acc["direction"].isin(["positive", "negative"])]
@@ -565,8 +613,27 @@ def patch_summary(result: PatchResult, peak_layer: int, tasks: Sequence[str], nu
     return out
 
 
+def _at_shots(td: pd.DataFrame, shots: int) -> pd.DataFrame:
+    """A TD sweep table's k-shot rows at ``shots`` (a sweep's table holds several shot counts, and may hold
+    control rows: ``context`` other than ``"demos"``)."""
+    if "context" in td:
+        td = td[td["context"] == "demos"]
+    return td[td["shots"] == shots] if "shots" in td else td
+
+
+TD_COLUMNS: dict[str, str] = {"layer": "int64", "level": "object", "task": "object", "td": "float64",
+                              "ci_low": "float64", "ci_high": "float64", "n": "int64", "n_per_class": "int64",
+                              "k": "int64", "metric": "object", "chance": "float64"}
+"""The columns of a TD table (:meth:`TaskDecodability.to_frame`)."""
+
+
+def empty_td() -> pd.DataFrame:
+    """The ``td`` table of a run that computed no TD (``PatchConfig.td`` off): its columns, no rows."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in TD_COLUMNS.items()})
+
+
 __all__ = [
-    "DIRECTIONS", "NO_VECTOR", "PatchConfig", "PatchResult", "check_td_sweep", "direction_of", "intervention_hooks", "load_patching",
-    "patch_conditions", "patch_summary", "run_conditions", "run_patching",
-    "td_relation",
+    "DIRECTIONS", "NO_VECTOR", "PREDICTION_COLUMNS", "PatchConfig", "PatchResult", "check_td_sweep", "direction_of",
+    "empty_td", "intervention_hooks", "load_patching", "patch_conditions", "patch_summary", "run_conditions",
+    "run_patching", "td_relation",
 ]

@@ -156,23 +156,31 @@ class PromptBuilder:
         *,
         tasks: Sequence[str] | None = None,
         distinct_queries: bool = True,
+        replace: bool = False,
     ) -> list[Prompt]:
         """A balanced set: ``n_per_task`` prompts for every task (Null included), in label order.
 
         Each task draws from its own generator keyed by ``(seed, task name)``, so a task's prompts
         do not change when other tasks are added or removed. Within a prompt the demonstrations
-        and the query have distinct inputs; with ``distinct_queries`` the queries of a task are
-        also distinct from one another (the task then needs at least ``n_per_task`` inputs).
+        and the query have distinct inputs. By default the queries of a task are also distinct from
+        one another (the task then needs at least ``n_per_task`` inputs; more is refused, naming the
+        task and its count). ``replace``: queries are drawn with replacement (each prompt draws its
+        query and demonstrations afresh, so a query may repeat across prompts: ``n_per_task`` may exceed
+        a task's inputs; ``distinct_queries=False`` is the same).
         """
         n_per_task = check_count("n_per_task", n_per_task, 1)
         shots = check_count("shots", shots, 0)
+        if not isinstance(replace, bool):
+            raise ValueError(f"replace must be True or False, got {replace!r}")
+        distinct_queries = distinct_queries and not replace
         chosen = [family[name] for name in tasks] if tasks is not None else list(family.tasks)
         for tk in chosen:
             self._check_shots(tk, shots)
             if distinct_queries and n_per_task > tk.n_inputs:
                 raise ValueError(
                     f"n_per_task={n_per_task} distinct queries requested but task {tk.name!r} has only "
-                    f"{tk.n_inputs} inputs; lower n_per_task or pass distinct_queries=False"
+                    f"{tk.n_inputs} inputs; lower n_per_task to {tk.n_inputs} or sample queries with "
+                    "replacement (replace=True, --replace)"
                 )
         base = base_entropy(seed)
         prompts: list[Prompt] = []
@@ -200,10 +208,12 @@ def build_prompts(
     template: PromptTemplate | None = None,
     tasks: Sequence[str] | None = None,
     distinct_queries: bool = True,
+    replace: bool = False,
 ) -> list[Prompt]:
     """Balanced prompts for every task of ``family`` (see :meth:`PromptBuilder.build`)."""
     builder = PromptBuilder(template if template is not None else PromptTemplate())
-    return builder.build(family, n_per_task, shots, seed, tasks=tasks, distinct_queries=distinct_queries)
+    return builder.build(family, n_per_task, shots, seed, tasks=tasks, distinct_queries=distinct_queries,
+                         replace=replace)
 
 
 def prompts_to_frame(prompts: Sequence[Prompt]) -> pd.DataFrame:
