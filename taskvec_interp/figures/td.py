@@ -11,6 +11,10 @@ Input tables (as :mod:`taskvec_interp.experiments.sweep` writes them):
   ``intercept`` (``exact = intercept + slope * td``), ``n_points``, optional ``family``.
 
 A peak is the highest TD over layers, the earliest on ties (:attr:`TaskDecodability.peak_layer`), NaN ignored.
+
+A TD table with a ``context`` column (a sweep run with controls) holds control rows beside the k-shot ones
+(``"input_only"``, ``"shuffled"``): every figure here reads only the k-shot rows (``context == "demos"``) except
+:func:`plot_td_context`, which draws k-shot TD beside the controls'.
 """
 
 from __future__ import annotations
@@ -55,8 +59,16 @@ from .synthetic import plot_umap
 if TYPE_CHECKING:
     from ..experiments.sweep import SweepResult
 
-__all__ = ["plot_task_td", "plot_task_td_heatmap", "plot_td_by_layer", "plot_td_vs_accuracy", "sweep_figures",
-           "td_peaks"]
+__all__ = ["plot_task_td", "plot_task_td_heatmap", "plot_td_by_layer", "plot_td_context", "plot_td_vs_accuracy",
+           "sweep_figures", "td_peaks"]
+
+_DEMOS = "demos"  # the context of the k-shot rows (experiments.sweep.DEMOS; figures import no experiment)
+_CONTROL_STYLE = {"shuffled": ("--", "shuffled labels"), "input_only": (":", "input only (0-shot)")}
+
+
+def _k_shot(td: pd.DataFrame) -> pd.DataFrame:
+    """The k-shot rows of a TD table (all of them when it has no ``context`` column)."""
+    return td[td["context"] == _DEMOS] if "context" in td.columns else td
 
 
 # ---- TD over layers --------------------------------------------------------------------------------------
@@ -66,7 +78,7 @@ def td_peaks(td: pd.DataFrame) -> pd.DataFrame:
     ``family``, ``shots`` and ``chance`` appear when the TD table has them. The peak is the highest
     TD, the earliest layer on ties; a series with only NaN TDs is left out.
     """
-    td = _check_table(td, ("layer", "level", "td"), "TD")
+    td = _k_shot(_check_table(td, ("layer", "level", "td"), "TD"))
     overall = _overall(td, "td_peaks")
     keys = [c for c in ("family", "shots") if c in overall.columns]
     rows = []
@@ -96,7 +108,7 @@ def plot_td_by_layer(
     one); the peaks are scatter markers (stars) labelled ``L<layer>``. A table with several
     families gets one panel per family (then ``ax`` cannot be given).
     """
-    td = _prepare_td(td, ("layer", "level", "td"))
+    td = _k_shot(_prepare_td(td, ("layer", "level", "td")))
     overall = _overall(td, "plot_td_by_layer")
     families = _families(overall)
     if ax is not None and len(families) > 1:
@@ -146,6 +158,74 @@ def plot_td_by_layer(
     return _finish(fig, path)
 
 
+# ---- TD gained from the context ----------------------------------------------------------------------------
+def plot_td_context(
+    td: pd.DataFrame,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Overall TD by layer of the k-shot prompts (solid) beside the same queries' controls: shuffled labels at the
+    same shot count (dashed, same colour) and input only (dotted, black), with CI bands and the chance line.
+
+    ``td``: a sweep's TD table with its ``context`` column (run with ``SweepConfig.controls``); one panel per
+    family. The gap between a solid line and its controls is the TD the demonstrations put there.
+    """
+    td = _prepare_td(td, ("layer", "level", "td", "context"))
+    overall = td[td["level"] == "overall"]
+    controls = overall[overall["context"] != _DEMOS]
+    if len(controls) == 0:
+        raise ValueError("the TD table has no control rows (context 'input_only' or 'shuffled'): run the sweep with "
+                         "SweepConfig.controls")
+    unknown = sorted(set(overall["context"]) - {_DEMOS, *_CONTROL_STYLE})
+    if unknown:
+        raise ValueError(f"unknown context(s) {unknown} in the TD table; known: {[_DEMOS, *_CONTROL_STYLE]}")
+    families = _families(overall)
+    fig, axes = _grid(len(families), (6.4, 4.2), max_cols=2)
+    k_shots = sorted(s for s in pd.unique(overall.loc[overall["context"] == _DEMOS, "shots"]) if s > 0)
+    colors = _shot_colors(k_shots) if k_shots else {}
+    has_ci = {"ci_low", "ci_high"} <= set(overall.columns)
+    for family, a in zip(families, axes, strict=True):
+        part = _of_family(overall, family)
+        series = [(_DEMOS, s) for s in k_shots] + [("shuffled", s) for s in k_shots] + \
+                 [("input_only", s) for s in sorted(pd.unique(part.loc[part["context"] == "input_only", "shots"]))]
+        for context, shots in series:
+            s = part[(part["context"] == context) & (part["shots"] == shots)].sort_values("layer", kind="stable")
+            if len(s) == 0:
+                continue
+            x = s["layer"].to_numpy()
+            y = s["td"].to_numpy(dtype=float)
+            if context == _DEMOS:
+                ls, color, label = "-", colors[shots], _shot_label(shots)
+            else:
+                ls, what = _CONTROL_STYLE[context]
+                color = "k" if context == "input_only" else colors.get(shots, "0.3")
+                label = what if context == "input_only" else f"{_shot_label(shots)}, {what}"
+            a.plot(x, y, ls=ls, marker="o" if context == _DEMOS else None, ms=3, lw=1.6, color=color, label=label,
+                   zorder=3)
+            if has_ci:
+                lo = s["ci_low"].to_numpy(dtype=float)
+                hi = s["ci_high"].to_numpy(dtype=float)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                if ok.any():
+                    a.fill_between(x, lo, hi, where=ok, color=color, alpha=0.12, lw=0, zorder=2)
+        if "chance" in part.columns:
+            _draw_chance(a, part["chance"])
+        a.set_xlabel("layer")
+        a.set_ylabel("task decodability (TD)")
+        a.set_ylim(*_TD_LIMITS)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        a.legend(fontsize="small", loc="best")
+        head = "TD with demonstrations vs controls"
+        if len(families) > 1:
+            a.set_title(str(family))
+        else:
+            a.set_title(title if title is not None else head + (f" ({family})" if family is not None else ""))
+    if len(families) > 1:
+        fig.suptitle(title if title is not None else "TD with demonstrations vs controls")
+    return _finish(fig, path)
+
+
 # ---- Per-task TD -----------------------------------------------------------------------------------------
 def plot_task_td(
     td: pd.DataFrame,
@@ -161,7 +241,7 @@ def plot_task_td(
     that shot count. Bars follow the table's task order; the Null task is grey. A table with several
     families gets one panel per family (each with its own default layer).
     """
-    td = _prepare_td(td, ("layer", "level", "task", "td"))
+    td = _k_shot(_prepare_td(td, ("layer", "level", "task", "td")))
     tasks_all = td[td["level"] == "task"]
     if len(tasks_all) == 0:
         raise ValueError("TD table has no per-task rows (level == 'task')")
@@ -233,7 +313,7 @@ def plot_task_td_heatmap(
     One panel per family (stacked), a shared colour bar; rows follow the table's task order, missing
     cells are blank. The panel title gives the overall peak layer when overall rows are present.
     """
-    td = _prepare_td(td, ("layer", "level", "task", "td"))
+    td = _k_shot(_prepare_td(td, ("layer", "level", "task", "td")))
     tasks_all = td[td["level"] == "task"]
     if len(tasks_all) == 0:
         raise ValueError("TD table has no per-task rows (level == 'task')")
@@ -296,7 +376,7 @@ def plot_td_vs_accuracy(
     that family is used. The Null task is left out unless ``include_null``. One scatter collection is
     drawn per shot count.
     """
-    td = _check_table(td, ("layer", "level", "task", "td", "shots"), "TD")
+    td = _k_shot(_check_table(td, ("layer", "level", "task", "td", "shots"), "TD"))
     acc = _check_table(acc, ("task", "shots", "exact"), "accuracy")
     if not isinstance(fit, Mapping):
         raise ValueError(f"fit must be a dict, got {type(fit).__name__}")
@@ -372,7 +452,8 @@ def plot_td_vs_accuracy(
 
 # ---- A sweep's figure set --------------------------------------------------------------------------------
 def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> list[Path]:
-    """TD per layer, per-task TD (bars + heatmap), TD vs accuracy, and a UMAP of the peak layer.
+    """TD per layer, per-task TD (bars + heatmap), TD vs accuracy, a UMAP of the peak layer, and (a sweep run
+    with controls) k-shot TD beside the controls' (``td_context.png``, :func:`plot_td_context`).
 
     The UMAP uses the largest shot count's activations at its overall-TD peak layer.
     """
@@ -388,12 +469,17 @@ def sweep_figures(result: SweepResult, out: str | Path, umap: bool = True) -> li
         acts, labels = result.activations[shots]
         peaks = td_peaks(result.td)
         peak = int(peaks[peaks["shots"] == shots]["layer"].iloc[0])
-        layers = result.td["layer"].drop_duplicates().tolist()
-        names = result.td.loc[result.td["level"] == "task", "task"].drop_duplicates().tolist()
+        k_shot = _k_shot(result.td)
+        layers = k_shot["layer"].drop_duplicates().tolist()
+        names = k_shot.loc[k_shot["level"] == "task", "task"].drop_duplicates().tolist()
         path = out / f"umap_layer{peak}_{shots}shot.png"
         # an Activations tensor is indexed by layer number, a plain [layer, n, d] tensor by position
         at_peak = acts[peak] if hasattr(acts, "layers") else acts[layers.index(peak)]
         plot_umap(at_peak, labels.tolist(), label_names=names, seed=result.config.seed,
                   path=path, title=f"{fam}, layer {peak}, {shots}-shot")
+        paths.append(path)
+    if "context" in result.td.columns and (result.td["context"] != _DEMOS).any():
+        path = out / "td_context.png"
+        plot_td_context(result.td, path=path, title=f"{fam}: TD with demonstrations vs controls")
         paths.append(path)
     return paths
