@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace as replace_
 
 import numpy as np
 import pandas as pd
@@ -395,3 +396,16 @@ def test_the_control_activations_are_one_capture_per_prompt_set(tiny_smol, monke
     np.testing.assert_array_equal(zero[zero["context"] == DEMOS]["td"].to_numpy(),
                                   zero[zero["context"] == "input_only"]["td"].to_numpy())
     assert torch.is_tensor(res.activations[2][1])
+
+
+def test_sweep_draws_queries_with_replacement_when_asked(tiny_smol):
+    from taskvec_interp.tasks import bitwise_family
+
+    fam = bitwise_family(n_bits=1)  # 4 distinct inputs per task: 6 queries need replacement
+    cfg = SweepConfig(family="bitwise", family_kwargs={"n_bits": 1}, shots=(1, 2), n_per_task=6, k=3, n_boot=0,
+                      replace=True, controls=("shuffled",))
+    res = run_sweep(tiny_smol, cfg, family=fam, progress=False)
+    q = res.predictions.groupby("shots")["query"].apply(list)
+    assert q[1] == q[2] and len(q[1]) == 6 * len(fam.task_names)  # the same draws at every shot count
+    with pytest.raises(ValueError, match="replace"):  # without it, the same request is refused naming the option
+        run_sweep(tiny_smol, replace_(cfg, replace=False), family=fam, progress=False)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -98,6 +99,9 @@ class SweepConfig(PromptSetConfig):
     controls: tuple[str, ...] = opt((), "TD controls of the same queries beside k-shot TD, comma-separated: "
                                         "input_only (no demonstrations), shuffled (demonstration outputs drawn from "
                                         "other tasks)", choices=CONTROLS)
+
+    supports_replace: ClassVar[bool] = True
+    """``replace`` is honoured: every shot count's queries are drawn with replacement, the same draws."""
 
     def __post_init__(self) -> None:
         self.check_prompt_set()
@@ -333,7 +337,7 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
         if missing:
             raise ValueError(f"no ready-made prompts with {missing} shots (have {sorted(given)})")
     sets = {shots: given.get(shots) or builder.build(fam, n_per_task=config.n_per_task, shots=shots,
-                                                     seed=config.seed)
+                                                     seed=config.seed, replace=config.replace)
             for shots in config.shots}  # all built (and checked) before the model runs
     plan = _control_plan(controls, sets, template, config.seed)
     td_frames, acc_frames, pred_frames, point_frames, acts = [], [], [], [], {}

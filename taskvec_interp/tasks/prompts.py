@@ -164,19 +164,20 @@ class PromptBuilder:
         do not change when other tasks are added or removed. Within a prompt the demonstrations
         and the query have distinct inputs. By default the queries of a task are also distinct from
         one another (the task then needs at least ``n_per_task`` inputs; more is refused, naming the
-        task and its count). ``replace``: queries are drawn with replacement (each prompt draws its
-        query and demonstrations afresh, so a query may repeat across prompts: ``n_per_task`` may exceed
-        a task's inputs; ``distinct_queries=False`` is the same).
+        task and its count). ``replace``: queries are drawn with replacement (a query may repeat across
+        prompts: ``n_per_task`` may exceed a task's inputs), all of a task's queries first, then each
+        query's demonstrations, so the same seed gives the same queries at every shot count (what TD's
+        controls and paired comparisons across shots need). ``distinct_queries=False`` (kept for the
+        fine-tuning's training prompts) draws each prompt's query and demonstrations together instead.
         """
         n_per_task = check_count("n_per_task", n_per_task, 1)
         shots = check_count("shots", shots, 0)
         if not isinstance(replace, bool):
             raise ValueError(f"replace must be True or False, got {replace!r}")
-        distinct_queries = distinct_queries and not replace
         chosen = [family[name] for name in tasks] if tasks is not None else list(family.tasks)
         for tk in chosen:
             self._check_shots(tk, shots)
-            if distinct_queries and n_per_task > tk.n_inputs:
+            if distinct_queries and not replace and n_per_task > tk.n_inputs:
                 raise ValueError(
                     f"n_per_task={n_per_task} distinct queries requested but task {tk.name!r} has only "
                     f"{tk.n_inputs} inputs; lower n_per_task to {tk.n_inputs} or sample queries with "
@@ -187,8 +188,9 @@ class PromptBuilder:
         for tk in chosen:
             rng = keyed_rng(base, "prompts", tk.name)
             label = family.label(tk)
-            if distinct_queries:
-                queries = tk.sample(n_per_task, rng)
+            if distinct_queries or replace:
+                queries = ([tk.sample(1, rng)[0] for _ in range(n_per_task)] if replace
+                           else tk.sample(n_per_task, rng))
                 for q in queries:
                     demos = self._demos_for(tk, q, shots, rng)
                     prompts.append(self.render(q, demos, task=tk.name, label=label, family=family.name))
