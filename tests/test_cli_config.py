@@ -23,6 +23,7 @@ from taskvec_interp.experiments.heads import HeadsConfig
 from taskvec_interp.experiments.patching import PatchConfig
 from taskvec_interp.experiments.sweep import SweepConfig
 from taskvec_interp.experiments.trajectory import TrajectoryConfig
+from taskvec_interp.experiments.zeroshot import ZeroShotConfig
 from taskvec_interp.synthetic.analysis import AnalysisConfig
 
 # command path -> (the config it is built from, its options that are not config fields)
@@ -36,10 +37,11 @@ COMMANDS: dict[tuple[str, ...], tuple[type, set[str]]] = {
     ("demo",): (DemoConfig, {"--out", "--overwrite"}),
     ("heads",): (HeadsConfig, {"--preset", "--out", "--figures", "--overwrite"}),
     ("fv",): (FVConfig, {"--heads-dir", "--out", "--figures", "--overwrite"}),
+    ("zeroshot",): (ZeroShotConfig, {"--out", "--figures", "--overwrite"}),
 }
 CALLBACKS = {("td",): cli.td, ("patch",): cli.patch, ("finetune",): cli.finetune_cmd, ("trajectory",): cli.trajectory,
              ("synthetic", "analyze"): cli.synthetic_analyze, ("demo",): cli.demo,
-             ("heads",): cli.heads_command, ("fv",): cli.fv_command}
+             ("heads",): cli.heads_command, ("fv",): cli.fv_command, ("zeroshot",): cli.zeroshot_command}
 runner = CliRunner(env={"COLUMNS": "2000", "NO_COLOR": "1"})
 
 

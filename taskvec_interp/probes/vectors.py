@@ -306,3 +306,71 @@ def task_vectors(
 
 
 __all__ = ["DEFINITIONS", "PROVENANCE", "TaskVectors", "demo_positions", "task_vectors"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-query vectors (Hendel et al.'s published method): each query its own vector
+# ------------------------------------------------------------------------------------------------
+def dummy_query_prompts(prompts: Sequence[Prompt], family: TaskFamily, template: PromptTemplate | None = None,
+                        n_dummy: int = 2, seed: int = 0) -> list[Prompt]:
+    """``n_dummy`` prompts per prompt (query-major: prompt ``i``'s dummies are rows ``i * n_dummy ...``): the prompt's
+    OWN demonstrations followed by a dummy query, another input of the same task, distinct from the prompt's query,
+    from its demonstrations and from the prompt's other dummies. Drawn from one generator per task keyed by
+    ``(seed, task)``, so a task's dummies do not depend on the other tasks. Model-free."""
+    from ..tasks.base import base_entropy, check_count, keyed_rng
+
+    n_dummy = check_count("n_dummy", n_dummy, 1)
+    builder = PromptBuilder(template or PromptTemplate())
+    base = base_entropy(seed)
+    rngs: dict[str, object] = {}
+    out: list[Prompt] = []
+    for p in prompts:  # one draw per prompt (no model work): the task's pool is sampled without replacement
+        task = family[p.task]
+        used = {e.input for e in p.demos} | {p.query}
+        if task.n_inputs < len(used) + n_dummy:
+            raise ValueError(f"task {p.task!r} has {task.n_inputs} inputs: a query, its {len(p.demos)} demonstrations "
+                             f"and {n_dummy} dummy queries need {len(used) + n_dummy} distinct inputs; lower shots or "
+                             "n_dummy")
+        rng = rngs.setdefault(p.task, keyed_rng(base, "dummy", p.task))
+        cands = [c for c in task.sample(len(used) + n_dummy, rng) if c.input not in used][:n_dummy]
+        out += [builder.render(Example(c.input, c.output), p.demos, task=p.task, label=p.label, family=p.family)
+                for c in cands]
+    return out
+
+
+def per_query_vectors(
+    adapter: Adapter,
+    prompts: Sequence[Prompt],
+    family: TaskFamily | None = None,
+    *,
+    n_dummy: int = 2,
+    dummies: Sequence[Prompt] | None = None,
+    layers: str | int | Sequence[int] = "all",
+    template: PromptTemplate | None = None,
+    seed: int = 0,
+    component: str = "resid_post",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Float[Tensor, "layer prompt d_model"]:
+    """Hendel et al.'s task vector of EACH prompt, ``[layer, prompt, d_model]`` (layers as :func:`resolve_layers`
+    gives them): the last-token state of the prompt's own demonstrations followed by each of ``n_dummy`` dummy
+    queries (:func:`dummy_query_prompts`), averaged over the dummies, at every layer, from ONE capture pass.
+    ``dummies``: the dummy prompts already drawn (``n_dummy`` per prompt, query-major); else they are drawn from
+    ``family`` with ``seed``. (The per-task ``"hendel"`` definition of :func:`task_vectors` is the mean of such
+    states over a task's prompts, with one dummy each.)"""
+    if len(prompts) == 0:
+        raise ValueError("no prompts to read per-query vectors from")
+    if dummies is None:
+        if family is None:
+            raise ValueError("per_query_vectors needs family= (dummy queries are drawn from the task) or dummies=")
+        dummies = dummy_query_prompts(prompts, family, template, n_dummy, seed)
+    if len(dummies) != len(prompts) * n_dummy:
+        raise ValueError(f"{len(dummies)} dummy prompts for {len(prompts)} prompts x n_dummy={n_dummy}")
+    layer_list = resolve_layers(layers, adapter.n_layers)
+    acts = adapter.capture([p.text for p in dummies], layers=layer_list, position=-1, component=component,
+                           batch_size=batch_size, progress=progress)
+    acts = acts.tensor if hasattr(acts, "tensor") else acts
+    return acts.reshape(len(layer_list), len(prompts), n_dummy, -1).mean(2)
+
+
+__all__ += ["dummy_query_prompts", "per_query_vectors"]
