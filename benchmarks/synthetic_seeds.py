@@ -35,8 +35,9 @@ def main() -> None:
     from taskvec_interp.synthetic import train, train_config
     from taskvec_interp.synthetic.train import read_metrics, seed_dir, train_seeds
 
+    warmup = min(train_config(args.config).warmup_steps, args.steps)  # a warm-up longer than the run is refused
     cfg = train_config(args.config, steps=args.steps, eval_every=args.steps, ckpt_every=args.steps, ckpt_log_points=0,
-                       compile=args.compile, compile_mode="default")
+                       compile=args.compile, compile_mode="default", warmup_steps=warmup)
     seeds = list(range(args.seeds))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -67,6 +67,19 @@ def test_each_seed_equals_its_solo_run(stacked_run: Path, tmp_path: Path) -> Non
                     assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (s, ra["step"], key)
 
 
+def test_seeds_with_a_points_curriculum_equal_their_solo_runs(tmp_path: Path) -> None:
+    cfg = replace(_cfg(points_curriculum=((0, 6), (20, 20))), steps=24)
+    train_seeds(cfg, SEEDS[:2], tmp_path / "seeds", progress=False)
+    for s in SEEDS[:2]:
+        solo = train(replace(cfg, seed=s), tmp_path / f"solo_{s}", progress=False)
+        mine = seed_dir(tmp_path / "seeds", s) / "checkpoints" / solo.name
+        assert torch.equal(load_file(mine / "state.safetensors")["data_generator"],
+                           load_file(solo / "state.safetensors")["data_generator"])
+        wa, wb = load_file(mine / "model.safetensors"), load_file(solo / "model.safetensors")
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5)
+
+
 def test_seeds_differ_and_learn(stacked_run: Path) -> None:
     finals = [read_metrics(seed_dir(stacked_run, s))[-1]["test_mse"] for s in SEEDS]
     first = [read_metrics(seed_dir(stacked_run, s))[0]["test_mse"] for s in SEEDS]

@@ -266,6 +266,77 @@ def test_warmup_and_cosine_lr(tmp_path: Path) -> None:
         replace(cfg, min_lr_ratio=1.5)
 
 
+def test_warmup_longer_than_the_run_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"TrainConfig\.warmup_steps must be <= steps \(40\), got 41"):
+        train(_fast_cfg(warmup_steps=41), run, progress=False)
+    assert not run.exists()  # refused before anything was written
+    assert _fast_cfg(warmup_steps=40).warmup_steps == 40  # a warm-up the length of the run is allowed
+
+
+def test_points_curriculum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    train_mod = importlib.import_module("taskvec_interp.synthetic.train")  # the module, not the function
+    cfg = _fast_cfg(points_curriculum=[[0, 5], [10, 12], [25, 20]])  # lists, as read back from config.json
+    assert cfg.points_curriculum == ((0, 5), (10, 12), (25, 20))
+    assert [cfg.n_points_at(s) for s in (1, 10, 11, 25, 26, 40)] == [5, 5, 12, 12, 20, 20]
+    assert _fast_cfg().n_points_at(1) == 20  # no curriculum: the data's length from the first step
+    seen: dict[int, int] = {}
+    real = train_mod.sample_batch
+
+    def spy(data, batch_size, gen, device=None, basis=None):
+        b = real(data, batch_size, gen, device, basis)
+        seen[len(seen) + 1] = b.xs.shape[1]
+        return b
+
+    monkeypatch.setattr(train_mod, "sample_batch", spy)
+    run = tmp_path / "run"
+    last = train(cfg, run, progress=False)
+    monkeypatch.setattr(train_mod, "sample_batch", real)
+    assert [seen[s] for s in range(1, 41)] == [5] * 10 + [12] * 15 + [20] * 15  # each step its stage's length
+    assert load_run_config(run) == cfg  # the curriculum is part of the saved config
+    evals = [r for r in read_metrics(run) if "test_mse" in r]
+    assert all(len(r["test_mse_pos"]) == 20 for r in evals)  # evaluation at the full length throughout
+    # it changes what is trained: not the same weights as without it
+    plain = train(replace(cfg, points_curriculum=()), tmp_path / "plain", progress=False)
+    assert not _same_weights(_weights(last), _weights(plain))
+    # killed inside a stage and resumed: the same run, number for number
+    again = tmp_path / "again"
+    train(cfg, again, progress=False, stop_at=17)
+    assert _same_weights(_weights(last), _weights(train(load_run_config(again), again, progress=False)))
+    assert _metrics_wo_time(again) == _metrics_wo_time(run)
+    # a run trained with one curriculum refuses to resume with another (or none)
+    with pytest.raises(ValueError, match=r"different config.*points_curriculum"):
+        train(replace(cfg, points_curriculum=((0, 8), (25, 20))), again, progress=False)
+    with pytest.raises(ValueError, match=r"different config.*points_curriculum"):
+        train(replace(cfg, points_curriculum=()), again, progress=False)
+
+
+@pytest.mark.parametrize(("curriculum", "message"), [
+    ([[0, 12], [10, 5], [20, 20]], r"non-decreasing n_points >= 1 \(a monotone curriculum\), got \[12, 5, 20\]"),
+    ([[0, 5], [20, 8], [20, 20]], r"increasing start steps, got \[0, 20, 20\]"),
+    ([[0, 5], [30, 12], [20, 20]], r"increasing start steps, got \[0, 30, 20\]"),
+    ([[5, 5], [20, 20]], "start at step 0, got a first stage at step 5"),
+    ([[0, 5], [40, 20]], r"before the run ends \(steps=40\), got a last stage at step 40"),
+    ([[0, 5], [10, 12]], r"end at the data's n_points \(20\), got a last stage of 12"),
+    ([[0, 5], [10, 30]], r"end at the data's n_points \(20\), got a last stage of 30"),
+    ([[0, 0], [10, 20]], "non-decreasing n_points >= 1"),
+    ([[0, 5, 1], [10, 20]], "pairs of ints"),
+    ([[0, 5.0], [10, 20]], "pairs of ints"),
+    ([[0, True], [10, 20]], "pairs of ints"),
+    ("0:5,10:20", "list of"),
+])
+def test_bad_points_curriculum_is_refused_before_training(tmp_path: Path, curriculum, message: str) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"TrainConfig\.points_curriculum must .*" + message):
+        train(_fast_cfg(points_curriculum=curriculum), run, progress=False)
+    assert not run.exists()  # nothing written
+    good = _fast_cfg().to_dict()
+    with pytest.raises(ValueError, match="points_curriculum"):  # nor read back from a config.json
+        TrainConfig.from_dict({**good, "points_curriculum": curriculum})
+
+
 def test_compiled_training_matches_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # torch.compile (here on CPU, where "reduce-overhead" has no CUDA graphs to capture) trains the same
     # model: same data, same updates up to the compiler's float reordering

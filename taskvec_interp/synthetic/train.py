@@ -28,13 +28,15 @@ training data come from a ``torch.Generator`` seeded with ``seed + DATA_SEED_OFF
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,11 @@ class TrainConfig:
     autocast_dtype: str | None = None  # e.g. "bfloat16" (GPU); None = plain fp32
     compile: bool = False  # torch.compile the model's forward and backward (GPU)
     compile_mode: str = "reduce-overhead"  # torch.compile mode: CUDA graphs on a GPU (none on CPU)
+    # curriculum over the number of in-context examples (Garg et al. 2022): stages ``(start_step, n_points)``,
+    # the first at step 0, start steps increasing, ``n_points`` non-decreasing, the last stage at the data's
+    # ``n_points`` and starting before ``steps``; the steps after ``start_step`` train on sequences of
+    # ``n_points`` examples (drawn at that length). Empty: none (the paper). Evaluation: always full length.
+    points_curriculum: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -149,6 +156,18 @@ class TrainConfig:
         check_choice("TrainConfig.autocast_dtype", self.autocast_dtype, (None, "bfloat16", "float16"))
         check_bool("TrainConfig.compile", self.compile)
         check_str("TrainConfig.device", self.device)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps must be <= steps ({self.steps}), got {self.warmup_steps}")
+        object.__setattr__(self, "points_curriculum", _check_curriculum(self.points_curriculum, self.steps,
+                                                                        self.data.n_points))
+
+    def n_points_at(self, step: int) -> int:
+        """The number of in-context examples a training batch of ``step`` (1-based) holds."""
+        k = self.data.n_points
+        for start, n in self.points_curriculum:
+            if step > start:  # step ``start + 1`` is the first of the stage
+                k = n
+        return k
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,6 +182,35 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}")
         return cls(**d)
+
+
+def _check_curriculum(value: object, steps: int, n_points: int) -> tuple[tuple[int, int], ...]:
+    """``TrainConfig.points_curriculum`` as a tuple of ``(start_step, n_points)`` pairs, or ``ValueError``."""
+    name = "TrainConfig.points_curriculum"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of (start_step, n_points) pairs, got {value!r}")
+    stages: list[tuple[int, int]] = []
+    for stage in value:
+        if (isinstance(stage, (str, bytes)) or not isinstance(stage, (list, tuple)) or len(stage) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in stage)):
+            raise ValueError(f"{name} must be a list of (start_step, n_points) pairs of ints, got {stage!r} in "
+                             f"{list(value)!r}")
+        stages.append((stage[0], stage[1]))
+    if not stages:
+        return ()
+    starts, sizes = [s for s, _ in stages], [n for _, n in stages]
+    if starts[0] != 0:
+        raise ValueError(f"{name} must start at step 0, got a first stage at step {starts[0]}")
+    if any(b <= a for a, b in itertools.pairwise(starts)):
+        raise ValueError(f"{name} must have increasing start steps, got {starts}")
+    if min(sizes) < 1 or any(b < a for a, b in itertools.pairwise(sizes)):
+        raise ValueError(f"{name} must have non-decreasing n_points >= 1 (a monotone curriculum), got {sizes}")
+    if sizes[-1] != n_points:
+        raise ValueError(f"{name} must end at the data's n_points ({n_points}), got a last stage of {sizes[-1]}")
+    if starts[-1] >= steps:
+        raise ValueError(f"{name} must reach its last stage before the run ends (steps={steps}), got a last "
+                         f"stage at step {starts[-1]}")
+    return tuple(stages)
 
 
 TRAIN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -338,7 +386,9 @@ class _Engine:
         self.model = model
         self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                     fused=_fused_adam(device))
-        self.fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        # a curriculum changes the sequence length a few times: one static graph per length, not a dynamic one
+        dyn = {"dynamic": False} if cfg.points_curriculum else {}
+        self.fwd = torch.compile(model, mode=cfg.compile_mode, **dyn) if cfg.compile else model
         self.grad_clip = cfg.grad_clip
 
     def train_mode(self) -> None:
@@ -507,8 +557,6 @@ def train_seeds(
     ``cfg.seed`` is ignored. Resume takes the newest step at which every seed has a checkpoint that
     verifies. ``callback(step, record)`` gets each seed's records, with a ``"seed"`` key.
     """
-    from dataclasses import replace
-
     from .stacked import check_seeds
 
     seeds = check_seeds(seeds)
@@ -588,6 +636,7 @@ def _train_runs(
     mark_step = cfg.compile and cfg.compile_mode in _CUDA_GRAPH_MODES
     amp_dtype = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None
     test = make_test_set(cfg.data, cfg.n_test_per_basis, cfg.test_seed)
+    data_of_size = functools.lru_cache(maxsize=None)(lambda data, k: replace(data, n_points=k))
     ck_steps = set(checkpoint_steps(cfg))
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     t0 = time.perf_counter()
@@ -657,7 +706,9 @@ def _train_runs(
                    desc="train" if n == 1 else f"train {n} seeds", dynamic_ncols=True)
         for step in bar:
             engine.set_lr(lr_at(step))
-            batches = [sample_batch(cfg.data, cfg.batch_size, g, device) for g in gens]
+            k = cfg.n_points_at(step)
+            data = cfg.data if k == cfg.data.n_points else data_of_size(cfg.data, k)
+            batches = [sample_batch(data, cfg.batch_size, g, device) for g in gens]
             xs = torch.stack([b.xs for b in batches])
             ys = torch.stack([b.ys for b in batches])
             if mark_step:
