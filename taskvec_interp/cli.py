@@ -18,6 +18,7 @@ from .experiments.heads_cli import heads as heads_command
 from .experiments.patching import PatchConfig
 from .experiments.sweep import SweepConfig
 from .experiments.trajectory import TrajectoryConfig
+from .experiments.zeroshot_cli import zeroshot as zeroshot_command
 from .synthetic.analysis import SYNTHETIC_TEST_SEED, AnalysisConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Task vectors in in-context learning.")
@@ -44,7 +45,7 @@ def demo(
     Re-running with the same --out reuses finished parts (a killed demo resumes). A part's setting left unset
     takes the full or the --quick preset's value."""
     from .demo import DEMO_KIND, check_demo, run_demo
-    from .figures import write_demo_report
+    from .figures import write_demo_report, write_results_page
 
     cfg = config
     check_demo(cfg)  # the whole config (model, backend, families) before the synthetic part trains
@@ -52,6 +53,7 @@ def demo(
     t0 = time.perf_counter()
     result = run_demo(out, cfg, log=typer.echo)
     path = write_demo_report(result)
+    page = write_results_page(result, out / "results.md", figures_dir=out / "figures")
     for part in result.parts:
         if part.skipped:
             typer.echo(f"{part.title}: skipped ({part.skipped})")
@@ -59,7 +61,25 @@ def demo(
         typer.echo(f"{part.title} ({part.seconds:.0f}s)")
         for row in part.headline:
             typer.echo(f"  {row['metric']}: {row['ours']}" + (f"   [paper: {row['paper']}]" if row["paper"] else ""))
-    typer.echo(f"report: {path} ({time.perf_counter() - t0:.0f}s)")
+    if result.findings is not None:
+        typer.echo("findings scoreboard (verdicts computed from each statistic's CI and p-value):")
+        for r in result.findings.to_dict("records"):
+            typer.echo(f"  {r['finding']} {r['family']}: {r['verdict']} ({r['statistic']} {r['ours']})")
+    typer.echo(f"report: {path}; results page: {page} ({time.perf_counter() - t0:.0f}s)")
+
+
+@app.command("results-page")
+def results_page(
+    run: Path = typer.Argument(..., help="a finished demo's directory (taskvec demo --out)"),
+    page: Path = typer.Argument(..., help="the Markdown page to write, e.g. docs/results/demo.md"),
+    figures_dir: Path = typer.Option(None, help="where the page's figures go (default: <page dir>/figures/<stem>)"),
+) -> None:
+    """Write a measured-results page (Markdown) from a finished demo's own tables: date, machine, model, versions,
+    wall times, the findings scoreboard and every part's numbers and figures. Never typed by hand."""
+    from .demo import DemoResult
+    from .figures import write_results_page
+
+    typer.echo(f"wrote {write_results_page(DemoResult.load(run), page, figures_dir=figures_dir)}")
 
 
 @app.command()
@@ -87,6 +107,12 @@ def td(
     typer.echo("exact-match accuracy (task x shots):\n" + acc.to_string(float_format=lambda v: f"{v:.2f}"))
     typer.echo(f"TD vs accuracy at layer {result.fit['layer']}: R^2 = {result.fit['r2']:.3f} "
                f"({result.fit['n_points']} points)")
+    if cfg.controls:  # TD gained from the context: k-shot TD minus each control's, per layer
+        from .experiments.sweep import context_gain
+
+        gain = context_gain(result).pivot_table(index="layer", columns=["control", "shots"], values="gain", sort=False)
+        typer.echo("TD gained from the context (k-shot TD minus the control's TD, same queries; CIs in "
+                   "context_gain):\n" + gain.to_string(float_format=lambda v: f"{v:+.2f}"))
     if figures:
         from .figures import sweep_figures
 
@@ -146,8 +172,11 @@ def patch(
                           chunk_size=chunk)
     result.save(out)
     s = result.summary
-    typer.echo(f"peak TD {s['peak_td']:.3f} at layer {s['peak_layer']} (chance {s['chance']:.3f}); "
-               f"interventions at layer {s['layer']}:")
+    if s["peak_td"] is not None:
+        typer.echo(f"peak TD {s['peak_td']:.3f} at layer {s['peak_layer']} (chance {s['chance']:.3f}); "
+                   f"interventions at layer {s['layer']}:")
+    else:  # no TD computed (--td off) nor read from a sweep
+        typer.echo(f"interventions at layer {s['layer']}:")
     typer.echo(result.at_layer().to_string(float_format=lambda v: f"{v:.2f}"))
     if figures:
         from .figures import patching_figures
@@ -228,6 +257,7 @@ def finetune_compare(
 # attention heads on language models (Todd et al.'s function vectors): their commands live with the experiment
 app.command("heads")(heads_command)
 app.command("fv")(fv_command)
+app.command("zeroshot")(zeroshot_command)  # Hendel et al.'s zero-shot task vectors, as published
 
 synthetic_app = typer.Typer(no_args_is_help=True, help="The synthetic MSLR experiment (GPT-2 / Mamba-2).")
 app.add_typer(synthetic_app, name="synthetic")

@@ -125,20 +125,15 @@ def _is_path(x: object) -> bool:
     return isinstance(x, (str, Path))
 
 
-def _load_sweep(x: Any) -> Any:
-    if _is_path(x):
-        from .experiments.sweep import SweepResult
+def _load(x: Any, kind: str) -> Any:
+    """A result object as is; a directory read by its type's ``load`` (``kind``: sweep, patching, zero_shot)."""
+    if not _is_path(x):
+        return x
+    from .experiments.patching import PatchResult
+    from .experiments.sweep import SweepResult
+    from .experiments.zeroshot import ZeroShotResult
 
-        return SweepResult.load(x)
-    return x
-
-
-def _load_patching(x: Any) -> Any:
-    if _is_path(x):
-        from .experiments.patching import PatchResult
-
-        return PatchResult.load(x)
-    return x
+    return {"sweep": SweepResult, "patching": PatchResult, "zero_shot": ZeroShotResult}[kind].load(x)
 
 
 def _load_synthetic(x: Any) -> Any:
@@ -760,7 +755,7 @@ def findings(
         raise ValueError(f"f1_tolerance must be in (0, 1), got {f1_tolerance!r}")
     boot = {"n_boot": n_boot, "seed": seed, "ci_level": ci_level}
     rows = _f1_rows(_load_synthetic(synthetic) if synthetic is not None else None, f1_tolerance)
-    sw = {f: _load_sweep(s) for f, s in (sweeps or {}).items()}
+    sw = {f: _load(s, "sweep") for f, s in (sweeps or {}).items()}
     for name, fn in (("F2", lambda f, s: _f2_rows(f, s, **boot)), ("F3", lambda f, s: _f3_rows(f, s, **boot)),
                      ("F4", lambda f, s: _f4_rows(f, s, alpha, **boot))):
         if not sw:
@@ -772,10 +767,11 @@ def findings(
         rows += [_not_run("F5", "positive", "-", "no patching result given (patching=)"),
                  _not_run("F5", "negative", "-", "no patching result given (patching=)", "less")]
     for fam, p in (patching or {}).items():
-        rows += _f5_rows(fam, _load_patching(p), alpha, metric=metric, **boot)
+        rows += _f5_rows(fam, _load(p, "patching"), alpha, metric=metric, **boot)
     if not zero_shot:
         rows.append(_not_run("F5", "zero-shot", "-", "no zero-shot task-vector table given (zero_shot=)"))
     for fam, z in (zero_shot or {}).items():
+        z = _load(z, "zero_shot")
         rows += _f5_zero_shot_rows(fam, z, zero_shot_alpha, metric=zero_shot_metric or (
             metric if isinstance(z, tuple) else None), **boot)
     if not finetune:

@@ -53,24 +53,26 @@ def test_bad_cli_inputs(tiny_dir, tmp_path):
 def test_demo_command_on_a_local_model(tiny_dir, tmp_path, monkeypatch):
     """The demo end to end on a tiny local model (the real-model quick demo runs in CI's .ci/run): the
     report is written, and a second run reuses every finished part."""
-    from taskvec_interp import demo as D
+    from taskvec_interp.demo import config as D  # where DemoConfig reads its presets
 
     tiny = {"synthetic": {"steps": 40, "n_per_basis": 12, "k": 3, "umap_checkpoints": 2},
             "td": {"shots": [1, 2], "n_per_task": 5, "k": 2, "n_boot": 10},
             "patch": {"shots": 2, "n_per_task": 4, "k": 1, "n_boot": 10},
-            "finetune": {"steps": 2, "n_train": 4, "batch_size": 2, "n_per_task": 4, "k": 1,
-                         "layers": ["first:2", "last:2"]},
+            "finetune": {"family": "bitwise", "family_kwargs": {}, "steps": 2, "n_train": 4, "batch_size": 2,
+                         "n_per_task": 4, "k": 1, "layers": ["first:2", "last:2"]},
             "trajectory": {"n_per_basis": 12, "k": 3}}
     real = D.demo_settings
-    monkeypatch.setattr(D, "demo_settings", lambda quick: {k: {**v, **tiny[k]} for k, v in real(True).items()})
+    monkeypatch.setattr(D, "demo_settings", lambda quick: {k: {**v, **tiny.get(k, {})} for k, v in real(True).items()})
     out = tmp_path / "demo"
     args = ["demo", "--model", str(tiny_dir), "--out", str(out), "--quick", "--families", "bitwise"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     html = (out / "report.html").read_text()
-    for section in ("synthetic", "td_bitwise", "patch_bitwise", "finetune", "trajectory", "provenance"):
+    for section in ("scoreboard", "synthetic", "td_bitwise", "patch_bitwise", "finetune", "trajectory", "provenance"):
         assert f'id="{section}"' in html or f"id='{section}'" in html, section
     assert html.count("data:image/png;base64,") >= 8 and "paper" in html
     assert (out / "td_bitwise" / "sweep" / "fit.json").exists() and (out / "finetune" / "summary.parquet").exists()
+    page = (out / "results.md").read_text()  # the results page, generated from the run's own tables
+    assert "## Findings scoreboard" in page and "| F2 |" in page and "td_bitwise" in page
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("reused") == 5

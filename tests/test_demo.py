@@ -6,18 +6,34 @@ from pathlib import Path
 
 import pytest
 
-from taskvec_interp.demo.parts import _pos_available, _rel, _row
+from taskvec_interp.demo.parts import _rel, _row, family_source
 
 
-def test_pos_unavailable_names_the_reason(monkeypatch):
+def test_pos_reads_the_treebank_when_one_resolves(monkeypatch):
+    from taskvec_interp.tasks import UD_EXCERPT
+
+    monkeypatch.setenv("TASKVEC_UD_PATH", str(UD_EXCERPT))
+    assert family_source("pos") == ({}, "")
+    assert family_source("bitwise") == ({}, "")
+
+
+def test_pos_falls_back_to_the_shipped_excerpt_offline_and_says_so(monkeypatch):
     import taskvec_interp.tasks as tasks
 
-    def no_treebank(name, **kw):
-        raise ValueError("no CoNLL-U file found\nmore")
+    monkeypatch.delenv("TASKVEC_UD_PATH", raising=False)
+    real = tasks.get_family
 
-    monkeypatch.setattr(tasks, "get_family", no_treebank)
-    why = _pos_available()
-    assert why is not None and "no CoNLL-U file found" in why and "TASKVEC_UD_PATH" in why and "more" not in why
+    def offline(name, **kw):
+        if name == "pos" and not kw:
+            raise ValueError("could not download en_ewt-ud-dev.conllu\nmore")
+        return real(name, **kw)
+
+    monkeypatch.setattr(tasks, "get_family", offline)
+    kwargs, note = family_source("pos")
+    assert kwargs == {"path": "excerpt"}
+    assert "could not download" in note and "TASKVEC_UD_PATH" in note and "more" not in note
+    fam = real("pos", **kwargs)  # the excerpt builds the family offline: every tag task and Null
+    assert len(fam.task_names) == 7 and "NOUN" in fam.task_names[0].upper()
 
 
 def test_part_paths_are_relative_to_the_demo_directory(tmp_path: Path):

@@ -5,14 +5,18 @@ Parts, each in its own subdirectory of ``out`` and each a plain library call:
 
 (a) ``synthetic``: the synthetic GPT-2 trained on a Mixture of Sparse Linear Regression and analysed
     (per-basis loss with TD, the UMAP grid, the patching matrix);
-(b) ``td_<family>``: TD over layers and shots on the language model, with the TD-vs-accuracy R^2;
+(b) ``td_<family>``: TD over layers and shots on the language model, with the TD-vs-accuracy R^2 and TD of the
+    same queries without demonstrations / with shuffled labels (what the context adds);
 (c) ``patch_<family>``: positive / negative task-vector patching per task at the peak-TD layer;
+(c') ``zeroshot_<family>``: zero-shot task vectors as Hendel et al. publish them (per-query and per-task vectors,
+    layer chosen on a dev split, numbers on a disjoint test split);
 (d) ``finetune``: first-k vs last-k layer fine-tuning, accuracy and TD before / after;
 (e) ``trajectory``: TD and loss over the synthetic run's checkpoints.
 
 A part that finished writes ``part.json`` last (its headline numbers, figures and wall time); a rerun with
 the same ``out`` reuses it, so a killed demo resumes where it stopped. ``quick=True`` runs the same parts on
-smaller settings (CI runs it).
+smaller settings (CI runs it). After the parts, :func:`demo_findings` computes the findings scoreboard
+(:func:`taskvec_interp.findings.findings`) from their results; the report shows it at its top.
 """
 
 from __future__ import annotations
@@ -37,16 +41,17 @@ from .config import (
     DemoSyntheticConfig,
     DemoTDConfig,
     DemoTrajectoryConfig,
+    DemoZeroShotConfig,
     demo_settings,
 )
-from .parts import _finetune, _patch, _pos_available, _synthetic, _td, _trajectory
-from .result import DEMO_KEEP, DEMO_KIND, DemoResult, Part, check_part_paths, read_part
+from .parts import _finetune, _patch, _synthetic, _td, _trajectory, _zeroshot, family_source
+from .result import DEMO_KEEP, DEMO_KIND, DemoResult, Part, check_part_paths, machine_info, read_part
 
 
 def check_demo(config: DemoConfig) -> None:
     """What the demo can check before its first part runs (the synthetic part trains for minutes first): the
     model resolves (a built-in name, a model directory, a hub id's shape), the backend is registered and
-    importable, every family builds (``pos`` without a treebank is skipped with its reason, not refused).
+    importable, every family builds (``pos`` with no treebank reachable reads the excerpt shipped with the package).
     ``ValueError`` naming the value."""
     from ..adapters.load import check_model_spec
     from ..adapters.registry import get_backend
@@ -62,12 +67,12 @@ def check_demo(config: DemoConfig) -> None:
         hint = f"; install {', '.join(backend.packages)}" if backend.packages else ""
         raise ValueError(f"DemoConfig.backend {config.backend!r} cannot be used here ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}){hint}") from None
-    names = [f for f in config.families if f != "pos"] if {"td", "patch"} & set(config.parts) else []
-    for name in names:
-        get_family(name)
+    names = list(config.families) if {"td", "patch"} & set(config.parts) else []
+    for name in names:  # pos: the treebank that resolves here, else the excerpt shipped with the package
+        get_family(name, **family_source(name)[0])
     if "finetune" in config.parts:
         try:
-            get_family(config.finetune.family, split="train")
+            get_family(config.finetune.family, split="train", **config.finetune.family_kwargs)
         except ValueError as err:
             raise ValueError(f"DemoConfig.finetune.family {config.finetune.family!r}: {err}") from None
 
@@ -120,27 +125,51 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         parts.append(run_part("synthetic", lambda d: _synthetic(d, out, config.synthetic, config.seed, progress)))
     if "td" in config.parts or "patch" in config.parts:
         for fam in config.families:
-            why = _pos_available() if fam == "pos" else None
-            if why:
-                parts.append(Part(f"td_{fam}", f"TD over layers and shots: {fam}", "", skipped=why))
-                continue
             parts.append(run_part(f"td_{fam}", lambda d, fam=fam: _td(d, out, adapter(), fam, config.td, config,
                                                                           progress)))
             if "patch" in config.parts:
                 parts.append(run_part(f"patch_{fam}", lambda d, fam=fam: _patch(d, out, adapter(), fam, config.patch,
                                                                                 config, progress)))
+    if "zeroshot" in config.parts:
+        for fam in [f for f in config.zeroshot.families if f in config.families]:
+            parts.append(run_part(f"zeroshot_{fam}", lambda d, fam=fam: _zeroshot(d, out, adapter(), fam,
+                                                                                 config.zeroshot, config, progress)))
     if "finetune" in config.parts:
         parts.append(run_part("finetune", lambda d: _finetune(d, out, adapter(), config.finetune, config, progress)))
     if "trajectory" in config.parts:
         parts.append(run_part("trajectory", lambda d: _trajectory(d, out, config.trajectory, config.seed, progress)))
     model = state["adapter"].identity() if "adapter" in state else {"name": config.model, "backend": config.backend}
-    result = DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model)
+    from datetime import datetime, timezone
+
+    board = demo_findings(out, parts, config.seed)
+    result = DemoResult(config, parts, out, round(time.perf_counter() - t0, 1), model, board, machine_info(),
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"))
     result.save(out)  # demo.json, whole; the parts' directories carried over
     return result
 
 
+def demo_findings(out: Path, parts: list[Part], seed: int = 0) -> Any:
+    """The findings scoreboard (:func:`taskvec_interp.findings.findings`) of the demo's finished parts in ``out``:
+    the synthetic analysis (F1), each family's TD sweep (F2-F4), patching (F5 k-shot) and zero-shot task vectors
+    (F5 zero-shot), the fine-tuning runs (F6); a part that did not run gives ``not run`` rows."""
+    from ..findings import findings
+
+    done = {p.name for p in parts if not p.skipped}
+    def fams(prefix: str) -> dict[str, Path]:
+        return {n.split("_", 1)[1]: out / n for n in sorted(done) if n.startswith(prefix + "_")}
+
+    ft = next((p for p in parts if p.name == "finetune" and not p.skipped), None)
+    return findings(
+        synthetic=out / "synthetic" / "analysis" if "synthetic" in done else None,
+        sweeps={f: d / "sweep" for f, d in fams("td").items()},
+        patching={f: d / "patching" for f, d in fams("patch").items()},
+        zero_shot={f: d / "zeroshot" for f, d in fams("zeroshot").items()},
+        finetune={ft.key.get("finetune", {}).get("family", "finetune"): out / "finetune"} if ft else None,
+        seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------- resume
-LM_PARTS = ("td", "patch", "finetune")
+LM_PARTS = ("td", "patch", "zeroshot", "finetune")
 """The parts that run the language model (their key holds the model's fingerprint)."""
 
 
@@ -150,7 +179,8 @@ def part_key(name: str, config: DemoConfig, fingerprint: Callable[[], str]) -> d
     language-model parts the backend and the model's fingerprint (``fingerprint()``, called only for them: the
     weights, never the path string)."""
     kind, _, family = name.partition("_")
-    reads = {"synthetic": ("synthetic",), "td": ("td",), "patch": ("td", "patch"), "finetune": ("finetune",),
+    reads = {"synthetic": ("synthetic",), "td": ("td",), "patch": ("td", "patch"), "zeroshot": ("zeroshot",),
+             "finetune": ("finetune",),
              "trajectory": ("synthetic", "trajectory")}[kind]
     key: dict = {"quick": config.quick, "seed": config.seed, **{r: asdict(getattr(config, r)) for r in reads}}
     if family:
@@ -166,6 +196,8 @@ def planned_parts(config: DemoConfig) -> list[str]:
     if {"td", "patch"} & set(config.parts):
         for fam in config.families:
             names += [f"td_{fam}"] + ([f"patch_{fam}"] if "patch" in config.parts else [])
+    if "zeroshot" in config.parts:
+        names += [f"zeroshot_{f}" for f in config.zeroshot.families if f in config.families]
     return names + [p for p in ("finetune", "trajectory") if p in config.parts]
 
 
@@ -196,6 +228,7 @@ def check_finished_parts(out: Path, config: DemoConfig) -> Any:
 
 
 __all__ = ["DEMO_KEEP", "DEMO_KIND", "FAMILIES", "PAPER", "PARTS", "PART_FIELDS", "DemoConfig", "DemoFinetuneConfig",
-           "DemoPatchConfig", "DemoResult", "DemoSyntheticConfig", "DemoTDConfig", "DemoTrajectoryConfig", "Part",
+           "DemoPatchConfig", "DemoResult", "DemoSyntheticConfig", "DemoTDConfig", "DemoTrajectoryConfig",
+           "DemoZeroShotConfig", "Part",
            "check_demo", "check_finished_parts", "check_part_paths", "demo_settings", "part_key", "planned_parts",
-           "read_part", "run_demo"]
+           "demo_findings", "read_part", "run_demo"]

@@ -20,8 +20,10 @@ from ..validate import (
     check_str,
 )
 
-PARTS = ("synthetic", "td", "patch", "finetune", "trajectory")
-FAMILIES = ("bitwise", "pos")
+PARTS = ("synthetic", "td", "patch", "zeroshot", "finetune", "trajectory")
+FAMILIES = ("bitwise", "pos", "fv")
+QUICK_FAMILIES = ("bitwise", "fv")
+"""``--quick`` (CI's smoke run) leaves POS out: its parts run the same code as bitwise's."""
 
 # What the paper reports, shown beside our numbers (Han et al. 2025; Llama-3.1-8B unless said otherwise).
 PAPER = {
@@ -35,26 +37,46 @@ PAPER = {
     "finetune": "bitwise accuracy 26.2% -> 90.2% (first 10 layers) vs 66.3% (last 10); TD 0.43 -> 0.85 only "
                 "with the first layers",
     "trajectory": "TD and accuracy rise together over pretraining (OLMo-7B, Fig. 5)",
+    "zeroshot": "Hendel et al.: baseline / task vector / ICL 0.13 / 0.72 / 0.83 (Pythia-2.8B, 18 tasks); no model "
+                "under 1B reported",
 }
 
 
+FINETUNE_TASKS = ("person-sport", "country-capital", "singular-plural", "present-past", "next_item")
+"""The function-vector tasks the demo fine-tunes on: tasks whose inputs differ from one another's, so the train /
+test split of each task cannot leak a test query into another task's training prompts (the fine-tuning refuses
+such a leak; country-capital and country-currency, or next_item and prev_item, share inputs)."""
+
+
+QA_TEMPLATE = {"input_prefix": "Q: ", "output_prefix": "\nA:", "example_separator": "\n\n"}
+"""The zero-shot part's prompt template: Todd et al.'s ``Q: x / A: y`` layout, in which the function-vector tasks are
+written (with the default ``x -> y`` layout a patched vector of SmolLM2 carries the task but not the query:
+docs/zeroshot.md)."""
+
+
 def demo_settings(quick: bool) -> dict:
-    """The sizes of each part: the full demo (<= 20 min on 2 CPU cores) or ``quick`` (<= 4 min)."""
+    """The sizes of each part: the full demo (<= 30 min on 2 CPU cores) or ``quick`` (<= 4 min)."""
     if quick:
         return {
             "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
-            "td": {"shots": (1, 4), "n_per_task": 8, "k": 3, "n_boot": 50},
-            "patch": {"shots": 4, "n_per_task": 6, "k": 2, "n_boot": 50},
-            "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 4, "n_train": 8,
-                         "batch_size": 4, "n_per_task": 5, "k": 2, "lr": 2e-3},
+            "td": {"shots": (1, 4), "n_per_task": 6, "k": 3, "n_boot": 50, "controls": ("input_only", "shuffled")},
+            "patch": {"shots": 4, "n_per_task": 4, "k": 2, "n_boot": 50},
+            "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 3, "n_test": 6, "n_dummy": 2, "layers": "last:20",
+                         "n_boot": 50, "template": dict(QA_TEMPLATE)},
+            "finetune": {"family": "fv", "family_kwargs": {"tasks": list(FINETUNE_TASKS)},
+                         "layers": ("first:10", "last:10"), "steps": 4, "n_train": 8, "batch_size": 4,
+                         "n_per_task": 5, "k": 2, "lr": 5e-3},
             "trajectory": {"n_per_basis": 30, "k": 5},
         }
     return {
-        "synthetic": {"config": "small", "steps": 3000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
-        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300},
+        "synthetic": {"config": "small", "steps": 10_000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
+        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300, "controls": ("input_only", "shuffled")},
         "patch": {"shots": 4, "n_per_task": 20, "k": 10, "n_boot": 300},
-        "finetune": {"family": "bitwise", "layers": ("first:10", "last:10"), "steps": 40, "n_train": 100,
-                     "batch_size": 8, "n_per_task": 20, "k": 10, "lr": 1e-3},
+        "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 10, "n_test": 25, "n_dummy": 2, "layers": "all",
+                     "n_boot": 1000, "template": dict(QA_TEMPLATE)},
+        "finetune": {"family": "fv", "family_kwargs": {"tasks": list(FINETUNE_TASKS)},
+                     "layers": ("first:10", "last:10"), "steps": 120, "n_train": 100, "batch_size": 8,
+                     "n_per_task": 38, "k": 10, "lr": 5e-3},
         "trajectory": {"n_per_basis": 50, "k": 10},
     }
 
@@ -123,8 +145,16 @@ class DemoTDConfig(_PresetPart):
     n_per_task: int | None = opt(None, _preset("td", "n_per_task", "prompts per task"))
     k: int | None = opt(None, _preset("td", "k", "neighbours of the TD k-NN"))
     n_boot: int | None = opt(None, _preset("td", "n_boot", "bootstrap resamples"))
+    controls: tuple[str, ...] | None = opt(None, _preset("td", "controls", "TD of the same queries without "
+                                                         "demonstrations / with labels shuffled across tasks"))
 
     def check(self) -> None:
+        if self.controls is not None:
+            from ..tasks.controls import CONTROLS
+
+            self.controls = tuple(self.controls)
+            for c in self.controls:
+                check_choice(self._name("controls"), c, CONTROLS)
         if self.shots is not None:
             self.shots = check_ints(self._name("shots"), self.shots, 0)
         self._int("n_per_task", 1)
@@ -152,11 +182,44 @@ class DemoPatchConfig(_PresetPart):
 
 
 @dataclass
+class DemoZeroShotConfig(_PresetPart):
+    """(c') zero-shot task vectors as Hendel et al. publish them, per family
+    (:class:`~taskvec_interp.experiments.zeroshot.ZeroShotConfig`): per-query and per-task vectors, the layer
+    chosen on the dev split, every number on the test split."""
+
+    families: tuple[str, ...] | None = opt(None, _preset("zeroshot", "families", "families (among the demo's), "
+                                                                                "comma-separated"))
+    shots: int | None = opt(None, _preset("zeroshot", "shots", "demonstrations of each query"))
+    n_dev: int | None = opt(None, _preset("zeroshot", "n_dev", "dev queries per task (choose the layer)"))
+    n_test: int | None = opt(None, _preset("zeroshot", "n_test", "test queries per task (every reported number)"))
+    n_dummy: int | None = opt(None, _preset("zeroshot", "n_dummy", "dummy queries averaged into each vector"))
+    layers: str | None = opt(None, _preset("zeroshot", "layers", "layers swept (all | first:K | last:K | A-B | 3,5)"))
+    n_boot: int | None = opt(None, _preset("zeroshot", "n_boot", "bootstrap resamples"))
+    template: dict | None = opt(None, _preset("zeroshot", "template", "prompt template (PromptTemplate fields) as "
+                                                                      "JSON"))
+
+    def check(self) -> None:
+        if self.template is not None and not isinstance(self.template, dict):
+            raise ValueError(f"{self._name('template')} must be a dict (JSON object), got {self.template!r}")
+        if self.families is not None:
+            self.families = check_choices(self._name("families"), self.families, FAMILIES)
+        self._int("shots", 1)
+        for name in ("n_dev", "n_test", "n_dummy"):
+            self._int(name, 1)
+        if self.layers is not None:
+            check_str(self._name("layers"), self.layers)
+        if self.n_boot is not None:
+            check_n_boot(self._name("n_boot"), self.n_boot)
+
+
+@dataclass
 class DemoFinetuneConfig(_PresetPart):
     """(d) first-k vs last-k fine-tuning (:class:`~taskvec_interp.experiments.finetune.FinetuneConfig`), one run
     per layer spec."""
 
     family: str | None = opt(None, _preset("finetune", "family", "task family"))
+    family_kwargs: dict | None = opt(None, _preset("finetune", "family_kwargs", "the family's keyword arguments, "
+                                                                              "as JSON"))
     layers: tuple[str, ...] | None = opt(None, _preset("finetune", "layers", "layer specs, one run each, "
                                                                             "comma-separated"))
     steps: int | None = opt(None, _preset("finetune", "steps", "optimizer steps"))
@@ -169,6 +232,8 @@ class DemoFinetuneConfig(_PresetPart):
     def check(self) -> None:
         if self.family is not None:
             check_str(self._name("family"), self.family)
+        if self.family_kwargs is not None and not isinstance(self.family_kwargs, dict):
+            raise ValueError(f"{self._name('family_kwargs')} must be a dict (JSON object), got {self.family_kwargs!r}")
         if self.layers is not None:
             if isinstance(self.layers, str) or not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise ValueError(f"{self._name('layers')} must be a non-empty list of layer specs, got "
@@ -198,7 +263,8 @@ class DemoTrajectoryConfig(_PresetPart):
 
 
 PART_FIELDS: dict[type, str] = {DemoSyntheticConfig: "synthetic", DemoTDConfig: "td", DemoPatchConfig: "patch",
-                                DemoFinetuneConfig: "finetune", DemoTrajectoryConfig: "trajectory"}
+                                DemoZeroShotConfig: "zeroshot", DemoFinetuneConfig: "finetune",
+                                DemoTrajectoryConfig: "trajectory"}
 
 
 @dataclass
@@ -213,12 +279,14 @@ class DemoConfig:
     model: str = model_field()
     backend: str = backend_field()
     seed: int = opt(0, "seed of every part (prompts, training, the synthetic test set's offset)")
-    families: tuple[str, ...] = opt(FAMILIES, "task families of the language-model parts, comma-separated",
-                                    choices=FAMILIES)
+    families: tuple[str, ...] | None = opt(None, "task families of the language-model parts, comma-separated "
+                                                 f"(full {','.join(FAMILIES)}, quick {','.join(QUICK_FAMILIES)})",
+                                           choices=FAMILIES)
     parts: tuple[str, ...] = opt(PARTS, "parts to run, comma-separated", choices=PARTS)
     synthetic: DemoSyntheticConfig = opt(factory=DemoSyntheticConfig)
     td: DemoTDConfig = opt(factory=DemoTDConfig)
     patch: DemoPatchConfig = opt(factory=DemoPatchConfig)
+    zeroshot: DemoZeroShotConfig = opt(factory=DemoZeroShotConfig)
     finetune: DemoFinetuneConfig = opt(factory=DemoFinetuneConfig)
     trajectory: DemoTrajectoryConfig = opt(factory=DemoTrajectoryConfig)
 
@@ -227,6 +295,8 @@ class DemoConfig:
         check_str("DemoConfig.model", self.model)
         check_choice("DemoConfig.backend", self.backend, backend_names())
         check_seed("DemoConfig.seed", self.seed)
+        if self.families is None:
+            self.families = QUICK_FAMILIES if self.quick else FAMILIES
         self.families = check_choices("DemoConfig.families", self.families, FAMILIES)
         self.parts = check_choices("DemoConfig.parts", self.parts, PARTS)
         preset = demo_settings(self.quick)

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import pandas as pd
+
 from ..results import read_json
 from .config import FAMILIES, DemoConfig
 
@@ -31,8 +33,8 @@ class Part:
 
 DEMO_KIND = "demo"
 """The result kind a demo directory is marked with (``result.json``)."""
-DEMO_KEEP = ("demo_config.json", "report.html", "synthetic", "finetune", "trajectory",
-             *(f"{p}_{f}" for p in ("td", "patch") for f in FAMILIES))
+DEMO_KEEP = ("demo_config.json", "report.html", "results.md", "figures", "synthetic", "finetune", "trajectory",
+             *(f"{p}_{f}" for p in ("td", "patch", "zeroshot") for f in FAMILIES))
 """What a demo directory holds besides ``demo.json``: each part's directory (its results, each a result directory
 of its own), the config record and the report; carried over when the demo's result is saved again."""
 
@@ -48,6 +50,12 @@ class DemoResult:
     out: Path
     seconds: float
     model: dict = field(default_factory=dict)
+    findings: pd.DataFrame | None = field(default=None, compare=False)
+    """The findings scoreboard (:func:`taskvec_interp.findings.findings` of the parts), ``findings.parquet``."""
+    machine: dict = field(default_factory=dict)
+    """Where it ran (:func:`machine_info`): platform, CPU count, torch threads, accelerator."""
+    finished: str = ""
+    """When the run finished (UTC, ISO 8601)."""
 
     def save(self, out: str | Path) -> Path:
         """``demo.json`` in ``out``, written whole (:func:`taskvec_interp.io.write_result_dir`): an older demo
@@ -55,25 +63,42 @@ class DemoResult:
         from ..io import write_result_dir
 
         record = {"config": asdict(self.config), "parts": [asdict(p) for p in self.parts], "seconds": self.seconds,
-                  "model": self.model}
+                  "model": self.model, "machine": self.machine, "finished": self.finished}
         with write_result_dir(out, DEMO_KIND, record["config"], keep=DEMO_KEEP) as tmp:
             (tmp / "demo.json").write_text(json.dumps(record, indent=2, default=str))
+            if self.findings is not None:
+                self.findings.to_parquet(tmp / "findings.parquet", index=False)
         return Path(out)
 
     @classmethod
     def load(cls, directory: str | Path) -> DemoResult:
         """Read back what :meth:`save` wrote (``out`` is ``directory``); ``ValueError`` naming the file when it
         is not a complete, intact demo result."""
-        from ..io import read_result_dir
-        from ..results import read_json
+        from ..io import manifest_files, read_result_dir
+        from ..results import read_json, read_parquet
 
         d = read_result_dir(directory, DEMO_KIND)
         record = read_json(d / "demo.json")
         parts = [Part(**p) for p in record["parts"]]
         for part in parts:  # a figure or table outside the demo directory is refused, never read
             check_part_paths(part, d, str(d / "demo.json"))
-        return cls(DemoConfig(**record["config"]), parts, d, record["seconds"],
-                   record.get("model", {}))
+        board = read_parquet(d / "findings.parquet") if "findings.parquet" in manifest_files(d) else None
+        return cls(DemoConfig(**record["config"]), parts, d, record["seconds"], record.get("model", {}), board,
+                   record.get("machine", {}), record.get("finished", ""))
+
+
+def machine_info() -> dict:
+    """Where a run happens: platform, CPU count, torch's threads and version, the accelerator if any."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    desc = (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)" + (f", {gpu}" if gpu else ", no GPU"))
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu, "description": desc}
 
 
 def read_part(path: Path, out: Path) -> Part:

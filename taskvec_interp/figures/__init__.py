@@ -9,7 +9,10 @@
 * :mod:`~taskvec_interp.figures.synthetic`: the synthetic experiment and the UMAP views
   (:func:`synthetic_figures`);
 * :mod:`~taskvec_interp.figures.heads`: attention heads (synthetic head ablation; AIE, per-head TD, function vectors);
+* :mod:`~taskvec_interp.figures.zeroshot`: zero-shot task vectors by layer (:func:`zero_shot_figures`);
 * :mod:`~taskvec_interp.figures.report`: the demo's self-contained HTML report (:func:`write_demo_report`).
+* :mod:`~taskvec_interp.figures.results_page`: a measured-results Markdown page from a run's own tables
+  (:func:`write_results_page`).
 
 Every ``plot_*`` function returns a :class:`matplotlib.figure.Figure` (without pyplot, no backend
 touched) and, given ``path=``, writes it (:func:`save_figure`, PNG at :data:`DPI`). The ``*_figures``
@@ -29,6 +32,7 @@ from .heads import (
 )
 from .patching import patching_figures, plot_patch_bars, plot_patch_heatmap, plot_patch_matrix, plot_patching
 from .report import write_demo_report
+from .results_page import write_results_page
 from .synthetic import (
     plot_basis_emergence,
     plot_td_heatmap_steps,
@@ -40,11 +44,13 @@ from .td import (
     plot_task_td,
     plot_task_td_heatmap,
     plot_td_by_layer,
+    plot_td_context,
     plot_td_vs_accuracy,
     sweep_figures,
     td_peaks,
 )
 from .trajectory import plot_trajectory, trajectory_figures
+from .zeroshot import plot_zero_shot_curve, plot_zero_shot_tasks, zero_shot_figures
 
 __all__ = [
     "DPI",
@@ -67,6 +73,7 @@ __all__ = [
     "plot_task_td",
     "plot_task_td_heatmap",
     "plot_td_by_layer",
+    "plot_td_context",
     "plot_td_heatmap_steps",
     "plot_td_vs_accuracy",
     "plot_trajectory",
@@ -77,5 +84,9 @@ __all__ = [
     "synthetic_figures",
     "td_peaks",
     "trajectory_figures",
+    "plot_zero_shot_curve",
+    "plot_zero_shot_tasks",
     "write_demo_report",
+    "write_results_page",
+    "zero_shot_figures",
 ]
