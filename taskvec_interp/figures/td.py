@@ -96,6 +96,18 @@ def td_peaks(td: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*keys, "layer", "td", *(["chance"] if "chance" in overall else [])])
 
 
+def _td_by_layer_axes(a, part: pd.DataFrame) -> None:
+    """The axes of a TD-by-layer panel: the chance line (where the table has one), labels, limits, grid, legend."""
+    if "chance" in part.columns:
+        _draw_chance(a, part["chance"])
+    a.set_xlabel("layer")
+    a.set_ylabel("task decodability (TD)")
+    a.set_ylim(*_TD_LIMITS)
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.grid(alpha=0.3)
+    a.legend(fontsize="small", loc="best")
+
+
 def plot_td_by_layer(
     td: pd.DataFrame,
     path: str | Path | None = None,
@@ -140,14 +152,7 @@ def plot_td_by_layer(
                           linewidths=0.6, zorder=4)
                 a.annotate(f"L{peak[0]}", peak, xytext=(0, 7), textcoords="offset points", ha="center",
                            fontsize=8, color=color)
-        if "chance" in part.columns:
-            _draw_chance(a, part["chance"])
-        a.set_xlabel("layer")
-        a.set_ylabel("task decodability (TD)")
-        a.set_ylim(*_TD_LIMITS)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.grid(alpha=0.3)
-        a.legend(fontsize="small", loc="best")
+        _td_by_layer_axes(a, part)
         if len(families) > 1:
             a.set_title(str(family))
         else:
@@ -208,14 +213,7 @@ def plot_td_context(
                 ok = np.isfinite(lo) & np.isfinite(hi)
                 if ok.any():
                     a.fill_between(x, lo, hi, where=ok, color=color, alpha=0.12, lw=0, zorder=2)
-        if "chance" in part.columns:
-            _draw_chance(a, part["chance"])
-        a.set_xlabel("layer")
-        a.set_ylabel("task decodability (TD)")
-        a.set_ylim(*_TD_LIMITS)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.grid(alpha=0.3)
-        a.legend(fontsize="small", loc="best")
+        _td_by_layer_axes(a, part)
         head = "TD with demonstrations vs controls"
         if len(families) > 1:
             a.set_title(str(family))
