@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..tasks.base import NULL_TASK
 
@@ -205,3 +206,22 @@ def _pick_layer(part: pd.DataFrame, layer: int | None, shots: int, family: str |
         raise ValueError(f"layer {layer} not in the TD table{where}; available layers: {[int(v) for v in layers]}")
     return int(layer)
 
+
+_DEMOS = "demos"  # the context of the k-shot rows (experiments.sweep.DEMOS; figures import no experiment)
+
+
+def _k_shot(td: pd.DataFrame) -> pd.DataFrame:
+    """The k-shot rows of a TD table (all of them when it has no ``context`` column)."""
+    return td[td["context"] == _DEMOS] if "context" in td.columns else td
+
+
+def _td_by_layer_axes(a, part: pd.DataFrame) -> None:
+    """The axes of a TD-by-layer panel: the chance line (where the table has one), labels, limits, grid, legend."""
+    if "chance" in part.columns:
+        _draw_chance(a, part["chance"])
+    a.set_xlabel("layer")
+    a.set_ylabel("task decodability (TD)")
+    a.set_ylim(*_TD_LIMITS)
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.grid(alpha=0.3)
+    a.legend(fontsize="small", loc="best")

@@ -1,6 +1,5 @@
-"""Task-decodability figures from the sweep's tidy tables, and :func:`sweep_figures` (a sweep's set).
-
-Input tables (as :mod:`taskvec_interp.experiments.sweep` writes them):
+"""Task-decodability figures from the sweep's tidy tables (as :mod:`taskvec_interp.experiments.sweep` writes them),
+and :func:`sweep_figures` (a sweep's set). Input tables:
 
 * **TD table** (:meth:`TaskDecodability.to_frame` plus ``shots`` and ``family``): ``layer``, ``level``
   ("overall" or "task"), ``task`` ("all" on overall rows), ``td``, ``ci_low``, ``ci_high`` (may be NaN),
@@ -9,12 +8,9 @@ Input tables (as :mod:`taskvec_interp.experiments.sweep` writes them):
 * **Accuracy table**: ``task``, ``shots``, ``n``, ``exact``, ``first_token``, optional ``family``.
 * **Fit dict** (:func:`~taskvec_interp.experiments.sweep.fit_td_accuracy`): ``layer``, ``r2``, ``slope``,
   ``intercept`` (``exact = intercept + slope * td``), ``n_points``, optional ``family``.
-
 A peak is the highest TD over layers, the earliest on ties (:attr:`TaskDecodability.peak_layer`), NaN ignored.
-
-A TD table with a ``context`` column (a sweep run with controls) holds control rows beside the k-shot ones
-(``"input_only"``, ``"shuffled"``): every figure here reads only the k-shot rows (``context == "demos"``) except
-:func:`plot_td_context`, which draws k-shot TD beside the controls'.
+Every figure here reads only the k-shot rows (``context == "demos"``) of a TD table with controls; the controls
+are drawn by :func:`~taskvec_interp.figures.td_context.plot_td_context`.
 """
 
 from __future__ import annotations
@@ -29,10 +25,10 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from ..tasks.base import NULL_TASK
 from ._common import (
+    _DEMOS,
     _NO_SHOTS,
     _SHOT_MARKERS,
     _TD_LIMITS,
@@ -43,6 +39,7 @@ from ._common import (
     _finish,
     _finite,
     _grid,
+    _k_shot,
     _of_family,
     _overall,
     _peak,
@@ -53,23 +50,16 @@ from ._common import (
     _shot_colors,
     _shot_label,
     _task_colors,
+    _td_by_layer_axes,
 )
 from .synthetic import plot_umap
+from .td_context import plot_td_context
 
 if TYPE_CHECKING:
     from ..experiments.sweep import SweepResult
 
 __all__ = ["plot_task_td", "plot_task_td_heatmap", "plot_td_by_layer", "plot_td_context", "plot_td_vs_accuracy",
            "sweep_figures", "td_peaks"]
-
-_DEMOS = "demos"  # the context of the k-shot rows (experiments.sweep.DEMOS; figures import no experiment)
-_CONTROL_STYLE = {"shuffled": ("--", "shuffled labels"), "input_only": (":", "input only (0-shot)")}
-
-
-def _k_shot(td: pd.DataFrame) -> pd.DataFrame:
-    """The k-shot rows of a TD table (all of them when it has no ``context`` column)."""
-    return td[td["context"] == _DEMOS] if "context" in td.columns else td
-
 
 # ---- TD over layers --------------------------------------------------------------------------------------
 def td_peaks(td: pd.DataFrame) -> pd.DataFrame:
@@ -94,18 +84,6 @@ def td_peaks(td: pd.DataFrame) -> pd.DataFrame:
             row["chance"] = float(part["chance"].iloc[0])
         rows.append(row)
     return pd.DataFrame(rows, columns=[*keys, "layer", "td", *(["chance"] if "chance" in overall else [])])
-
-
-def _td_by_layer_axes(a, part: pd.DataFrame) -> None:
-    """The axes of a TD-by-layer panel: the chance line (where the table has one), labels, limits, grid, legend."""
-    if "chance" in part.columns:
-        _draw_chance(a, part["chance"])
-    a.set_xlabel("layer")
-    a.set_ylabel("task decodability (TD)")
-    a.set_ylim(*_TD_LIMITS)
-    a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    a.grid(alpha=0.3)
-    a.legend(fontsize="small", loc="best")
 
 
 def plot_td_by_layer(
@@ -163,68 +141,6 @@ def plot_td_by_layer(
     return _finish(fig, path)
 
 
-# ---- TD gained from the context ----------------------------------------------------------------------------
-def plot_td_context(
-    td: pd.DataFrame,
-    path: str | Path | None = None,
-    title: str | None = None,
-) -> Figure:
-    """Overall TD by layer of the k-shot prompts (solid) beside the same queries' controls: shuffled labels at the
-    same shot count (dashed, same colour) and input only (dotted, black), with CI bands and the chance line.
-
-    ``td``: a sweep's TD table with its ``context`` column (run with ``SweepConfig.controls``); one panel per
-    family. The gap between a solid line and its controls is the TD the demonstrations put there.
-    """
-    td = _prepare_td(td, ("layer", "level", "td", "context"))
-    overall = td[td["level"] == "overall"]
-    controls = overall[overall["context"] != _DEMOS]
-    if len(controls) == 0:
-        raise ValueError("the TD table has no control rows (context 'input_only' or 'shuffled'): run the sweep with "
-                         "SweepConfig.controls")
-    unknown = sorted(set(overall["context"]) - {_DEMOS, *_CONTROL_STYLE})
-    if unknown:
-        raise ValueError(f"unknown context(s) {unknown} in the TD table; known: {[_DEMOS, *_CONTROL_STYLE]}")
-    families = _families(overall)
-    fig, axes = _grid(len(families), (6.4, 4.2), max_cols=2)
-    k_shots = sorted(s for s in pd.unique(overall.loc[overall["context"] == _DEMOS, "shots"]) if s > 0)
-    colors = _shot_colors(k_shots) if k_shots else {}
-    has_ci = {"ci_low", "ci_high"} <= set(overall.columns)
-    for family, a in zip(families, axes, strict=True):
-        part = _of_family(overall, family)
-        series = [(_DEMOS, s) for s in k_shots] + [("shuffled", s) for s in k_shots] + \
-                 [("input_only", s) for s in sorted(pd.unique(part.loc[part["context"] == "input_only", "shots"]))]
-        for context, shots in series:
-            s = part[(part["context"] == context) & (part["shots"] == shots)].sort_values("layer", kind="stable")
-            if len(s) == 0:
-                continue
-            x = s["layer"].to_numpy()
-            y = s["td"].to_numpy(dtype=float)
-            if context == _DEMOS:
-                ls, color, label = "-", colors[shots], _shot_label(shots)
-            else:
-                ls, what = _CONTROL_STYLE[context]
-                color = "k" if context == "input_only" else colors.get(shots, "0.3")
-                label = what if context == "input_only" else f"{_shot_label(shots)}, {what}"
-            a.plot(x, y, ls=ls, marker="o" if context == _DEMOS else None, ms=3, lw=1.6, color=color, label=label,
-                   zorder=3)
-            if has_ci:
-                lo = s["ci_low"].to_numpy(dtype=float)
-                hi = s["ci_high"].to_numpy(dtype=float)
-                ok = np.isfinite(lo) & np.isfinite(hi)
-                if ok.any():
-                    a.fill_between(x, lo, hi, where=ok, color=color, alpha=0.12, lw=0, zorder=2)
-        _td_by_layer_axes(a, part)
-        head = "TD with demonstrations vs controls"
-        if len(families) > 1:
-            a.set_title(str(family))
-        else:
-            a.set_title(title if title is not None else head + (f" ({family})" if family is not None else ""))
-    if len(families) > 1:
-        fig.suptitle(title if title is not None else "TD with demonstrations vs controls")
-    return _finish(fig, path)
-
-
-# ---- Per-task TD -----------------------------------------------------------------------------------------
 def plot_task_td(
     td: pd.DataFrame,
     layer: int | None = None,
