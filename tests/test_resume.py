@@ -420,7 +420,7 @@ def test_the_demo_does_not_reuse_a_quick_part_in_a_full_run(tmp_path):
     old = DemoConfig(quick=True, parts=("synthetic",))
     _finished_part(tmp_path / "demo", "synthetic", part_key("synthetic", old, lambda: None))
     _refused_demo(tmp_path / "demo", DemoConfig(quick=False, parts=("synthetic",)), "quick: saved True, given False",
-                  "synthetic.steps: saved 300, given 3000")
+                  "synthetic.steps: saved 300, given 10000")
 
 
 def test_the_demo_does_not_reuse_a_part_without_its_key(tmp_path):
