@@ -171,7 +171,8 @@ def test_train_config_json_round_trip_keeps_the_data_kind() -> None:
 
 
 def _tiny(name: str, **data) -> TrainConfig:
-    return train_config(name, model="tiny", steps=20, batch_size=16, eval_every=10, log_every=10, ckpt_every=10,
+    return train_config(name, model="tiny", steps=20, warmup_steps=2, batch_size=16, eval_every=10, log_every=10,
+                        ckpt_every=10,
                         ckpt_log_points=2, n_test_per_basis=8, **({"data": data} if data else {}))
 
 
