@@ -41,3 +41,26 @@ def test_part_paths_are_relative_to_the_demo_directory(tmp_path: Path):
     with pytest.raises(ValueError):
         _rel([Path("/elsewhere/a.png")], tmp_path)
     assert _row("m", 1, "p") == {"metric": "m", "ours": 1, "paper": "p"}
+
+
+def test_the_demo_reads_every_fv_task_in_td_and_the_core_tasks_in_patching_and_zero_shot():
+    from taskvec_interp.demo.parts import family_source
+    from taskvec_interp.tasks import get_family
+    from taskvec_interp.tasks.function_vectors import FV_CORE_TASKS, FV_TASKS
+
+    assert family_source("fv") == ({}, "") and get_family("fv").task_names[:-1] == FV_TASKS
+    for part in ("patch", "zeroshot"):
+        kwargs, note = family_source("fv", part)
+        assert kwargs == {"tasks": list(FV_CORE_TASKS)} and f"{len(FV_CORE_TASKS)} core tasks" in note
+    assert family_source("bitwise", "patch") == ({}, "")
+
+
+def test_the_demo_runs_the_shuffled_control_at_the_largest_shot_count_unless_told():
+    from taskvec_interp.demo.config import DemoConfig, DemoTDConfig
+
+    assert DemoConfig().td.shuffled_shots == (max(DemoConfig().td.shots),)
+    assert DemoConfig(td=DemoTDConfig(shots=(2, 5))).td.shuffled_shots == (5,)
+    assert DemoConfig(td=DemoTDConfig(shots=(2, 5), shuffled_shots=(2, 5))).td.shuffled_shots == (2, 5)
+    with pytest.raises(ValueError, match=r"DemoConfig\.td\.shuffled_shots must list shot counts of td\.shots "
+                                         r"\[2, 5\], got \[4\]"):
+        DemoConfig(td=DemoTDConfig(shots=(2, 5), shuffled_shots=(4,)))

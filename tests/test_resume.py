@@ -23,6 +23,7 @@ import taskvec_interp.adapters.fingerprint as F
 from taskvec_interp.adapters import load_model
 from taskvec_interp.cli import app
 from taskvec_interp.demo import DEMO_KEEP, DemoConfig, Part, part_key, run_demo
+from taskvec_interp.demo.config import demo_settings
 from taskvec_interp.engine import ArchitectureError, run_checkpoints
 from taskvec_interp.experiments.finetune import FinetuneConfig, FinetuneResult, compare_runs, finetune
 from taskvec_interp.experiments.patching import PatchConfig, run_patching
@@ -420,7 +421,7 @@ def test_the_demo_does_not_reuse_a_quick_part_in_a_full_run(tmp_path):
     old = DemoConfig(quick=True, parts=("synthetic",))
     _finished_part(tmp_path / "demo", "synthetic", part_key("synthetic", old, lambda: None))
     _refused_demo(tmp_path / "demo", DemoConfig(quick=False, parts=("synthetic",)), "quick: saved True, given False",
-                  "synthetic.steps: saved 300, given 10000")
+                  f"synthetic.steps: saved 300, given {demo_settings(False)['synthetic']['steps']}")
 
 
 def test_the_demo_does_not_reuse_a_part_without_its_key(tmp_path):

@@ -672,10 +672,13 @@ def test_the_builtin_function_vector_family_ships_with_its_licence():
     import json
 
     from taskvec_interp.tasks import build_prompts, get_family
-    from taskvec_interp.tasks.function_vectors import FV_DIR, FV_TASKS, TODD_TASKS
+    from taskvec_interp.tasks.function_vectors import FV_CORE_TASKS, FV_DIR, FV_TASKS, TODD_TASKS
 
-    assert "MIT License" in (FV_DIR / "LICENSE").read_text() and "fb9eac7b" in (FV_DIR / "PROVENANCE.txt").read_text()
+    provenance = (FV_DIR / "PROVENANCE.txt").read_text()
+    assert "MIT License" in (FV_DIR / "LICENSE").read_text() and "fb9eac7b" in provenance
     assert sorted(p.stem for p in FV_DIR.glob("*.json")) == sorted(FV_TASKS) and FV_TASKS[:6] == TODD_TASKS
+    assert FV_TASKS[:len(FV_CORE_TASKS)] == FV_CORE_TASKS and len(set(FV_TASKS)) == len(FV_TASKS) == 23
+    assert all(name in provenance for name in FV_TASKS)  # every shipped file is named in its provenance
     fam = get_family("fv")
     assert fam.task_names == (*FV_TASKS, "null")
     pairs = json.loads((FV_DIR / "antonym.json").read_text())

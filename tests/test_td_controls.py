@@ -127,6 +127,15 @@ def test_config_checks_the_controls():
     assert SweepConfig(shots=(0, 2), controls=("input_only",)).controls == ("input_only",)
     raw = json.loads(json.dumps(dataclasses.asdict(SweepConfig(controls=("input_only", "shuffled")))))
     assert SweepConfig(**raw) == SweepConfig(controls=("input_only", "shuffled"))  # a saved config reads back
+    assert SweepConfig(controls=("shuffled",), shuffled_shots=[10]).shuffled_shots == (10,)
+    with pytest.raises(ValueError, match=r"SweepConfig\.shuffled_shots=\[4\] needs the 'shuffled' control, but "
+                                         r"controls=\['input_only'\]"):
+        SweepConfig(controls=("input_only",), shuffled_shots=(4,))
+    with pytest.raises(ValueError, match=r"SweepConfig\.shuffled_shots must list shot counts of the sweep "
+                                         r"\(\[1, 4, 10\]\), got \[5\]"):
+        SweepConfig(controls=("shuffled",), shuffled_shots=(4, 5))
+    with pytest.raises(ValueError, match=r"SweepConfig\.shuffled_shots"):
+        SweepConfig(shots=(0, 4), controls=("shuffled",), shuffled_shots=(0,))  # no demonstrations to shuffle
 
 
 class _NoModel:
@@ -396,6 +405,30 @@ def test_the_control_activations_are_one_capture_per_prompt_set(tiny_smol, monke
     np.testing.assert_array_equal(zero[zero["context"] == DEMOS]["td"].to_numpy(),
                                   zero[zero["context"] == "input_only"]["td"].to_numpy())
     assert torch.is_tensor(res.activations[2][1])
+
+
+def test_the_shuffled_control_runs_only_at_the_shot_counts_asked(tiny_smol, monkeypatch):
+    """shuffled_shots=(4,): one shuffled capture pass (the 4-shot set), none at 2 shots; its TD rows are those of
+    the full control at 4 shots, number for number."""
+    fam = _lettered_family()
+    full = run_sweep(tiny_smol, SweepConfig(shots=(2, 4), n_per_task=4, k=2, n_boot=0, batch_size=64,
+                                            controls=("shuffled",)), fam, progress=False)
+    calls = []
+    real = type(tiny_smol).capture
+
+    def counting(self, prompts, *a, **k):
+        calls.append(len(prompts))
+        return real(self, prompts, *a, **k)
+
+    monkeypatch.setattr(type(tiny_smol), "capture", counting)
+    cfg = SweepConfig(shots=(2, 4), n_per_task=4, k=2, n_boot=0, batch_size=64, controls=("shuffled",),
+                      shuffled_shots=(4,))
+    res = run_sweep(tiny_smol, cfg, fam, progress=False)
+    assert [c for c in calls if c > 1] == [4 * 4]  # k-shot sets are captured while generating; one shuffled pass
+    shuffled = res.td[res.td["context"] == "shuffled"]
+    assert set(shuffled["shots"]) == {4}
+    want = full.td[(full.td["context"] == "shuffled") & (full.td["shots"] == 4)]
+    np.testing.assert_array_equal(shuffled["td"].to_numpy(), want["td"].to_numpy())
 
 
 def test_sweep_draws_queries_with_replacement_when_asked(tiny_smol):

@@ -59,7 +59,8 @@ def demo_settings(quick: bool) -> dict:
     if quick:
         return {
             "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
-            "td": {"shots": (1, 4), "n_per_task": 6, "k": 3, "n_boot": 50, "controls": ("input_only", "shuffled")},
+            "td": {"shots": (1, 4), "n_per_task": 6, "k": 3, "n_boot": 50, "controls": ("input_only", "shuffled"),
+                   "shuffled_shots": (4,)},  # shuffled_shots left unset: the largest shot count
             "patch": {"shots": 4, "n_per_task": 4, "k": 2, "n_boot": 50},
             "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 3, "n_test": 6, "n_dummy": 2, "layers": "last:20",
                          "n_boot": 50, "template": dict(QA_TEMPLATE)},
@@ -69,9 +70,10 @@ def demo_settings(quick: bool) -> dict:
             "trajectory": {"n_per_basis": 30, "k": 5},
         }
     return {
-        "synthetic": {"config": "small", "steps": 10_000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
-        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300, "controls": ("input_only", "shuffled")},
-        "patch": {"shots": 4, "n_per_task": 20, "k": 10, "n_boot": 300},
+        "synthetic": {"config": "small", "steps": 6_000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
+        "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300, "controls": ("input_only", "shuffled"),
+               "shuffled_shots": (10,)},
+        "patch": {"shots": 4, "n_per_task": 16, "k": 10, "n_boot": 300},
         "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 10, "n_test": 25, "n_dummy": 2, "layers": "all",
                      "n_boot": 1000, "template": dict(QA_TEMPLATE)},
         "finetune": {"family": "fv", "family_kwargs": {"tasks": list(FINETUNE_TASKS)},
@@ -147,8 +149,12 @@ class DemoTDConfig(_PresetPart):
     n_boot: int | None = opt(None, _preset("td", "n_boot", "bootstrap resamples"))
     controls: tuple[str, ...] | None = opt(None, _preset("td", "controls", "TD of the same queries without "
                                                          "demonstrations / with labels shuffled across tasks"))
+    shuffled_shots: tuple[int, ...] | None = opt(None, _preset("td", "shuffled_shots", "shot counts of the "
+                                                               "shuffled-label control, comma-separated"))
 
     def check(self) -> None:
+        if self.shuffled_shots is not None:
+            self.shuffled_shots = check_ints(self._name("shuffled_shots"), self.shuffled_shots, 1)
         if self.controls is not None:
             from ..tasks.controls import CONTROLS
 
@@ -312,6 +318,12 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got {part!r}")
             fill = {k: v for k, v in preset[name].items() if getattr(part, k) is None}
             setattr(self, name, replace(part, **fill) if fill else part)
+            if name == "td" and "shuffled_shots" in fill:  # the preset's meaning: the largest shot count
+                self.td.shuffled_shots = tuple(s for s in (max(self.td.shots),) if s > 0)
+        bad = [s for s in self.td.shuffled_shots if s not in self.td.shots]
+        if bad:
+            raise ValueError(f"DemoConfig.td.shuffled_shots must list shot counts of td.shots {list(self.td.shots)}, "
+                             f"got {bad}")
 
     def resolved(self) -> dict:
         """Every part's settings, as plain dicts."""

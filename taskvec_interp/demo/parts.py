@@ -27,10 +27,19 @@ def _rel(paths: list[Path], out: Path) -> list[str]:
     return [str(Path(p).relative_to(out)) for p in paths]
 
 
-def family_source(fam: str) -> tuple[dict, str]:
-    """The family's keyword arguments for this machine and what they mean: for ``pos`` the treebank that
+def family_source(fam: str, part: str = "td") -> tuple[dict, str]:
+    """The family's keyword arguments for this machine and part, and what they mean: for ``pos`` the treebank that
     resolves (``path``, ``TASKVEC_UD_PATH``, the cached or downloaded UD English EWT), else, offline with nothing
-    else, the excerpt shipped with the package (``path="excerpt"``), said in the note; other families ``{}``."""
+    else, the excerpt shipped with the package (``path="excerpt"``), said in the note; for ``fv`` every shipped
+    task in the TD sweep (``part="td"``: the TD-vs-accuracy fit needs the points) and the ten
+    :data:`~taskvec_interp.tasks.function_vectors.FV_CORE_TASKS` in patching and zero-shot (the budget); other
+    families ``{}``."""
+    if fam == "fv" and part != "td":
+        from ..tasks.function_vectors import FV_CORE_TASKS, FV_TASKS
+
+        return {"tasks": list(FV_CORE_TASKS)}, (
+            f"fv: the {len(FV_CORE_TASKS)} core tasks of the {len(FV_TASKS)} shipped (Todd et al.'s six and four "
+            "small knowledge / sequence tasks); the TD sweep reads all of them.")
     if fam != "pos":
         return {}, ""
     from ..tasks import get_family
@@ -86,7 +95,8 @@ def _td(d: Path, out: Path, adapter, fam: str, s: DemoTDConfig, config: DemoConf
 
     kwargs, note = family_source(fam)
     cfg = SweepConfig(model=config.model, backend=config.backend, family=fam, family_kwargs=kwargs, shots=tuple(s.shots),
-                      n_per_task=s.n_per_task, k=s.k, n_boot=s.n_boot, seed=config.seed, controls=tuple(s.controls))
+                      n_per_task=s.n_per_task, k=s.k, n_boot=s.n_boot, seed=config.seed, controls=tuple(s.controls),
+                      shuffled_shots=tuple(s.shuffled_shots) if "shuffled" in s.controls else ())
     result = run_sweep(adapter, cfg, progress=progress)
     result.save(d / "sweep")
     figs = sweep_figures(result, d / "sweep", umap=False)
@@ -141,7 +151,7 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: DemoPatchConfig, config: De
     from ..figures import patching_figures
 
     sweep_td = load_sweep(out / f"td_{fam}" / "sweep").td
-    kwargs, _ = family_source(fam)
+    kwargs, note = family_source(fam, "patch")
     cfg = PatchConfig(model=config.model, backend=config.backend, family=fam, family_kwargs=kwargs, shots=s.shots,
                       n_per_task=s.n_per_task, k=s.k, n_boot=s.n_boot, layers="peak",
                       modes=("add", "replace"), directions=("positive", "negative"), seed=config.seed,
@@ -166,7 +176,8 @@ def _patch(d: Path, out: Path, adapter, fam: str, s: DemoPatchConfig, config: De
     text = (f"{fam}: the task vector (mean residual at each demonstration's answer-preceding token, layer "
             f"{sm['layer']}) of the prompt's own task (positive) or of the Null task (negative), added to or "
             "replacing the query's last-token residual; exact match with paired bootstrap CIs, and the "
-            "teacher-forced log-probability of the answer (continuous where exact match sits at the floor).")
+            "teacher-forced log-probability of the answer (continuous where exact match sits at the floor)."
+            + (" " + note if note else ""))
     tables = {"accuracy per task and condition": str((d / "patching" / "accuracy.parquet").relative_to(out))}
     return Part(f"patch_{fam}", f"(c) Task-vector patching at the peak layer: {fam}", text, rows, _rel(figs, out),
                 tables)
@@ -177,7 +188,7 @@ def _zeroshot(d: Path, out: Path, adapter, fam: str, s: DemoZeroShotConfig, conf
     from ..experiments.zeroshot import ZeroShotConfig, run_zero_shot
     from ..figures.zeroshot import zero_shot_figures
 
-    kwargs, note = family_source(fam)
+    kwargs, note = family_source(fam, "zeroshot")
     cfg = ZeroShotConfig(model=config.model, backend=config.backend, family=fam, family_kwargs=kwargs, shots=s.shots,
                          n_dev=s.n_dev, n_test=s.n_test, n_dummy=s.n_dummy, layers=s.layers, n_boot=s.n_boot,
                          replace=True, seed=config.seed, template=dict(s.template))

@@ -99,6 +99,8 @@ class SweepConfig(PromptSetConfig):
     controls: tuple[str, ...] = opt((), "TD controls of the same queries beside k-shot TD, comma-separated: "
                                         "input_only (no demonstrations), shuffled (demonstration outputs drawn from "
                                         "other tasks)", choices=CONTROLS)
+    shuffled_shots: tuple[int, ...] = opt((), "shot counts of the shuffled-label control, comma-separated "
+                                              "(default: every shot count > 0; each is one more capture pass)")
 
     supports_replace: ClassVar[bool] = True
     """``replace`` is honoured: every shot count's queries are drawn with replacement, the same draws."""
@@ -117,9 +119,23 @@ class SweepConfig(PromptSetConfig):
         check_bool("SweepConfig.fit_include_null", self.fit_include_null)
         check_bool("SweepConfig.save_activations", self.save_activations)
         self.controls = check_controls("SweepConfig.controls", self.controls, self.shots)
+        self.shuffled_shots = check_shuffled_shots("SweepConfig.shuffled_shots", self.shuffled_shots, self.shots,
+                                                   self.controls)
 
     def check_shots(self) -> None:
         self.shots = check_ints("SweepConfig.shots", self.shots, 0)
+
+
+def check_shuffled_shots(name: str, value: object, shots: Sequence[int], controls: Sequence[str]) -> tuple[int, ...]:
+    """``value`` as a tuple of shot counts at which the shuffled-label control runs (empty: every shot count > 0),
+    refused unless each is a shot count > 0 of ``shots`` and ``"shuffled"`` is among ``controls``."""
+    value = check_ints(name, value, 1) if value else ()
+    if value and "shuffled" not in controls:
+        raise ValueError(f"{name}={list(value)} needs the 'shuffled' control, but controls={list(controls)}")
+    bad = [s for s in value if s not in shots]
+    if bad:
+        raise ValueError(f"{name} must list shot counts of the sweep ({list(shots)}), got {bad}")
+    return tuple(value)
 
 
 def check_controls(name: str, value: object, shots: Sequence[int]) -> tuple[str, ...]:
@@ -319,7 +335,8 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
 
     ``config.controls``: also the TD of the same queries without demonstrations (``"input_only"``: once,
     ``shots == 0``, from the queries every shot count shares) and with demonstration outputs drawn from other
-    tasks (``"shuffled"``: at every shot count > 0), one capture pass per control prompt set. Every prompt set
+    tasks (``"shuffled"``: at every shot count > 0, or at ``config.shuffled_shots``), one capture pass per control
+    prompt set. Every prompt set
     (controls included) is built and checked before any model work.
     """
     t0 = time.perf_counter()
@@ -339,7 +356,7 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
     sets = {shots: given.get(shots) or builder.build(fam, n_per_task=config.n_per_task, shots=shots,
                                                      seed=config.seed, replace=config.replace)
             for shots in config.shots}  # all built (and checked) before the model runs
-    plan = _control_plan(controls, sets, template, config.seed)
+    plan = _control_plan(controls, sets, template, config.seed, config.shuffled_shots)
     td_frames, acc_frames, pred_frames, point_frames, acts = [], [], [], [], {}
 
     def decode(activations, prompt_set: list[Prompt], layers, shots: int, context: str) -> None:
@@ -377,7 +394,7 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
 
 
 def _control_plan(controls: Sequence[str], sets: dict[int, list[Prompt]], template: PromptTemplate,
-                  seed: int) -> list[tuple[str, int, list[Prompt]]]:
+                  seed: int, shuffled_shots: Sequence[int] = ()) -> list[tuple[str, int, list[Prompt]]]:
     """``(context, shots, prompts)`` of every control prompt set, built from the k-shot sets (ValueError before
     any model work when they cannot be: input only needs the same queries at every shot count > 0)."""
     with_demos = {s: p for s, p in sets.items() if s > 0}
@@ -392,7 +409,8 @@ def _control_plan(controls: Sequence[str], sets: dict[int, list[Prompt]], templa
                                  "(ready-made prompts must list the same queries in the same order per shot count)")
         plan.append(("input_only", 0, input_only_prompts(base, template)))
     if "shuffled" in controls:
-        plan += [("shuffled", s, shuffled_label_prompts(p, template, seed)) for s, p in with_demos.items()]
+        plan += [("shuffled", s, shuffled_label_prompts(p, template, seed)) for s, p in with_demos.items()
+                 if not shuffled_shots or s in shuffled_shots]
     return plan
 
 

@@ -28,7 +28,7 @@ from .base import (
 )
 from .bitwise import BITWISE_OPS, BitwiseTask, bitwise_family
 from .files import files_family, load_task_file
-from .function_vectors import FV_TASKS, TODD_TASKS, function_vector_family
+from .function_vectors import FV_CORE_TASKS, FV_TASKS, TODD_TASKS, function_vector_family
 from .pos import (
     POS_TAGS,
     UD_ENV_VAR,
@@ -44,6 +44,7 @@ from .tokenization import AnswerTokens, check_tokenization, max_answer_tokens
 
 __all__ = [
     "BITWISE_OPS",
+    "FV_CORE_TASKS",
     "FV_TASKS",
     "TODD_TASKS",
     "function_vector_family",
