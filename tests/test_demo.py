@@ -55,11 +55,11 @@ def test_the_demo_reads_every_fv_task_in_td_and_the_core_tasks_in_patching_and_z
     assert family_source("bitwise", "patch") == ({}, "")
 
 
-def test_the_demo_runs_the_shuffled_control_at_the_largest_shot_count_unless_told():
+def test_the_demo_runs_the_shuffled_control_at_four_shots_or_the_largest_unless_told():
     from taskvec_interp.demo.config import DemoConfig, DemoTDConfig
 
-    assert DemoConfig().td.shuffled_shots == (max(DemoConfig().td.shots),)
-    assert DemoConfig(td=DemoTDConfig(shots=(2, 5))).td.shuffled_shots == (5,)
+    assert DemoConfig().td.shuffled_shots == (4,) and DemoConfig(quick=True).td.shuffled_shots == (4,)  # paper's 4
+    assert DemoConfig(td=DemoTDConfig(shots=(2, 5))).td.shuffled_shots == (5,)  # 4 not swept: the largest
     assert DemoConfig(td=DemoTDConfig(shots=(2, 5), shuffled_shots=(2, 5))).td.shuffled_shots == (2, 5)
     with pytest.raises(ValueError, match=r"DemoConfig\.td\.shuffled_shots must list shot counts of td\.shots "
                                          r"\[2, 5\], got \[4\]"):

@@ -60,7 +60,7 @@ def demo_settings(quick: bool) -> dict:
         return {
             "synthetic": {"config": "tiny", "steps": 300, "n_per_basis": 30, "k": 5, "umap_checkpoints": 3},
             "td": {"shots": (1, 4), "n_per_task": 6, "k": 3, "n_boot": 50, "controls": ("input_only", "shuffled"),
-                   "shuffled_shots": (4,)},  # shuffled_shots left unset: the largest shot count
+                   "shuffled_shots": (4,)},
             "patch": {"shots": 4, "n_per_task": 4, "k": 2, "n_boot": 50},
             "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 3, "n_test": 6, "n_dummy": 2, "layers": "last:20",
                          "n_boot": 50, "template": dict(QA_TEMPLATE)},
@@ -70,15 +70,15 @@ def demo_settings(quick: bool) -> dict:
             "trajectory": {"n_per_basis": 30, "k": 5},
         }
     return {
-        "synthetic": {"config": "small", "steps": 6_000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
+        "synthetic": {"config": "small", "steps": 5_000, "n_per_basis": 100, "k": 10, "umap_checkpoints": 5},
         "td": {"shots": (1, 4, 10), "n_per_task": 30, "k": 10, "n_boot": 300, "controls": ("input_only", "shuffled"),
-               "shuffled_shots": (10,)},
-        "patch": {"shots": 4, "n_per_task": 16, "k": 10, "n_boot": 300},
-        "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 10, "n_test": 25, "n_dummy": 2, "layers": "all",
+               "shuffled_shots": (4,)},
+        "patch": {"shots": 4, "n_per_task": 12, "k": 10, "n_boot": 300},
+        "zeroshot": {"families": ("fv",), "shots": 5, "n_dev": 8, "n_test": 20, "n_dummy": 2, "layers": "all",
                      "n_boot": 1000, "template": dict(QA_TEMPLATE)},
         "finetune": {"family": "fv", "family_kwargs": {"tasks": list(FINETUNE_TASKS)},
-                     "layers": ("first:10", "last:10"), "steps": 120, "n_train": 100, "batch_size": 8,
-                     "n_per_task": 38, "k": 10, "lr": 5e-3},
+                     "layers": ("first:10", "last:10"), "steps": 100, "n_train": 100, "batch_size": 8,
+                     "n_per_task": 30, "k": 10, "lr": 5e-3},
         "trajectory": {"n_per_basis": 50, "k": 10},
     }
 
@@ -318,7 +318,8 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name} must be a {cls.__name__} (or a dict of its fields), got {part!r}")
             fill = {k: v for k, v in preset[name].items() if getattr(part, k) is None}
             setattr(self, name, replace(part, **fill) if fill else part)
-            if name == "td" and "shuffled_shots" in fill:  # the preset's meaning: the largest shot count
+            if name == "td" and "shuffled_shots" in fill and not set(self.td.shuffled_shots) <= set(self.td.shots):
+                # the preset's shot count (the paper's default, 4) is not swept: the largest shot count instead
                 self.td.shuffled_shots = tuple(s for s in (max(self.td.shots),) if s > 0)
         bad = [s for s in self.td.shuffled_shots if s not in self.td.shots]
         if bad:
