@@ -48,7 +48,7 @@ from ..config import (
 from ..io import read_result_dir, write_result_dir
 from ..probes.accuracy import bootstrap_accuracy
 from ..probes.heads import FUNCTION, check_heads, function_vector, heads_of, parse_heads
-from ..probes.vectors import TaskVectors, task_vectors
+from ..probes.vectors import TaskVectors, load_named_vectors, save_named_vectors, task_vectors
 from ..results import provenance, read_json, read_parquet, write_json
 from ..tasks import Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 from ..validate import check_bool, check_choice, check_choices, check_int, check_optional_int, check_str
@@ -187,8 +187,7 @@ class FVResult:
             write_json(tmp / "config.json", {**asdict(self.config), "provenance": provenance(self.model)})
             for name in TABLES:
                 getattr(self, name).to_parquet(tmp / f"{name}.parquet", index=False)
-            for name, vec in self.vectors.items():
-                vec.save(tmp / f"{name}_vectors.safetensors")
+            save_named_vectors(tmp, self.vectors)
             write_json(tmp / "summary.json", {**self.summary, "seconds": self.seconds})
         return Path(out)
 
@@ -202,8 +201,7 @@ class FVResult:
         for key in ("settings", "natural_templates"):
             raw[key] = tuple(raw[key])
         tables = {name: read_parquet(d / f"{name}.parquet") for name in TABLES}
-        vectors = {p.name.removesuffix("_vectors.safetensors"): TaskVectors.load(p)
-                   for p in sorted(d.glob("*_vectors.safetensors"))}
+        vectors = load_named_vectors(d)
         summary = read_json(d / "summary.json")
         seconds = summary.pop("seconds", 0.0)
         return cls(FVConfig(**raw), **tables, vectors=vectors, summary=summary, model=model, seconds=seconds)

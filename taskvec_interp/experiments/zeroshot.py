@@ -61,7 +61,13 @@ from ..config import (
 from ..io import read_result_dir, write_result_dir
 from ..probes.accuracy import bootstrap_accuracy, exact_match, first_token_match
 from ..probes.stats import mcnemar_exact
-from ..probes.vectors import TaskVectors, dummy_query_prompts, per_query_vectors
+from ..probes.vectors import (
+    TaskVectors,
+    dummy_query_prompts,
+    load_named_vectors,
+    per_query_vectors,
+    save_named_vectors,
+)
 from ..results import provenance, read_json, read_parquet, write_json
 from ..tasks import Example, Prompt, PromptBuilder, PromptTemplate, TaskFamily, get_family
 from ..tasks.base import base_entropy, keyed_rng
@@ -361,8 +367,7 @@ class ZeroShotResult:
         with write_result_dir(out, KIND, asdict(self.config)) as tmp:
             write_json(tmp / "config.json", {**asdict(self.config), "provenance": provenance(self.model)})
             self.predictions.to_parquet(tmp / "predictions.parquet", index=False)
-            for name, vec in self.vectors.items():
-                vec.save(tmp / f"{name}_vectors.safetensors")
+            save_named_vectors(tmp, self.vectors)
             write_json(tmp / "summary.json", {"chosen_layer": self.chosen_layer, "task_layers": self.task_layers,
                                               "seconds": self.seconds, "table": _records(self.table())})
         return Path(out)
@@ -376,8 +381,7 @@ class ZeroShotResult:
         raw = {k: v for k, v in upgrade_config(ZeroShotConfig, raw).items() if k in names}
         raw["vectors"] = tuple(raw["vectors"])
         summary = read_json(d / "summary.json")
-        vectors = {p.name.removesuffix("_vectors.safetensors"): TaskVectors.load(p)
-                   for p in sorted(d.glob("*_vectors.safetensors"))}
+        vectors = load_named_vectors(d)
         return cls(ZeroShotConfig(**raw), read_parquet(d / "predictions.parquet"),
                    {k: int(v) for k, v in summary["chosen_layer"].items()},
                    {k: {t: int(x) for t, x in v.items()} for k, v in summary["task_layers"].items()},

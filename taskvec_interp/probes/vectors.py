@@ -305,7 +305,25 @@ def task_vectors(
     return TaskVectors(vectors, layer_list, tasks, definition, meta)
 
 
-__all__ = ["DEFINITIONS", "PROVENANCE", "TaskVectors", "demo_positions", "task_vectors"]
+VECTORS_SUFFIX = "_vectors.safetensors"
+"""File-name suffix of a named vector set in a result directory (``per_task_vectors.safetensors``)."""
+
+
+def save_named_vectors(directory: str | Path, vectors: dict[str, TaskVectors]) -> None:
+    """One ``{name}_vectors.safetensors`` per vector set in ``directory`` (each loadable by ``taskvec patch
+    --vectors-file``)."""
+    for name, vec in vectors.items():
+        vec.save(Path(directory) / f"{name}{VECTORS_SUFFIX}")
+
+
+def load_named_vectors(directory: str | Path) -> dict[str, TaskVectors]:
+    """The vector sets :func:`save_named_vectors` wrote in ``directory``, by name (sorted)."""
+    return {p.name.removesuffix(VECTORS_SUFFIX): TaskVectors.load(p)
+            for p in sorted(Path(directory).glob(f"*{VECTORS_SUFFIX}"))}
+
+
+__all__ = ["DEFINITIONS", "PROVENANCE", "VECTORS_SUFFIX", "TaskVectors", "demo_positions", "load_named_vectors",
+           "save_named_vectors", "task_vectors"]
 
 
 # ------------------------------------------------------------------------------------------------
