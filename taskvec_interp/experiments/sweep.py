@@ -336,8 +336,7 @@ def run_sweep(adapter: Adapter, config: SweepConfig, family: TaskFamily | None =
     ``config.controls``: also the TD of the same queries without demonstrations (``"input_only"``: once,
     ``shots == 0``, from the queries every shot count shares) and with demonstration outputs drawn from other
     tasks (``"shuffled"``: at every shot count > 0, or at ``config.shuffled_shots``), one capture pass per control
-    prompt set. Every prompt set
-    (controls included) is built and checked before any model work.
+    prompt set. Every prompt set (controls included) is built and checked before any model work.
     """
     t0 = time.perf_counter()
     fam = family if family is not None else get_family(config.family, **config.family_kwargs)
