@@ -240,6 +240,19 @@ def test_plot_td_vs_accuracy(tmp_path):
     assert len(fig.axes[0].get_lines()) == 0 and "n/a" in fig.axes[0].get_title()
 
 
+def test_plot_td_vs_accuracy_with_many_tasks_puts_the_legend_in_two_columns_beside_wider_axes():
+    """23 tasks (the built-in fv family): a 1-column legend would run past the figure's height."""
+    many = [f"task{i:02d}" for i in range(23)]
+    td = pd.DataFrame([{"layer": 4, "level": "task", "task": t, "td": 0.04 * i, "shots": s}
+                       for i, t in enumerate(many) for s in SHOTS])
+    acc = pd.DataFrame([{"task": t, "shots": s, "exact": 0.03 * i} for i, t in enumerate(many) for s in SHOTS])
+    fig = figures.plot_td_vs_accuracy(td, acc, {k: v for k, v in FIT.items() if k != "family"})
+    few = figures.plot_td_vs_accuracy(_td_table(), _acc_table(), {k: v for k, v in FIT.items() if k != "family"})
+    assert fig.axes[0].get_legend()._ncols == 2 and few.axes[0].get_legend()._ncols == 1
+    assert fig.get_size_inches()[0] > few.get_size_inches()[0]
+    assert len(fig.axes[0].get_legend().get_texts()) == 1 + len(many) + len(SHOTS)
+
+
 def test_plot_td_vs_accuracy_joins_by_family():
     td = pd.concat([_td_table("bitwise"), _td_table("pos", seed=1)], ignore_index=True)
     acc = pd.concat([_acc_table("bitwise"), _acc_table("pos").assign(exact=0.99)], ignore_index=True)

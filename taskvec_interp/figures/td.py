@@ -330,7 +330,7 @@ def plot_td_vs_accuracy(
         raise ValueError(f"no (task, shots) pairs in common between the TD table at layer {layer} and the "
                          f"accuracy table (join on {keys}{'' if include_null else ', Null task excluded'})")
     if ax is None:
-        fig = _Figure(figsize=(7.2, 4.8), layout="constrained")
+        fig = _Figure(figsize=(7.2 + 2.6 * (points["task"].nunique() + 4 > 18), 4.8), layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = _root_figure(ax)
@@ -341,8 +341,7 @@ def plot_td_vs_accuracy(
         p = points[points["shots"] == s]
         ax.scatter(p["td"], p["exact"], c=[colors[t] for t in p["task"]], marker=markers[s], s=55,
                    edgecolors="k", linewidths=0.5, zorder=3)
-    r2 = float(fit["r2"])
-    r2_txt = f"R² = {r2:.2f}" if math.isfinite(r2) else "R² = n/a"
+    r2_txt = f"R² = {float(fit['r2']):.2f}" if math.isfinite(float(fit["r2"])) else "R² = n/a"
     handles: list[Any] = []
     slope, intercept = float(fit["slope"]), float(fit["intercept"])
     if math.isfinite(slope) and math.isfinite(intercept):
@@ -353,7 +352,8 @@ def plot_td_vs_accuracy(
     handles += [Line2D([], [], ls="", marker="o", color=colors[t], markeredgecolor="k", label=t) for t in present]
     handles += [Line2D([], [], ls="", marker=markers[s], color="0.6", markeredgecolor="k", label=_shot_label(s))
                 for s in shot_values]
-    ax.legend(handles=handles, fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.legend(handles=handles, fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+              ncol=1 + (len(handles) > 18))  # many tasks: two legend columns (and a wider figure, above)
     ax.set_xlabel(f"per-task TD at layer {layer}")
     ax.set_ylabel("ICL accuracy (exact match)")
     ax.set_xlim(*_TD_LIMITS)
