@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .validate import check_bool, check_dict, check_int, check_seed, check_str
@@ -119,6 +120,22 @@ def upgrade_config(cls: type, raw: dict) -> dict:
     return {renames.get(k, k): v for k, v in raw.items()}
 
 
+def read_saved_config(directory: Path, cls: type, known_only: bool = False) -> tuple[dict, dict]:
+    """A result directory's ``config.json`` as ``(fields, model)``: the fields under their current names
+    (:func:`upgrade_config`; ``known_only``: only ``cls``'s dataclass fields, so a key an
+    older version wrote is dropped) and the model's provenance that was saved beside them (``{}`` if none)."""
+    from .results import read_json
+
+    raw = read_json(Path(directory) / "config.json")
+    model = raw.pop("provenance", {}).get("model", {})
+    raw = upgrade_config(cls, raw)
+    if known_only:
+        names = {f.name for f in dataclasses.fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in names}
+    return raw, model
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fields several configs share beyond the prompt set: declared once, with one help text
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,4 +172,4 @@ def max_new_tokens_field() -> Any:
 
 __all__ = ["LEGACY_KEYS", "PromptSetConfig", "backend_field", "backend_names", "batch_size_field", "check_template",
            "k_field", "max_new_tokens_field", "model_field", "n_boot_field", "opt",
-           "resolve_choices", "upgrade_config"]
+           "read_saved_config", "resolve_choices", "upgrade_config"]

@@ -55,7 +55,7 @@ from ..checkpoints import (
     save_checkpoint,
     scheduled_lr,
 )
-from ..config import PromptSetConfig, k_field, model_field, opt, upgrade_config
+from ..config import PromptSetConfig, k_field, model_field, opt, read_saved_config, upgrade_config
 from ..finite import NonFiniteError, json_safe, nonfinite_params
 from ..io import (
     check_result_owner,
@@ -431,14 +431,13 @@ class FinetuneResult:
         """Read back what :meth:`save` (or :func:`finetune`) wrote; ``ValueError`` naming the file when the
         directory is not a finished, intact fine-tuning result (a run still training is refused)."""
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
+        raw, model = read_saved_config(d, FinetuneConfig)
         layers = raw.pop("resolved_layers")
-        model = raw.pop("provenance", {}).get("model", {})
         files = set(manifest_files(d))
         metrics = pd.DataFrame(read_metrics(d))  # a bad line: a ValueError naming the file and the line
         evals = {name: SweepResult.load(d / name) if f"{name}/result.json" in files else None
                  for name in ("eval", "eval_pretrained")}
-        return cls(FinetuneConfig(**upgrade_config(FinetuneConfig, raw)), list(layers),
+        return cls(FinetuneConfig(**raw), list(layers),
                    load_file(d / "trained.safetensors"), metrics,
                    evals["eval"], evals["eval_pretrained"], model, d)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -43,7 +43,7 @@ from ..config import (
     model_field,
     n_boot_field,
     opt,
-    upgrade_config,
+    read_saved_config,
 )
 from ..io import read_result_dir, write_result_dir
 from ..probes.accuracy import bootstrap_accuracy
@@ -194,10 +194,7 @@ class FVResult:
     @classmethod
     def load(cls, directory: str | Path) -> FVResult:
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
-        model = raw.pop("provenance", {}).get("model", {})
-        names = {f.name for f in fields(FVConfig)}
-        raw = {k: v for k, v in upgrade_config(FVConfig, raw).items() if k in names}
+        raw, model = read_saved_config(d, FVConfig, known_only=True)
         for key in ("settings", "natural_templates"):
             raw[key] = tuple(raw[key])
         tables = {name: read_parquet(d / f"{name}.parquet") for name in TABLES}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ from ..config import (
     model_field,
     n_boot_field,
     opt,
-    upgrade_config,
+    read_saved_config,
 )
 from ..engine import run_conditions
 from ..io import config_hash, read_result_dir, write_result_dir
@@ -439,10 +439,8 @@ class HeadsResult:
     def load(cls, directory: str | Path) -> HeadsResult:
         """Read back what :meth:`save` wrote (checked whole: ``ValueError`` naming the file otherwise)."""
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
-        model = raw.pop("provenance", {}).get("model", {})
-        names = {f.name for f in fields(HeadsConfig)}
-        config = HeadsConfig(**{k: v for k, v in upgrade_config(HeadsConfig, raw).items() if k in names})
+        raw, model = read_saved_config(d, HeadsConfig, known_only=True)
+        config = HeadsConfig(**raw)
         tables = {name: read_parquet(d / f"{name}.parquet") for name in TABLES}
         summary = read_json(d / "summary.json")
         seconds = summary.pop("seconds", 0.0)

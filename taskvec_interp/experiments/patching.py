@@ -46,6 +46,7 @@ from ..config import (
     model_field,
     n_boot_field,
     opt,
+    read_saved_config,
 )
 from ..engine import check_conditions_dir, clear_chunks, run_conditions
 from ..interventions import get_intervention, intervention_names
@@ -278,13 +279,10 @@ class PatchResult:
         """Read back what :meth:`save` wrote; ``ValueError`` naming the file when the directory is not a
         complete, intact patching result."""
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
-        model = raw.pop("provenance", {}).get("model", {})
+        raw, model = read_saved_config(d, PatchConfig)
         inputs = raw.pop("inputs", {})
         raw["modes"], raw["directions"] = tuple(raw["modes"]), tuple(raw["directions"])
-        from ..config import upgrade_config
-
-        config = PatchConfig(**upgrade_config(PatchConfig, raw))
+        config = PatchConfig(**raw)
         tables = {name: read_parquet(d / f"{name}.parquet") for name in TABLES}
         summary = read_json(d / "summary.json")
         seconds = summary.pop("seconds", 0.0)

@@ -40,6 +40,7 @@ from ..config import (
     model_field,
     n_boot_field,
     opt,
+    read_saved_config,
 )
 from ..finite import NonFiniteError
 from ..hooks import CAPTURE_LAYERS, check_layer_spec
@@ -233,11 +234,8 @@ class SweepResult:
         from safetensors.torch import load_file
 
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
-        model = raw.pop("provenance", {}).get("model", {})
-        from ..config import upgrade_config
-
-        config = SweepConfig(**upgrade_config(SweepConfig, raw))
+        raw, model = read_saved_config(d, SweepConfig)
+        config = SweepConfig(**raw)
         fit = {k: (math.nan if v is None else v) for k, v in read_json(d / "fit.json").items()}
         seconds = fit.pop("seconds", 0.0)
         acts = {}

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,7 +56,7 @@ from ..config import (
     model_field,
     n_boot_field,
     opt,
-    upgrade_config,
+    read_saved_config,
 )
 from ..io import read_result_dir, write_result_dir
 from ..probes.accuracy import bootstrap_accuracy, exact_match, first_token_match
@@ -375,10 +375,7 @@ class ZeroShotResult:
     @classmethod
     def load(cls, directory: str | Path) -> ZeroShotResult:
         d = read_result_dir(directory, KIND)
-        raw = read_json(d / "config.json")
-        model = raw.pop("provenance", {}).get("model", {})
-        names = {f.name for f in fields(ZeroShotConfig)}
-        raw = {k: v for k, v in upgrade_config(ZeroShotConfig, raw).items() if k in names}
+        raw, model = read_saved_config(d, ZeroShotConfig, known_only=True)
         raw["vectors"] = tuple(raw["vectors"])
         summary = read_json(d / "summary.json")
         vectors = load_named_vectors(d)
