@@ -215,6 +215,14 @@ def _k_shot(td: pd.DataFrame) -> pd.DataFrame:
     return td[td["context"] == _DEMOS] if "context" in td.columns else td
 
 
+def _ci_band(a, rows: pd.DataFrame, x: np.ndarray, color: Any, alpha: float) -> None:
+    """Shade ``rows``' ``ci_low``..``ci_high`` over ``x`` where both ends are finite (nothing when none is)."""
+    lo, hi = rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float)
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if ok.any():
+        a.fill_between(x, lo, hi, where=ok, color=color, alpha=alpha, lw=0, zorder=2)
+
+
 def _td_by_layer_axes(a, part: pd.DataFrame) -> None:
     """The axes of a TD-by-layer panel: the chance line (where the table has one), labels, limits, grid, legend."""
     if "chance" in part.columns:

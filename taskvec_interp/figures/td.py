@@ -33,6 +33,7 @@ from ._common import (
     _SHOT_MARKERS,
     _TD_LIMITS,
     _check_table,
+    _ci_band,
     _draw_chance,
     _families,
     _Figure,
@@ -119,11 +120,7 @@ def plot_td_by_layer(
             color = colors[shots]
             a.plot(x, y, marker="o", ms=3, lw=1.6, color=color, label=_shot_label(shots), zorder=3)
             if has_ci:
-                lo = s["ci_low"].to_numpy(dtype=float)
-                hi = s["ci_high"].to_numpy(dtype=float)
-                ok = np.isfinite(lo) & np.isfinite(hi)
-                if ok.any():
-                    a.fill_between(x, lo, hi, where=ok, color=color, alpha=0.18, lw=0, zorder=2)
+                _ci_band(a, s, x, color, 0.18)
             peak = _peak(x, y)
             if peak is not None:
                 a.scatter([peak[0]], [peak[1]], marker="*", s=140, color=[color], edgecolors="k",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from ._common import (
     _DEMOS,
+    _ci_band,
     _families,
     _finish,
     _grid,
@@ -70,11 +70,7 @@ def plot_td_context(
             a.plot(x, y, ls=ls, marker="o" if context == _DEMOS else None, ms=3, lw=1.6, color=color, label=label,
                    zorder=3)
             if has_ci:
-                lo = s["ci_low"].to_numpy(dtype=float)
-                hi = s["ci_high"].to_numpy(dtype=float)
-                ok = np.isfinite(lo) & np.isfinite(hi)
-                if ok.any():
-                    a.fill_between(x, lo, hi, where=ok, color=color, alpha=0.12, lw=0, zorder=2)
+                _ci_band(a, s, x, color, 0.12)
         _td_by_layer_axes(a, part)
         head = "TD with demonstrations vs controls"
         if len(families) > 1:
