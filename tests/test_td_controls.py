@@ -387,17 +387,23 @@ def test_the_cli_reads_the_controls_from_the_config():
     assert "--controls" in help_text and all(c in help_text for c in CONTROLS)
 
 
-def test_the_control_activations_are_one_capture_per_prompt_set(tiny_smol, monkeypatch):
-    """Each control costs one capture pass (no generation), and an input-only set equal to the sweep's own 0-shot
-    set costs none."""
-    calls = []
-    real = type(tiny_smol).capture
+def _count_captures(adapter, monkeypatch) -> list[int]:
+    """The number of prompts of every ``capture`` call the adapter's class gets from now on (appended as they run)."""
+    calls: list[int] = []
+    real = type(adapter).capture
 
     def counting(self, prompts, *a, **k):
         calls.append(len(prompts))
         return real(self, prompts, *a, **k)
 
-    monkeypatch.setattr(type(tiny_smol), "capture", counting)
+    monkeypatch.setattr(type(adapter), "capture", counting)
+    return calls
+
+
+def test_the_control_activations_are_one_capture_per_prompt_set(tiny_smol, monkeypatch):
+    """Each control costs one capture pass (no generation), and an input-only set equal to the sweep's own 0-shot
+    set costs none."""
+    calls = _count_captures(tiny_smol, monkeypatch)
     cfg = SweepConfig(shots=(0, 2), n_per_task=4, k=2, n_boot=0, batch_size=64, controls=("input_only", "shuffled"))
     res = run_sweep(tiny_smol, cfg, _lettered_family(), progress=False)
     assert [c for c in calls if c > 1] == [4 * 4]  # the shuffled 2-shot set; input only reuses the 0-shot set's pass
@@ -413,14 +419,7 @@ def test_the_shuffled_control_runs_only_at_the_shot_counts_asked(tiny_smol, monk
     fam = _lettered_family()
     full = run_sweep(tiny_smol, SweepConfig(shots=(2, 4), n_per_task=4, k=2, n_boot=0, batch_size=64,
                                             controls=("shuffled",)), fam, progress=False)
-    calls = []
-    real = type(tiny_smol).capture
-
-    def counting(self, prompts, *a, **k):
-        calls.append(len(prompts))
-        return real(self, prompts, *a, **k)
-
-    monkeypatch.setattr(type(tiny_smol), "capture", counting)
+    calls = _count_captures(tiny_smol, monkeypatch)
     cfg = SweepConfig(shots=(2, 4), n_per_task=4, k=2, n_boot=0, batch_size=64, controls=("shuffled",),
                       shuffled_shots=(4,))
     res = run_sweep(tiny_smol, cfg, fam, progress=False)
